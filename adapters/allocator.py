@@ -1,0 +1,75 @@
+"""The block allocator: SGLang's FIFO, all-or-nothing policy, plus the ownership the original lacked.
+
+The original appended any freed index to the free list, so a double free put a block there twice and two
+later requests were handed the same rows (#14). Here every block has at most one owner, and a free that
+names a block the caller does not own raises before anything changes.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+
+from epd_receiver.fsm import OwnershipError, Room
+
+
+class OwningBlockAllocator:
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError("num_blocks and block_size must be positive")
+        self._num_blocks = num_blocks
+        self._block_size = block_size
+        self._free: deque[int] = deque(range(num_blocks))
+        self._owner: dict[int, Room] = {}
+        self.rejected_frees = 0
+
+    @property
+    def block_size(self) -> int:
+        return self._block_size
+
+    @property
+    def num_blocks(self) -> int:
+        return self._num_blocks
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self._block_size)
+
+    def alloc(self, owner: Room, tokens: int) -> tuple[int, ...] | None:
+        if tokens <= 0:
+            raise ValueError(f"room {owner}: an allocation covers at least one token, not {tokens}")
+        needed = self.blocks_for(tokens)
+        if needed > len(self._free):
+            return None
+        blocks = tuple(self._free.popleft() for _ in range(needed))
+        for block in blocks:
+            self._owner[block] = owner
+        return blocks
+
+    def free(self, owner: Room, blocks: Sequence[int]) -> None:
+        problems = [b for b in blocks if self._owner.get(b) != owner]
+        if problems or len(set(blocks)) != len(blocks):
+            self.rejected_frees += 1
+            described = {b: self._owner.get(b, "free") for b in problems}
+            raise OwnershipError(f"room {owner} frees {list(blocks)}; not its own: {described}")
+        for block in blocks:
+            del self._owner[block]
+        self._free.extend(blocks)
+
+    # ---- accounting (leak checks, reports) -------------------------------------------------------
+
+    @property
+    def free_count(self) -> int:
+        return len(self._free)
+
+    @property
+    def owned_count(self) -> int:
+        return len(self._owner)
+
+    def owned_by(self, owner: Room) -> tuple[int, ...]:
+        return tuple(sorted(b for b, o in self._owner.items() if o == owner))
+
+    def owners(self) -> dict[Room, tuple[int, ...]]:
+        result: dict[Room, list[int]] = {}
+        for block, owner in self._owner.items():
+            result.setdefault(owner, []).append(block)
+        return {owner: tuple(sorted(blocks)) for owner, blocks in result.items()}

@@ -1,0 +1,290 @@
+"""The Encode side in process: the original sender's semantics, writing into the receiver's rows.
+
+It keeps what the real one keeps: per room a source of T tokens, the sender's own ``sent_tokens``
+(overwritten by a resume, as the original does), the pending chunk, and a status that only goes up
+except for the jump to Failed. A first chunk writes ``min(T, allocated)`` tokens and the aux row of its
+first block; a resume writes from source block ``sent_tokens // B`` on, without aux. Every message the
+receiver sent is logged, so tests can judge the receiver by what the sender saw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from epd_receiver.fsm import KVPoll, Room
+
+from .buffers import TorchBlockBuffers
+from .payload import EmbeddingPayload
+
+VOCAB = 151_936
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    room: Room
+    kind: Literal["init", "resume"]
+    blocks: tuple[int, ...]
+    sent_tokens: int
+    allocated_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """A write the sender has been asked for and has not landed yet."""
+
+    blocks: tuple[int, ...]
+    sent_tokens: int
+    allocated_tokens: int
+
+    @property
+    def with_aux(self) -> bool:
+        return self.sent_tokens == 0
+
+
+class EmbeddingBank:
+    """Seeded embedding rows: a token's embedding is its id's row, so a source is just ids and positions."""
+
+    def __init__(self, hidden_size: int, deepstack_layers: int, *, rows: int, seed: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.rows = rows
+        self.embeddings = torch.randn(rows, hidden_size, generator=generator).to(torch.bfloat16)
+        self.deepstack = (
+            torch.randn(rows, hidden_size * deepstack_layers, generator=generator).to(torch.bfloat16)
+            if deepstack_layers
+            else None
+        )
+
+
+@dataclass(slots=True)
+class SourcePayload:
+    """What the sender produced for one room; every token's data derives from these tensors."""
+
+    bank: EmbeddingBank
+    fill_ids: torch.Tensor
+    mrope_positions: torch.Tensor
+    mrope_delta: int
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self.fill_ids.shape[0])
+
+    def embeddings(self, start: int, stop: int) -> torch.Tensor:
+        return self.bank.embeddings[self._rows(start, stop)]
+
+    def deepstack(self, start: int, stop: int) -> torch.Tensor | None:
+        return None if self.bank.deepstack is None else self.bank.deepstack[self._rows(start, stop)]
+
+    def _rows(self, start: int, stop: int) -> torch.Tensor:
+        return self.fill_ids[start:stop].long() % self.bank.rows
+
+    def mismatches(self, payload: EmbeddingPayload, chunk: int = 4096) -> list[str]:
+        """Names of the parts of ``payload`` that are not bit-identical to this source (I6)."""
+        wrong = []
+        if payload.total_tokens != self.total_tokens:
+            return [f"total_tokens {payload.total_tokens} != {self.total_tokens}"]
+        if payload.mrope_delta != self.mrope_delta:
+            wrong.append(f"mrope_delta {payload.mrope_delta} != {self.mrope_delta}")
+        if not torch.equal(payload.fill_ids, self.fill_ids):
+            wrong.append("fill_ids")
+        if not torch.equal(payload.mrope_positions, self.mrope_positions):
+            wrong.append("mrope_positions")
+        for start in range(0, self.total_tokens, chunk):
+            stop = min(start + chunk, self.total_tokens)
+            if not torch.equal(payload.embeddings[start:stop], self.embeddings(start, stop)):
+                wrong.append(f"embeddings[{start}:{stop}]")
+                break
+        expected_ds = self.deepstack(0, self.total_tokens)
+        if (expected_ds is None) != (payload.deepstack is None) or (
+            expected_ds is not None and payload.deepstack is not None and not torch.equal(payload.deepstack, expected_ds)
+        ):
+            wrong.append("deepstack")
+        return wrong
+
+
+@dataclass(slots=True)
+class _Room:
+    source: SourcePayload
+    status: KVPoll
+    sent_tokens: int = 0
+    pending: Chunk | None = None
+    handshake_pending: bool = False
+    failure: str | None = None
+    messages: list[Message] = field(default_factory=list)
+
+
+class InProcessSender:
+    def __init__(
+        self, buffers: TorchBlockBuffers, *, seed: int = 0, bank_rows: int = 4096
+    ) -> None:
+        self.buffers = buffers
+        self.bank = EmbeddingBank(buffers.hidden_size, buffers.deepstack_layers, rows=bank_rows, seed=seed)
+        self._seed = seed
+        self._rooms: dict[Room, _Room] = {}
+        self.messages: list[Message] = []
+
+    # ---- rooms -----------------------------------------------------------------------------------
+
+    def add_room(
+        self, room: Room, total_tokens: int, mrope_delta: int | None = None, *, handshake_done: bool = True
+    ) -> SenderLink:
+        """Encode a request of ``total_tokens`` tokens; the source is seeded by the sender's seed and the room."""
+        if room in self._rooms:
+            raise ValueError(f"room {room} already exists")
+        if total_tokens <= 0:
+            raise ValueError(f"room {room}: total_tokens must be positive")
+        generator = torch.Generator().manual_seed(self._seed * 1_000_003 + room)
+        fill_ids = torch.randint(0, VOCAB, (total_tokens,), generator=generator, dtype=torch.int32)
+        mrope = torch.randint(0, 1 << 20, (3, total_tokens), generator=generator, dtype=torch.int32)
+        if mrope_delta is None:
+            mrope_delta = int(torch.randint(-4096, 4096, (1,), generator=generator))
+        source = SourcePayload(self.bank, fill_ids, mrope, mrope_delta)
+        status = KVPoll.WaitingForInput if handshake_done else KVPoll.Bootstrapping
+        self._rooms[room] = _Room(source, status, handshake_pending=not handshake_done)
+        return SenderLink(self, room)
+
+    def link(self, room: Room) -> SenderLink:
+        self._rooms[room]  # noqa: B018 - KeyError for an unknown room
+        return SenderLink(self, room)
+
+    def source(self, room: Room) -> SourcePayload:
+        return self._rooms[room].source
+
+    def status(self, room: Room) -> KVPoll:
+        return self._rooms[room].status
+
+    def pending(self, room: Room) -> Chunk | None:
+        return self._rooms[room].pending
+
+    def failure(self, room: Room) -> str | None:
+        return self._rooms[room].failure
+
+    def sent_tokens(self, room: Room) -> int:
+        return self._rooms[room].sent_tokens
+
+    def room_messages(self, room: Room) -> list[Message]:
+        return self._rooms[room].messages
+
+    def rooms(self) -> list[Room]:
+        return list(self._rooms)
+
+    def writing_blocks(self) -> set[int]:
+        """Blocks a pending chunk will write: nobody may read them before the status says they landed."""
+        return {b for r in self._rooms.values() if r.pending for b in r.pending.blocks}
+
+    def forget(self, room: Room) -> None:
+        del self._rooms[room]
+
+    # ---- what the receiver sends -----------------------------------------------------------------
+
+    def on_init(self, room: Room, blocks: Sequence[int], allocated_tokens: int) -> None:
+        state = self._record(room, "init", blocks, 0, allocated_tokens)
+        if state.status is KVPoll.Failed:
+            return
+        if self._check_geometry(state, blocks, allocated_tokens):
+            state.pending = Chunk(tuple(blocks), 0, allocated_tokens)
+
+    def on_resume(self, room: Room, blocks: Sequence[int], sent_tokens: int, allocated_tokens: int) -> None:
+        state = self._record(room, "resume", blocks, sent_tokens, allocated_tokens)
+        if state.status is not KVPoll.Transferring:
+            return  # the original drops a resume for a room it no longer tracks
+        if self._check_geometry(state, blocks, allocated_tokens):
+            state.sent_tokens = sent_tokens
+            state.pending = Chunk(tuple(blocks), sent_tokens, allocated_tokens)
+
+    def on_abort(self, room: Room) -> None:
+        state = self._rooms.get(room)
+        if state is not None:
+            state.pending = None
+
+    # ---- what the sender does --------------------------------------------------------------------
+
+    def deliver(self, room: Room) -> bool:
+        """Land the pending chunk (or the handshake) and publish the resulting status; False if none."""
+        state = self._rooms[room]
+        if state.handshake_pending:
+            state.handshake_pending = False
+            self.publish(room, KVPoll.WaitingForInput)
+            return True
+        chunk = state.pending
+        if chunk is None or state.status is KVPoll.Failed:
+            return False
+        state.pending = None
+        source, b = state.source, self.buffers.block_size
+        remaining = source.total_tokens - chunk.sent_tokens
+        tokens = min(remaining, chunk.allocated_tokens)
+        if -(-tokens // b) > len(chunk.blocks):
+            self._fail(state, f"insufficient dst blocks: {tokens} tokens, {len(chunk.blocks)} blocks")
+            return True
+        start = (chunk.sent_tokens // b) * b  # the original restarts at a block boundary (#2)
+        for i, block in enumerate(chunk.blocks[: -(-tokens // b)]):
+            lo = start + i * b
+            hi = min(lo + b, start + tokens, source.total_tokens)
+            self.buffers.write_block(
+                block,
+                source.embeddings(lo, hi),
+                source.fill_ids[lo:hi],
+                source.mrope_positions[:, lo:hi],
+                source.deepstack(lo, hi),
+            )
+        if chunk.with_aux:
+            self.buffers.write_aux(chunk.blocks[0], source.total_tokens, source.mrope_delta)
+        state.sent_tokens = chunk.sent_tokens + tokens
+        self.publish(room, KVPoll.Transferring if tokens < remaining else KVPoll.Success)
+        return True
+
+    def fail(self, room: Room, reason: str = "sender failed") -> None:
+        self._fail(self._rooms[room], reason)
+
+    def publish(self, room: Room, status: KVPoll) -> None:
+        """Apply a status message the way the receiver's status table does: up only, or down to Failed."""
+        state = self._rooms[room]
+        state.status = KVPoll.Failed if status is KVPoll.Failed else max(state.status, status)
+
+    # ---- helpers ---------------------------------------------------------------------------------
+
+    def _record(
+        self, room: Room, kind: Literal["init", "resume"], blocks: Sequence[int], sent: int, allocated: int
+    ) -> _Room:
+        message = Message(room, kind, tuple(blocks), sent, allocated)
+        self.messages.append(message)
+        state = self._rooms[room]
+        state.messages.append(message)
+        return state
+
+    def _check_geometry(self, state: _Room, blocks: Sequence[int], allocated_tokens: int) -> bool:
+        b = self.buffers.block_size
+        if not blocks or allocated_tokens // len(blocks) != b:
+            self._fail(state, f"block size mismatch: {allocated_tokens} tokens over {len(blocks)} blocks, B={b}")
+            return False
+        return True
+
+    def _fail(self, state: _Room, reason: str) -> None:
+        state.failure = reason
+        state.pending = None
+        state.status = KVPoll.Failed
+
+
+class SenderLink:
+    """The receiver's end of one room (the TransportLink port)."""
+
+    __slots__ = ("_room", "_sender")
+
+    def __init__(self, sender: InProcessSender, room: Room) -> None:
+        self._sender = sender
+        self._room = room
+
+    def poll(self) -> int:
+        return int(self._sender.status(self._room))
+
+    def init(self, blocks: Sequence[int], allocated_tokens: int) -> None:
+        self._sender.on_init(self._room, blocks, allocated_tokens)
+
+    def resume(self, blocks: Sequence[int], sent_tokens: int, allocated_tokens: int) -> None:
+        self._sender.on_resume(self._room, blocks, sent_tokens, allocated_tokens)
+
+    def abort(self) -> None:
+        self._sender.on_abort(self._room)

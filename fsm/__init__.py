@@ -1,0 +1,51 @@
+"""The pure core of the receiver: no torch, no sockets, no threads; the world is reached through ports."""
+
+from .errors import (
+    Aborted,
+    ContractError,
+    CorruptAux,
+    OwnershipError,
+    PoolTooSmall,
+    ProtocolViolation,
+    ReadOutsideWindow,
+    ReceiverError,
+    Room,
+    SenderFailed,
+    SizeMismatch,
+    SpecError,
+)
+from .kvpoll import KVPoll
+from .ports import AuxRow, BlockAllocator, BlockBuffers, Clock, RankGroup, SingleRank, TransportLink
+from .queue import ReceiverQueue
+from .request import ReceiverConfig, ReceiverRequest
+from .spec import ReceiverSpec, load_spec
+from .states import State
+
+__all__ = [
+    "Aborted",
+    "AuxRow",
+    "BlockAllocator",
+    "BlockBuffers",
+    "Clock",
+    "ContractError",
+    "CorruptAux",
+    "KVPoll",
+    "OwnershipError",
+    "PoolTooSmall",
+    "ProtocolViolation",
+    "RankGroup",
+    "ReadOutsideWindow",
+    "ReceiverConfig",
+    "ReceiverError",
+    "ReceiverQueue",
+    "ReceiverRequest",
+    "ReceiverSpec",
+    "Room",
+    "SenderFailed",
+    "SingleRank",
+    "SizeMismatch",
+    "SpecError",
+    "State",
+    "TransportLink",
+    "load_spec",
+]

@@ -1,0 +1,95 @@
+"""The ports through which the pure core reaches the world; ``adapters/`` implements each of them.
+
+Everything the controller learns arrives through a port call it makes at a time the spec allows, and
+everything it does to the world leaves through one. That is what makes it fuzzable and embeddable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+from .errors import Room
+
+PayloadT = TypeVar("PayloadT")
+
+
+@dataclass(frozen=True, slots=True)
+class AuxRow:
+    """The aux row of one block, returned by value so that a cached total can never alias the pool (#17)."""
+
+    total_tokens: int
+    mrope_delta: int
+
+
+class BlockBuffers(Protocol[PayloadT]):
+    """The receive pool: rows of B tokens, written by the sender, read by the controller."""
+
+    @property
+    def block_size(self) -> int: ...
+
+    def read_aux(self, block: int) -> AuxRow:
+        """Copy the aux row of one block (only A0[0]'s is ever meaningful)."""
+        ...
+
+    def new_payload(self, total_tokens: int, mrope_delta: int) -> PayloadT:
+        """Allocate the output a whole payload is assembled into, once per request."""
+        ...
+
+    def gather(self, blocks: Sequence[int], tokens: int, into: PayloadT, at: int) -> None:
+        """Copy the first ``tokens`` tokens held by ``blocks`` (in list order) into ``into[at:at+tokens]``."""
+        ...
+
+
+class BlockAllocator(Protocol):
+    """Owns the pool's blocks: all-or-nothing, FIFO, and it knows each block's owner."""
+
+    @property
+    def block_size(self) -> int: ...
+
+    @property
+    def num_blocks(self) -> int: ...
+
+    def alloc(self, owner: Room, tokens: int) -> tuple[int, ...] | None:
+        """``ceil(tokens / B)`` blocks for ``owner``, or None with no side effect."""
+        ...
+
+    def free(self, owner: Room, blocks: Sequence[int]) -> None:
+        """Return blocks ``owner`` holds; raises OwnershipError on a double or foreign free."""
+        ...
+
+
+class TransportLink(Protocol):
+    """One request's connection to its sender."""
+
+    def poll(self) -> int:
+        """This rank's view of the sender's status, a KVPoll value (not necessarily a valid one)."""
+        ...
+
+    def init(self, blocks: Sequence[int], allocated_tokens: int) -> None: ...
+
+    def resume(self, blocks: Sequence[int], sent_tokens: int, allocated_tokens: int) -> None: ...
+
+    def abort(self) -> None:
+        """The request is over on this side: the sender must not start another write for it."""
+        ...
+
+
+class RankGroup(Protocol):
+    """Combines the polls of all tensor-parallel ranks so that every rank takes the same branch."""
+
+    def min_reduce(self, values: list[int]) -> list[int]: ...
+
+
+class Clock(Protocol):
+    def now(self) -> float:
+        """Seconds on a monotonic scale."""
+        ...
+
+
+class SingleRank:
+    """The rank group of a server without tensor parallelism: the local polls are the reduced polls."""
+
+    def min_reduce(self, values: list[int]) -> list[int]:
+        return values

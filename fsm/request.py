@@ -1,0 +1,185 @@
+"""One request's controller: the model the shared Machine drives. Its public methods are the spec's actions.
+
+Nothing here decides *when* something happens; that is the spec's table. Each action does one thing
+the spec names, and raises a typed ReceiverError when the world hands it something that cannot be true.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic
+
+from .errors import CorruptAux, ReceiverError, Room, SizeMismatch
+from .kvpoll import KVPoll
+from .ports import BlockAllocator, BlockBuffers, PayloadT, TransportLink
+from .spec import PollOutcome, ReceiverSpec
+from .states import State
+from .window import ReadWindow
+
+PollTable = Mapping[State, Mapping[int, PollOutcome]]
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiverConfig:
+    """What the Language side decides without knowing the payload."""
+
+    default_alloc_tokens: int = 8192
+    max_total_tokens: int = 1 << 24
+
+    def __post_init__(self) -> None:
+        if self.default_alloc_tokens <= 0 or self.max_total_tokens <= 0:
+            raise ValueError("default_alloc_tokens and max_total_tokens must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class Wiring(Generic[PayloadT]):
+    """What every request of one queue shares: the spec's tables and the ports."""
+
+    spec: ReceiverSpec
+    polls: PollTable
+    buffers: BlockBuffers[PayloadT]
+    allocator: BlockAllocator
+    config: ReceiverConfig
+
+
+def poll_table(spec: ReceiverSpec) -> PollTable:
+    """Index the spec's poll table by plain int so that the per-poll fast path is one dict lookup."""
+    return {state: {int(value): outcome for value, outcome in table.items()} for state, table in spec.polls.items()}
+
+
+class ReceiverRequest(Generic[PayloadT]):
+    # Set by the Machine on add_model; declared for the type checker.
+    state: State
+    trigger: Callable[..., bool]
+
+    def __init__(self, room: Room, link: TransportLink, wiring: Wiring[PayloadT]) -> None:
+        self.room = room
+        self.link = link
+        self._wiring = wiring
+        self._window: ReadWindow[PayloadT] = ReadWindow(wiring.buffers, room)
+        self.blocks: tuple[int, ...] = ()
+        self.first_block: int | None = None
+        self.total_tokens: int | None = None
+        self.mrope_delta = 0
+        self.landed = 0
+        self.payload: PayloadT | None = None
+        self.reads = 0
+        self.resumes = 0
+        self.error: ReceiverError | None = None
+
+    def __repr__(self) -> str:
+        return f"<ReceiverRequest room={self.room} {self.state.name} blocks={len(self.blocks)} landed={self.landed}>"
+
+    # ---- driving ---------------------------------------------------------------------------------
+
+    def on_poll(self, value: int) -> None:
+        """Apply one reduced poll value; the spec's no-op cells return before any trigger is called."""
+        table = self._wiring.polls.get(self.state)
+        if table is None:
+            return
+        outcome = table.get(value, self._wiring.spec.unknown_poll)
+        if outcome.event is None:
+            return
+        if outcome.cause is not None:
+            error_type = self._wiring.spec.causes[outcome.cause]
+            self.fire("fail", error=error_type(self.room, f"poll {_poll_name(value)} in {self.state.name}"))
+        else:
+            self.fire(outcome.event)
+
+    def fire(self, event: str, **kwargs: Any) -> None:
+        """Trigger an event; a typed error raised by an action fails this request and nothing else."""
+        try:
+            self.trigger(event, **kwargs)
+        except ReceiverError as error:
+            self.trigger(self._wiring.spec.on_error, error=error)
+
+    @property
+    def tokens_wanted(self) -> int:
+        """What the next allocation must cover: the default before T is known, the remainder after."""
+        if self.total_tokens is None:
+            return self._wiring.config.default_alloc_tokens
+        return self.total_tokens - self.landed
+
+    @property
+    def capacity(self) -> int:
+        return len(self.blocks) * self._wiring.allocator.block_size
+
+    # ---- read windows (inserted by the Machine from the spec's `reads`) ----------------------------
+
+    def open_aux_window(self, event: Any) -> None:
+        self._window.grant_aux(self.first_block)
+
+    def open_data_window(self, event: Any) -> None:
+        self._window.grant_data(self.blocks)
+
+    def close_read_window(self, event: Any) -> None:
+        self._window.close()
+
+    # ---- actions ---------------------------------------------------------------------------------
+
+    def take_blocks(self, event: Any) -> None:
+        self.blocks = tuple(event.kwargs["blocks"])
+
+    def send_init(self, event: Any) -> None:
+        self.first_block = self.blocks[0]
+        self.link.init(self.blocks, self.capacity)
+
+    def learn_total(self, event: Any) -> None:
+        assert self.first_block is not None
+        aux = self._window.read_aux(self.first_block)
+        total = aux.total_tokens
+        if not 0 < total <= self._wiring.config.max_total_tokens:
+            raise CorruptAux(
+                self.room, f"aux[0] of block {self.first_block} is {total}, outside 1..{self._wiring.config.max_total_tokens}"
+            )
+        self.total_tokens = total
+        self.mrope_delta = aux.mrope_delta
+        self.payload = self._wiring.buffers.new_payload(total, aux.mrope_delta)
+
+    def expect_remainder(self, event: Any) -> None:
+        if self._total() <= self.capacity:
+            raise SizeMismatch(
+                self.room, f"Transferring, but T={self._total()} fits in the {self.capacity} tokens allocated"
+            )
+
+    def expect_no_remainder(self, event: Any) -> None:
+        if self._total() > self.capacity:
+            raise SizeMismatch(
+                self.room, f"Success, but T={self._total()} exceeds the {self.capacity} tokens allocated"
+            )
+
+    def gather_landed(self, event: Any) -> None:
+        assert self.payload is not None
+        tokens = min(self._total() - self.landed, self.capacity)
+        self._window.gather(self.blocks, tokens, self.payload, self.landed)
+        self.landed += tokens
+        self.reads += 1
+
+    def free_blocks(self, event: Any) -> None:
+        if self.blocks:
+            blocks, self.blocks = self.blocks, ()
+            self._wiring.allocator.free(self.room, blocks)
+
+    def send_resume(self, event: Any) -> None:
+        self.link.resume(self.blocks, self.landed, self.capacity)
+        self.resumes += 1
+
+    def notify_sender(self, event: Any) -> None:
+        self.link.abort()
+
+    def record_error(self, event: Any) -> None:
+        self.error = event.kwargs["error"]
+
+    # ---- helpers ---------------------------------------------------------------------------------
+
+    def _total(self) -> int:
+        assert self.total_tokens is not None, "T is read before any action that needs it"
+        return self.total_tokens
+
+
+def _poll_name(value: int) -> str:
+    try:
+        return KVPoll(value).name
+    except ValueError:
+        return f"{value} (not a KVPoll value)"

@@ -1,0 +1,222 @@
+"""Load and check spec/receiver.toml, the single source of the controller's behaviour.
+
+The loader turns the file into plain frozen data and refuses anything inconsistent, so that a mistake in
+the spec fails at import time with the line of thought spelled out, not later as a strange transition.
+"""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from . import errors
+from .errors import SpecError
+from .kvpoll import KVPoll
+from .states import State
+
+READ_KINDS = frozenset({"aux", "data"})
+NOOP = "noop"
+FAIL_PREFIX = "fail:"
+
+
+@dataclass(frozen=True, slots=True)
+class TransitionSpec:
+    trigger: str
+    sources: tuple[State, ...]
+    dest: State
+    internal: bool
+    reads: frozenset[str]
+    actions: tuple[str, ...]
+    conditions: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PollOutcome:
+    """What one reduced poll value does in one state: nothing, an event, or a failure with a cause."""
+
+    event: str | None = None
+    cause: str | None = None
+
+    @property
+    def is_noop(self) -> bool:
+        return self.event is None
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiverSpec:
+    initial: State
+    terminal: frozenset[State]
+    on_error: str
+    state_docs: Mapping[State, str]
+    events: Mapping[str, str]
+    transitions: tuple[TransitionSpec, ...]
+    polls: Mapping[State, Mapping[KVPoll, PollOutcome]]
+    unknown_poll: PollOutcome
+    causes: Mapping[str, type[errors.ReceiverError]]
+    actions: Mapping[str, str]
+    guards: Mapping[str, str]
+    raw: Mapping[str, Any]
+
+    def transitions_from(self, state: State) -> tuple[TransitionSpec, ...]:
+        return tuple(t for t in self.transitions if state in t.sources)
+
+
+def default_spec_text() -> str:
+    return resources.files("epd_receiver.spec").joinpath("receiver.toml").read_text(encoding="utf-8")
+
+
+def load_spec(source: str | Path | None = None, overlay: Mapping[str, Any] | None = None) -> ReceiverSpec:
+    """Parse the spec (the packaged one by default), optionally with an overlay merged over it.
+
+    An overlay is how a variant states its one deviation: its tables replace or extend the file's,
+    key by key; a ``transitions`` list in the overlay replaces the transitions that share its triggers
+    and sources.
+    """
+    if source is None:
+        text = default_spec_text()
+    elif isinstance(source, Path):
+        text = source.read_text(encoding="utf-8")
+    else:
+        text = source
+    raw = tomllib.loads(text)
+    if overlay:
+        raw = _merge(raw, overlay)
+    return _parse(raw)
+
+
+def _merge(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(dict(base))
+    for key, value in overlay.items():
+        if key == "transitions":
+            replaced = {(t["trigger"], _source_key(t["source"])) for t in value}
+            kept = [t for t in merged.get(key, []) if (t["trigger"], _source_key(t["source"])) not in replaced]
+            merged[key] = kept + [dict(t) for t in value if not t.get("remove", False)]
+        elif isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _source_key(source: str | list[str]) -> tuple[str, ...]:
+    return (source,) if isinstance(source, str) else tuple(source)
+
+
+def _state(name: str, where: str) -> State:
+    try:
+        return State[name]
+    except KeyError:
+        raise SpecError(f"{where}: unknown state {name!r}") from None
+
+
+def _parse(raw: Mapping[str, Any]) -> ReceiverSpec:
+    declared = set(raw.get("states", {}))
+    named = {s.name for s in State}
+    if declared != named:
+        raise SpecError(
+            f"states in spec {sorted(declared)} differ from fsm.states.State {sorted(named)}"
+        )
+    machine = raw["machine"]
+    events: dict[str, str] = {name: body.get("doc", "") for name, body in raw.get("events", {}).items()}
+    actions: dict[str, str] = {name: body.get("doc", "") for name, body in raw.get("actions", {}).items()}
+    guards: dict[str, str] = {name: body.get("doc", "") for name, body in raw.get("guards", {}).items()}
+    transitions = tuple(_transition(t, events, actions, guards) for t in raw.get("transitions", []))
+    terminal = frozenset(_state(s, "machine.terminal") for s in machine["terminal"])
+    causes = _causes(raw.get("causes", {}))
+    polls_raw = dict(raw.get("polls", {}))
+    unknown = _outcome(polls_raw.pop("unknown", NOOP), "polls.unknown", causes)
+    polls = {
+        _state(name, "polls"): {
+            KVPoll[value]: _outcome(outcome, f"polls.{name}.{value}", causes)
+            for value, outcome in table.items()
+        }
+        for name, table in polls_raw.items()
+    }
+    on_error = machine["on_error"]
+    if on_error not in events:
+        raise SpecError(f"machine.on_error names unknown event {on_error!r}")
+    spec = ReceiverSpec(
+        initial=_state(machine["initial"], "machine.initial"),
+        terminal=terminal,
+        on_error=on_error,
+        state_docs={State[name]: body.get("doc", "") for name, body in raw["states"].items()},
+        events=events,
+        transitions=transitions,
+        polls=polls,
+        unknown_poll=unknown,
+        causes=causes,
+        actions=actions,
+        guards=guards,
+        raw=raw,
+    )
+    _check_polls(spec)
+    return spec
+
+
+def _transition(
+    body: Mapping[str, Any], events: Mapping[str, str], actions: Mapping[str, str], guards: Mapping[str, str]
+) -> TransitionSpec:
+    trigger = body["trigger"]
+    where = f"transition {trigger!r}"
+    if trigger not in events:
+        raise SpecError(f"{where}: event not declared under [events]")
+    unknown_actions = [a for a in body.get("actions", []) if a not in actions]
+    unknown_guards = [g for g in body.get("conditions", []) if g not in guards]
+    reads = frozenset(body.get("reads", []))
+    if unknown_actions or unknown_guards or not reads <= READ_KINDS:
+        raise SpecError(
+            f"{where}: undeclared actions {unknown_actions}, guards {unknown_guards}, reads {sorted(reads - READ_KINDS)}"
+        )
+    return TransitionSpec(
+        trigger=trigger,
+        sources=tuple(_state(s, where) for s in _source_key(body["source"])),
+        dest=_state(body["dest"], where),
+        internal=bool(body.get("internal", False)),
+        reads=reads,
+        actions=tuple(body.get("actions", [])),
+        conditions=tuple(body.get("conditions", [])),
+    )
+
+
+def _causes(table: Mapping[str, str]) -> dict[str, type[errors.ReceiverError]]:
+    causes: dict[str, type[errors.ReceiverError]] = {}
+    for cause, class_name in table.items():
+        cls = getattr(errors, class_name, None)
+        if not (isinstance(cls, type) and issubclass(cls, errors.ReceiverError)):
+            raise SpecError(f"causes.{cause}: {class_name!r} is not a ReceiverError in fsm.errors")
+        causes[cause] = cls
+    return causes
+
+
+def _outcome(text: str, where: str, causes: Mapping[str, type[errors.ReceiverError]]) -> PollOutcome:
+    if text == NOOP:
+        return PollOutcome()
+    if text.startswith(FAIL_PREFIX):
+        cause = text.removeprefix(FAIL_PREFIX)
+        if cause not in causes:
+            raise SpecError(f"{where}: cause {cause!r} not declared under [causes]")
+        return PollOutcome(event="fail", cause=cause)
+    return PollOutcome(event=text)
+
+
+def _check_polls(spec: ReceiverSpec) -> None:
+    """Every polled state answers every KVPoll value, with an event the state can take."""
+    for state in State:
+        table = spec.polls.get(state)
+        if state in spec.terminal:
+            if table:
+                raise SpecError(f"polls.{state.name}: terminal states are not polled")
+            continue
+        if table is None or set(table) != set(KVPoll):
+            raise SpecError(f"polls.{state.name}: must map every KVPoll value")
+        triggers = {t.trigger for t in spec.transitions_from(state)}
+        for value, outcome in table.items():
+            if outcome.event is not None and outcome.event not in triggers:
+                raise SpecError(f"polls.{state.name}.{value.name}: no transition for {outcome.event!r}")
+    if spec.unknown_poll.event is None:
+        raise SpecError("polls.unknown must fail: an unknown status is never harmless")
