@@ -10,6 +10,7 @@ cleared: stale aux rows of earlier requests are a real hazard here, as in the or
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -18,6 +19,16 @@ from epd_receiver.fsm import AuxRow
 from .payload import EmbeddingPayload
 
 AUX_INTS = 16  # [0] = T, [1] = M-RoPE delta, [2..15] spare: RDMA moves at least 64 bytes
+
+
+@dataclass(frozen=True, slots=True)
+class BlockView:
+    """The first n token slots of one pool row, per buffer, shaped per token."""
+
+    embeddings: torch.Tensor  # (n, H)
+    fill_ids: torch.Tensor  # (n,)
+    mrope_positions: torch.Tensor  # (3, n), three consecutive runs of n in the row
+    deepstack: torch.Tensor | None  # (n, H*K)
 
 
 class TorchBlockBuffers:
@@ -104,6 +115,20 @@ class TorchBlockBuffers:
 
     # ---- the sender's side (what an RDMA write of one chunk does to the rows) ---------------------
 
+    def block_views(self, block: int, n: int) -> BlockView:
+        """Views of the first n token slots of one row, for a writer that fills them in place."""
+        h = self.hidden_size
+        if not 0 < n <= self._block_size:
+            raise ValueError(f"a block holds 1..{self._block_size} tokens, not {n}")
+        return BlockView(
+            embeddings=self.embeddings[block, : n * h].view(n, h),
+            fill_ids=self.fill_ids[block, :n],
+            mrope_positions=self.mrope_positions[block, : 3 * n].view(3, n),
+            deepstack=(
+                None if self.deepstack is None else self.deepstack[block, : n * h * self.deepstack_layers].view(n, -1)
+            ),
+        )
+
     def write_block(
         self,
         block: int,
@@ -113,16 +138,12 @@ class TorchBlockBuffers:
         deepstack: torch.Tensor | None = None,
     ) -> None:
         """Write n <= B tokens at the start of one row; M-RoPE as three consecutive runs of n."""
-        n = fill_ids.shape[0]
-        h = self.hidden_size
-        if not 0 < n <= self._block_size:
-            raise ValueError(f"a block holds 1..{self._block_size} tokens, not {n}")
-        self.embeddings[block, : n * h].view(n, h).copy_(embeddings)
-        self.fill_ids[block, :n].copy_(fill_ids)
-        self.mrope_positions[block, : 3 * n].view(3, n).copy_(mrope_positions)
-        if self.deepstack is not None:
-            row = self.deepstack[block, : n * h * self.deepstack_layers].view(n, -1)
-            row.copy_(deepstack) if deepstack is not None else row.zero_()
+        view = self.block_views(block, fill_ids.shape[0])
+        view.embeddings.copy_(embeddings)
+        view.fill_ids.copy_(fill_ids)
+        view.mrope_positions.copy_(mrope_positions)
+        if view.deepstack is not None:
+            view.deepstack.copy_(deepstack) if deepstack is not None else view.deepstack.zero_()
 
     def write_aux(self, block: int, total_tokens: int, mrope_delta: int) -> None:
         self.aux[block, 0] = total_tokens

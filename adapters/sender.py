@@ -17,7 +17,7 @@ import torch
 
 from epd_receiver.fsm import KVPoll, Room
 
-from .buffers import TorchBlockBuffers
+from .buffers import BlockView, TorchBlockBuffers
 from .payload import EmbeddingPayload
 
 VOCAB = 151_936
@@ -72,36 +72,45 @@ class SourcePayload:
     def total_tokens(self) -> int:
         return int(self.fill_ids.shape[0])
 
-    def embeddings(self, start: int, stop: int) -> torch.Tensor:
-        return self.bank.embeddings[self._rows(start, stop)]
-
-    def deepstack(self, start: int, stop: int) -> torch.Tensor | None:
-        return None if self.bank.deepstack is None else self.bank.deepstack[self._rows(start, stop)]
+    def write_tokens(self, start: int, stop: int, view: BlockView) -> None:
+        """Produce tokens [start, stop) straight into a pool row, as an encoder writing its output would."""
+        rows = self._rows(start, stop)
+        torch.index_select(self.bank.embeddings, 0, rows, out=view.embeddings)
+        view.fill_ids.copy_(self.fill_ids[start:stop])
+        view.mrope_positions.copy_(self.mrope_positions[:, start:stop])
+        if view.deepstack is not None:
+            if self.bank.deepstack is None:
+                view.deepstack.zero_()
+            else:
+                torch.index_select(self.bank.deepstack, 0, rows, out=view.deepstack)
 
     def _rows(self, start: int, stop: int) -> torch.Tensor:
         return self.fill_ids[start:stop].long() % self.bank.rows
 
-    def mismatches(self, payload: EmbeddingPayload, chunk: int = 4096) -> list[str]:
+    def mismatches(self, payload: EmbeddingPayload, chunk: int = 1024) -> list[str]:
         """Names of the parts of ``payload`` that are not bit-identical to this source (I6)."""
-        wrong = []
         if payload.total_tokens != self.total_tokens:
             return [f"total_tokens {payload.total_tokens} != {self.total_tokens}"]
+        wrong = []
         if payload.mrope_delta != self.mrope_delta:
             wrong.append(f"mrope_delta {payload.mrope_delta} != {self.mrope_delta}")
         if not torch.equal(payload.fill_ids, self.fill_ids):
             wrong.append("fill_ids")
         if not torch.equal(payload.mrope_positions, self.mrope_positions):
             wrong.append("mrope_positions")
-        for start in range(0, self.total_tokens, chunk):
-            stop = min(start + chunk, self.total_tokens)
-            if not torch.equal(payload.embeddings[start:stop], self.embeddings(start, stop)):
-                wrong.append(f"embeddings[{start}:{stop}]")
-                break
-        expected_ds = self.deepstack(0, self.total_tokens)
-        if (expected_ds is None) != (payload.deepstack is None) or (
-            expected_ds is not None and payload.deepstack is not None and not torch.equal(payload.deepstack, expected_ds)
-        ):
-            wrong.append("deepstack")
+        if (self.bank.deepstack is None) != (payload.deepstack is None):
+            wrong.append("deepstack presence")
+        parts = [("embeddings", self.bank.embeddings, payload.embeddings)]
+        if self.bank.deepstack is not None and payload.deepstack is not None:
+            parts.append(("deepstack", self.bank.deepstack, payload.deepstack))
+        for name, bank, got in parts:
+            expected = torch.empty(min(chunk, self.total_tokens), bank.shape[1], dtype=bank.dtype)
+            for start in range(0, self.total_tokens, chunk):
+                stop = min(start + chunk, self.total_tokens)
+                torch.index_select(bank, 0, self._rows(start, stop), out=expected[: stop - start])
+                if not torch.equal(got[start:stop], expected[: stop - start]):
+                    wrong.append(f"{name}[{start}:{stop}]")
+                    break
         return wrong
 
 
@@ -117,9 +126,7 @@ class _Room:
 
 
 class InProcessSender:
-    def __init__(
-        self, buffers: TorchBlockBuffers, *, seed: int = 0, bank_rows: int = 4096
-    ) -> None:
+    def __init__(self, buffers: TorchBlockBuffers, *, seed: int = 0, bank_rows: int = 4096) -> None:
         self.buffers = buffers
         self.bank = EmbeddingBank(buffers.hidden_size, buffers.deepstack_layers, rows=bank_rows, seed=seed)
         self._seed = seed
@@ -147,7 +154,7 @@ class InProcessSender:
         return SenderLink(self, room)
 
     def link(self, room: Room) -> SenderLink:
-        self._rooms[room]  # noqa: B018 - KeyError for an unknown room
+        self._rooms[room]
         return SenderLink(self, room)
 
     def source(self, room: Room) -> SourcePayload:
@@ -223,13 +230,7 @@ class InProcessSender:
         for i, block in enumerate(chunk.blocks[: -(-tokens // b)]):
             lo = start + i * b
             hi = min(lo + b, start + tokens, source.total_tokens)
-            self.buffers.write_block(
-                block,
-                source.embeddings(lo, hi),
-                source.fill_ids[lo:hi],
-                source.mrope_positions[:, lo:hi],
-                source.deepstack(lo, hi),
-            )
+            source.write_tokens(lo, hi, self.buffers.block_views(block, hi - lo))
         if chunk.with_aux:
             self.buffers.write_aux(chunk.blocks[0], source.total_tokens, source.mrope_delta)
         state.sent_tokens = chunk.sent_tokens + tokens

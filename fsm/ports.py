@@ -38,7 +38,11 @@ class BlockBuffers(Protocol[PayloadT]):
         ...
 
     def gather(self, blocks: Sequence[int], tokens: int, into: PayloadT, at: int) -> None:
-        """Copy the first ``tokens`` tokens held by ``blocks`` (in list order) into ``into[at:at+tokens]``."""
+        """Copy ``tokens`` tokens held by ``blocks`` (in list order) into ``into[at:at+tokens]``.
+
+        The blocks must hold exactly that many tokens, every block but the last full: a partial block's
+        M-RoPE runs are packed by the count it was written with, so a shorter read would misplace them.
+        """
         ...
 
 

@@ -131,7 +131,8 @@ class ReceiverRequest(Generic[PayloadT]):
         total = aux.total_tokens
         if not 0 < total <= self._wiring.config.max_total_tokens:
             raise CorruptAux(
-                self.room, f"aux[0] of block {self.first_block} is {total}, outside 1..{self._wiring.config.max_total_tokens}"
+                self.room,
+                f"aux[0] of block {self.first_block} is {total}, outside 1..{self._wiring.config.max_total_tokens}",
             )
         self.total_tokens = total
         self.mrope_delta = aux.mrope_delta

@@ -118,9 +118,7 @@ def _parse(raw: Mapping[str, Any]) -> ReceiverSpec:
     declared = set(raw.get("states", {}))
     named = {s.name for s in State}
     if declared != named:
-        raise SpecError(
-            f"states in spec {sorted(declared)} differ from fsm.states.State {sorted(named)}"
-        )
+        raise SpecError(f"states in spec {sorted(declared)} differ from fsm.states.State {sorted(named)}")
     machine = raw["machine"]
     events: dict[str, str] = {name: body.get("doc", "") for name, body in raw.get("events", {}).items()}
     actions: dict[str, str] = {name: body.get("doc", "") for name, body in raw.get("actions", {}).items()}
@@ -128,18 +126,18 @@ def _parse(raw: Mapping[str, Any]) -> ReceiverSpec:
     transitions = tuple(_transition(t, events, actions, guards) for t in raw.get("transitions", []))
     terminal = frozenset(_state(s, "machine.terminal") for s in machine["terminal"])
     causes = _causes(raw.get("causes", {}))
+    on_error = machine["on_error"]
+    if on_error not in events:
+        raise SpecError(f"machine.on_error names unknown event {on_error!r}")
     polls_raw = dict(raw.get("polls", {}))
-    unknown = _outcome(polls_raw.pop("unknown", NOOP), "polls.unknown", causes)
+    unknown = _outcome(polls_raw.pop("unknown", NOOP), "polls.unknown", causes, on_error)
     polls = {
         _state(name, "polls"): {
-            KVPoll[value]: _outcome(outcome, f"polls.{name}.{value}", causes)
+            _kvpoll(value, f"polls.{name}"): _outcome(outcome, f"polls.{name}.{value}", causes, on_error)
             for value, outcome in table.items()
         }
         for name, table in polls_raw.items()
     }
-    on_error = machine["on_error"]
-    if on_error not in events:
-        raise SpecError(f"machine.on_error names unknown event {on_error!r}")
     spec = ReceiverSpec(
         initial=_state(machine["initial"], "machine.initial"),
         terminal=terminal,
@@ -168,6 +166,8 @@ def _transition(
     unknown_actions = [a for a in body.get("actions", []) if a not in actions]
     unknown_guards = [g for g in body.get("conditions", []) if g not in guards]
     reads = frozenset(body.get("reads", []))
+    if isinstance(body.get("reads", []), str):
+        raise SpecError(f'{where}: reads is a list, e.g. ["aux", "data"]')
     if unknown_actions or unknown_guards or not reads <= READ_KINDS:
         raise SpecError(
             f"{where}: undeclared actions {unknown_actions}, guards {unknown_guards}, reads {sorted(reads - READ_KINDS)}"
@@ -193,14 +193,23 @@ def _causes(table: Mapping[str, str]) -> dict[str, type[errors.ReceiverError]]:
     return causes
 
 
-def _outcome(text: str, where: str, causes: Mapping[str, type[errors.ReceiverError]]) -> PollOutcome:
+def _kvpoll(name: str, where: str) -> KVPoll:
+    try:
+        return KVPoll[name]
+    except KeyError:
+        raise SpecError(f"{where}: {name!r} is not a KVPoll value ({[v.name for v in KVPoll]})") from None
+
+
+def _outcome(text: str, where: str, causes: Mapping[str, type[errors.ReceiverError]], on_error: str) -> PollOutcome:
     if text == NOOP:
         return PollOutcome()
     if text.startswith(FAIL_PREFIX):
         cause = text.removeprefix(FAIL_PREFIX)
         if cause not in causes:
             raise SpecError(f"{where}: cause {cause!r} not declared under [causes]")
-        return PollOutcome(event="fail", cause=cause)
+        return PollOutcome(event=on_error, cause=cause)
+    if text == on_error:
+        raise SpecError(f"{where}: {on_error!r} needs a cause: write '{FAIL_PREFIX}CAUSE'")
     return PollOutcome(event=text)
 
 
@@ -218,5 +227,5 @@ def _check_polls(spec: ReceiverSpec) -> None:
         for value, outcome in table.items():
             if outcome.event is not None and outcome.event not in triggers:
                 raise SpecError(f"polls.{state.name}.{value.name}: no transition for {outcome.event!r}")
-    if spec.unknown_poll.event is None:
-        raise SpecError("polls.unknown must fail: an unknown status is never harmless")
+    if spec.unknown_poll.cause is None:
+        raise SpecError("polls.unknown must be 'fail:CAUSE': an unknown status is never harmless")

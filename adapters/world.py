@@ -1,0 +1,351 @@
+"""A receiver queue wired to the in-process sender over one pool, and the judge that watches them.
+
+This is the bench that ``simulate``, ``replay`` and the stateful tests share. The judge never looks at
+the controller's reasoning: it knows what the sender was asked and wrote (its message log and sources),
+what the allocator says each block belongs to, and which reads reached the pool, and from those alone
+it decides whether invariants I1-I7 and I10 held.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from epd_receiver.fsm import (
+    AuxRow,
+    ContractError,
+    KVPoll,
+    ReceiverConfig,
+    ReceiverError,
+    ReceiverQueue,
+    ReceiverRequest,
+    ReceiverSpec,
+    Room,
+    State,
+)
+
+from .allocator import OwningBlockAllocator
+from .buffers import TorchBlockBuffers
+from .payload import EmbeddingPayload
+from .sender import InProcessSender, SenderLink
+
+STATE_ORDER = {
+    State.BOOTSTRAPPING: 0,
+    State.WAITING_FOR_INPUT: 1,
+    State.TRANSFERRING: 2,
+    State.WAITING_FOR_BLOCKS: 3,
+    State.RESUMING: 4,
+    State.SUCCESS: 5,
+}
+MAX_READS_PER_REQUEST = 2
+
+
+@dataclass(frozen=True, slots=True)
+class WorldConfig:
+    block_size: int
+    num_blocks: int
+    default_alloc_tokens: int
+    hidden_size: int
+    deepstack: int = 0
+    max_total_tokens: int = 1 << 24
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> WorldConfig:
+        return cls(
+            block_size=int(data["block_size"]),
+            num_blocks=int(data["num_blocks"]),
+            default_alloc_tokens=int(data["default_alloc_tokens"]),
+            hidden_size=int(data["hidden_size"]),
+            deepstack=int(data.get("deepstack", 0)),
+            max_total_tokens=int(data.get("max_total_tokens", 1 << 24)),
+        )
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What the judge saw of one request."""
+
+    room: Room
+    total_tokens: int
+    states: list[State] = field(default_factory=list)
+    aux_reads: int = 0
+    verified: bool | None = None
+    released: bool = False
+    reads: int = 0
+    resumes: int = 0
+    error: str | None = None
+
+
+class AuditedBuffers:
+    """The BlockBuffers port with a witness: every read is checked against the sender and the allocator."""
+
+    def __init__(self, world: World, inner: TorchBlockBuffers) -> None:
+        self._world = world
+        self.inner = inner
+
+    @property
+    def block_size(self) -> int:
+        return self.inner.block_size
+
+    def read_aux(self, block: int) -> AuxRow:
+        self._world._audit_aux_read(block)
+        return self.inner.read_aux(block)
+
+    def new_payload(self, total_tokens: int, mrope_delta: int) -> EmbeddingPayload:
+        return self.inner.new_payload(total_tokens, mrope_delta)
+
+    def gather(self, blocks: Sequence[int], tokens: int, into: EmbeddingPayload, at: int) -> None:
+        self._world._audit_gather(tuple(blocks))
+        self.inner.gather(blocks, tokens, into, at)
+
+
+class World:
+    def __init__(
+        self,
+        config: WorldConfig,
+        *,
+        seed: int = 0,
+        bank_rows: int = 4096,
+        spec: ReceiverSpec | None = None,
+        request_class: type[ReceiverRequest[EmbeddingPayload]] = ReceiverRequest,
+    ) -> None:
+        self.config = config
+        self.pool = TorchBlockBuffers(config.num_blocks, config.block_size, config.hidden_size, config.deepstack)
+        self.allocator = OwningBlockAllocator(config.num_blocks, config.block_size)
+        self.sender = InProcessSender(self.pool, seed=seed, bank_rows=bank_rows)
+        self.queue: ReceiverQueue[EmbeddingPayload] = ReceiverQueue(
+            AuditedBuffers(self, self.pool),
+            self.allocator,
+            ReceiverConfig(config.default_alloc_tokens, config.max_total_tokens),
+            spec=spec,
+            request_class=request_class,
+        )
+        self.outcomes: dict[Room, Outcome] = {}
+        self.violations: list[str] = []
+        self._expect_failure: set[Room] = set()
+
+    # ---- the vocabulary of scenarios -------------------------------------------------------------
+
+    def arrive(
+        self, room: Room, total_tokens: int, mrope_delta: int | None = None
+    ) -> ReceiverRequest[EmbeddingPayload]:
+        link: SenderLink = self.sender.add_room(room, total_tokens, mrope_delta)
+        request = self.queue.add(room, link)
+        self.outcomes[room] = Outcome(room, total_tokens, [request.state])
+        return request
+
+    def step(self, iterations: int = 1) -> list[ReceiverRequest[EmbeddingPayload]]:
+        finished: list[ReceiverRequest[EmbeddingPayload]] = []
+        for _ in range(iterations):
+            try:
+                ended = self.queue.step()
+            except ContractError as error:
+                self.violations.append(f"{type(error).__name__}: {error}")
+                break
+            self._observe_states(ended)
+            for request in ended:
+                self._judge_end(request)
+            finished.extend(ended)
+        return finished
+
+    def deliver(self, room: Room) -> bool:
+        return room in self.sender.rooms() and self.sender.deliver(room)
+
+    def fail(self, room: Room) -> None:
+        if room in self.sender.rooms():
+            self.sender.fail(room)
+
+    def late_status(self, room: Room, status: KVPoll = KVPoll.Transferring) -> None:
+        """A status message that arrives again, or late; the status table keeps the highest."""
+        if room in self.sender.rooms():
+            self.sender.publish(room, status)
+
+    def abort(self, room: Room) -> bool:
+        aborted = self._contract(lambda: self.queue.abort(room))
+        self._observe_states()
+        request = self.queue.get(room)
+        if request is not None and request.state is State.FAILED:
+            self._judge_end(request)
+        return bool(aborted)
+
+    def release(self, room: Room) -> bool:
+        request = self.queue.get(room)
+        if request is None or request.state is not State.SUCCESS or self.outcomes[room].released:
+            return False
+        self._contract(lambda: self.queue.release(room))
+        self.outcomes[room].released = True
+        if room in self.sender.rooms():
+            self.sender.forget(room)
+        return True
+
+    def corrupt_aux(self, room: Room, value: int) -> bool:
+        """Overwrite T in the aux row of A0[0] after the first chunk landed and before it is read."""
+        request = self.queue.get(room)
+        if (
+            request is None
+            or request.state is not State.TRANSFERRING
+            or self.sender.pending(room) is not None
+            or self.sender.status(room) not in (KVPoll.Transferring, KVPoll.Success)
+        ):
+            return False
+        self.pool.write_aux(request.blocks[0], value, 0)
+        self._expect_failure.add(room)
+        return True
+
+    # ---- driving everything to an end -------------------------------------------------------------
+
+    def drain(self, max_iterations: int = 10_000) -> None:
+        """Let the sender land everything and the caller release everything; nothing may be left over."""
+        for _ in range(max_iterations):
+            live = [r for r in self.queue if r.state not in (State.SUCCESS, State.FAILED)]
+            held = [r for r in self.queue if r.state is State.SUCCESS]
+            if not live and not held:
+                break
+            for request in live:
+                self.deliver(request.room)
+            self.step()
+            for request in held:
+                self.release(request.room)
+        else:
+            self.violations.append(f"I8: requests still live after {max_iterations} iterations: {list(self.queue)}")
+        if self.allocator.owned_count:
+            self.violations.append(f"I5: blocks leaked after drain: {self.allocator.owners()}")
+
+    # ---- the judge -------------------------------------------------------------------------------
+
+    def check(self) -> list[str]:
+        """All invariant violations seen so far, including the ones only visible in the current state."""
+        found = list(self.violations)
+        found += self._check_messages()
+        found += self._check_ownership()
+        return found
+
+    def _contract(self, action: Any) -> Any:
+        try:
+            return action()
+        except ContractError as error:
+            self.violations.append(f"{type(error).__name__}: {error}")
+            return None
+
+    def _observe_states(self, ended: Sequence[ReceiverRequest[EmbeddingPayload]] = ()) -> None:
+        for request in [*self.queue, *ended]:
+            seen = self.outcomes[request.room].states
+            if seen[-1] is request.state:
+                continue
+            last = seen[-1]
+            if last in (State.SUCCESS, State.FAILED) or (
+                request.state is not State.FAILED and STATE_ORDER[request.state] < STATE_ORDER[last]
+            ):
+                self.violations.append(f"I7: room {request.room} went {last.name} -> {request.state.name}")
+            seen.append(request.state)
+
+    def _judge_end(self, request: ReceiverRequest[EmbeddingPayload]) -> None:
+        outcome = self.outcomes[request.room]
+        if outcome.verified is not None:
+            return
+        outcome.reads, outcome.resumes = request.reads, request.resumes
+        outcome.error = str(request.error) if request.error else None
+        if request.reads > MAX_READS_PER_REQUEST:
+            self.violations.append(f"I1: room {request.room} read the pool {request.reads} times")
+        if request.state is State.FAILED:
+            outcome.verified = False
+            if not isinstance(request.error, ReceiverError) or request.error.room != request.room:
+                self.violations.append(f"I10: room {request.room} failed without a typed error: {request.error!r}")
+            return
+        if request.room in self._expect_failure:
+            self.violations.append(f"I10: room {request.room} succeeded on a corrupt aux row")
+        assert request.payload is not None
+        wrong = self.sender.source(request.room).mismatches(request.payload)
+        outcome.verified = not wrong
+        if wrong:
+            self.violations.append(f"I6: room {request.room} payload differs from the sender's: {wrong}")
+
+    def _audit_aux_read(self, block: int) -> None:
+        owner = self._owner_of((block,))
+        if owner is None:
+            return
+        outcome = self.outcomes[owner]
+        outcome.aux_reads += 1
+        first = self.sender.room_messages(owner)[0].blocks[0] if self.sender.room_messages(owner) else None
+        if block != first:
+            self.violations.append(f"I2: room {owner} read aux of block {block}, its A0[0] is {first}")
+        if outcome.aux_reads > 1:
+            self.violations.append(f"I2: room {owner} read an aux row {outcome.aux_reads} times")
+
+    def _audit_gather(self, blocks: tuple[int, ...]) -> None:
+        owner = self._owner_of(blocks)
+        if owner is None:
+            return
+        in_flight = set(blocks) & self.sender.writing_blocks()
+        if in_flight:
+            self.violations.append(f"I1: room {owner} read blocks {sorted(in_flight)} the sender has yet to write")
+        messages = self.sender.room_messages(owner)
+        if not messages or messages[-1].blocks != blocks:
+            self.violations.append(f"I1: room {owner} read {list(blocks)}, not the allocation it sent last")
+        if self.sender.status(owner) not in (KVPoll.Transferring, KVPoll.Success):
+            self.violations.append(f"I1: room {owner} read before any chunk landed")
+
+    def _owner_of(self, blocks: tuple[int, ...]) -> Room | None:
+        owners = {room for room, held in self.allocator.owners().items() if set(blocks) & set(held)}
+        if len(owners) != 1 or not set(blocks) <= set(self.allocator.owned_by(next(iter(owners)))):
+            self.violations.append(f"I5: read of blocks {list(blocks)} owned by {sorted(owners) or 'nobody'}")
+            return None
+        return next(iter(owners))
+
+    def _check_messages(self) -> list[str]:
+        found = []
+        b = self.config.block_size
+        last_sent: dict[Room, int] = {}
+        for m in self.sender.messages:
+            if m.allocated_tokens != len(m.blocks) * b:
+                found.append(
+                    f"I3: room {m.room} {m.kind} allocated_tokens={m.allocated_tokens} for {len(m.blocks)} blocks"
+                )
+            if m.kind == "resume":
+                total = self.outcomes[m.room].total_tokens
+                if m.sent_tokens % b or not 0 < m.sent_tokens < total:
+                    found.append(f"I3: room {m.room} resume at S={m.sent_tokens} (B={b}, T={total})")
+                if m.sent_tokens <= last_sent.get(m.room, 0):
+                    found.append(f"I4: room {m.room} resumed twice at S={m.sent_tokens}")
+                last_sent[m.room] = m.sent_tokens
+        return found
+
+    def _check_ownership(self) -> list[str]:
+        found = []
+        allocator = self.allocator
+        if allocator.free_count + allocator.owned_count != allocator.num_blocks:
+            found.append("I5: free + owned != pool size")
+        if allocator.rejected_frees:
+            found.append(f"I5: {allocator.rejected_frees} double or foreign frees")
+        holders = {r.room: r for r in self.queue}
+        for room, blocks in allocator.owners().items():
+            request = holders.get(room)
+            if request is None or request.state is State.FAILED or set(request.blocks) != set(blocks):
+                found.append(f"I5: blocks {list(blocks)} owned by room {room}, which holds {request!r}")
+        return found
+
+    # ---- reporting -------------------------------------------------------------------------------
+
+    def report(self) -> dict[str, Any]:
+        requests: dict[str, Any] = {}
+        for room, outcome in self.outcomes.items():
+            request = self.queue.get(room)
+            if request is not None and outcome.verified is None:
+                outcome.reads, outcome.resumes = request.reads, request.resumes
+            requests[str(room)] = {
+                "state": outcome.states[-1].name,
+                "reads": outcome.reads,
+                "resumes": outcome.resumes,
+                "verified": bool(outcome.verified),
+                "error": outcome.error,
+            }
+        return {
+            "requests": requests,
+            "pool": {
+                "free": self.allocator.free_count,
+                "owned": self.allocator.owned_count,
+                "double_frees": self.allocator.rejected_frees,
+            },
+            "violations": self.check(),
+        }
