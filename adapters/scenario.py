@@ -26,6 +26,8 @@ def _arrive(world: World, request: Mapping[str, Any]) -> None:
         room, total = int(request["room"]), int(request["total_tokens"])
     except (KeyError, TypeError, ValueError) as error:
         raise ScenarioError(f"a request needs integer 'room' and 'total_tokens': {request!r}") from error
+    if room in world.outcomes:
+        raise ScenarioError(f"room {room} arrives twice")
     delta = request.get("mrope_delta")
     world.arrive(room, total, None if delta is None else int(delta))
 
@@ -39,6 +41,9 @@ EVENTS: dict[str, Callable[[World, Any], object]] = {
     "late": lambda world, room: world.late_status(int(room)),
     "arrive": _arrive,
 }
+
+
+ROOM_EVENTS = frozenset({"deliver", "fail", "abort", "release", "late"})
 
 
 def load_scenario(path: Path) -> dict[str, Any]:
@@ -59,17 +64,26 @@ def replay(
 ) -> dict[str, Any]:
     try:
         config = WorldConfig.from_json(scenario["config"])
+        world = World(config, seed=int(scenario.get("seed", 0)), bank_rows=257, spec=spec, request_class=request_class)
+        for request in scenario.get("requests", []):
+            _arrive(world, request)
     except (KeyError, TypeError, ValueError) as error:
-        raise ScenarioError(f"bad config: {error}") from error
-    world = World(config, seed=int(scenario.get("seed", 0)), bank_rows=257, spec=spec, request_class=request_class)
-    for request in scenario.get("requests", []):
-        _arrive(world, request)
+        raise ScenarioError(f"bad config or requests: {error}") from error
     for index, event in enumerate(scenario.get("events", [])):
         if not isinstance(event, dict) or len(event) != 1 or next(iter(event)) not in EVENTS:
             raise ScenarioError(f"event {index}: expected one of {sorted(EVENTS)}, got {event!r}")
         ((name, argument),) = event.items()
+        if name in ROOM_EVENTS and _room(argument) not in world.outcomes:
+            raise ScenarioError(f"event {index} {event!r}: no request has room {argument!r}")
         try:
             EVENTS[name](world, argument)
-        except KeyError as error:
-            raise ScenarioError(f"event {index} {event!r}: unknown room {error}") from error
+        except (KeyError, TypeError, ValueError) as error:
+            raise ScenarioError(f"event {index} {event!r}: {error}") from error
     return world.report()
+
+
+def _room(argument: Any) -> int | None:
+    try:
+        return int(argument)
+    except (TypeError, ValueError):
+        return None

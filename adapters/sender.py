@@ -123,6 +123,7 @@ class _Room:
     handshake_pending: bool = False
     failure: str | None = None
     messages: list[Message] = field(default_factory=list)
+    published: list[KVPoll] = field(default_factory=list)
 
 
 class InProcessSender:
@@ -209,8 +210,12 @@ class InProcessSender:
 
     # ---- what the sender does --------------------------------------------------------------------
 
-    def deliver(self, room: Room) -> bool:
-        """Land the pending chunk (or the handshake) and publish the resulting status; False if none."""
+    def deliver(self, room: Room, blocks: int | None = None) -> bool:
+        """Land the pending chunk (or the handshake) and publish the resulting status; False if none.
+
+        With ``blocks``, only that many of the chunk's blocks land (the aux row among them) and nothing is
+        published: the transfer is in flight, which is exactly when nobody may read those rows.
+        """
         state = self._rooms[room]
         if state.handshake_pending:
             state.handshake_pending = False
@@ -219,20 +224,24 @@ class InProcessSender:
         chunk = state.pending
         if chunk is None or state.status is KVPoll.Failed:
             return False
-        state.pending = None
         source, b = state.source, self.buffers.block_size
         remaining = source.total_tokens - chunk.sent_tokens
         tokens = min(remaining, chunk.allocated_tokens)
-        if -(-tokens // b) > len(chunk.blocks):
+        needed = -(-tokens // b)
+        if needed > len(chunk.blocks):
             self._fail(state, f"insufficient dst blocks: {tokens} tokens, {len(chunk.blocks)} blocks")
             return True
         start = (chunk.sent_tokens // b) * b  # the original restarts at a block boundary (#2)
-        for i, block in enumerate(chunk.blocks[: -(-tokens // b)]):
+        landing = needed if blocks is None else min(blocks, needed)
+        for i, block in enumerate(chunk.blocks[:landing]):
             lo = start + i * b
             hi = min(lo + b, start + tokens, source.total_tokens)
             source.write_tokens(lo, hi, self.buffers.block_views(block, hi - lo))
         if chunk.with_aux:
             self.buffers.write_aux(chunk.blocks[0], source.total_tokens, source.mrope_delta)
+        if landing < needed:
+            return True
+        state.pending = None
         state.sent_tokens = chunk.sent_tokens + tokens
         self.publish(room, KVPoll.Transferring if tokens < remaining else KVPoll.Success)
         return True
@@ -241,9 +250,19 @@ class InProcessSender:
         self._fail(self._rooms[room], reason)
 
     def publish(self, room: Room, status: KVPoll) -> None:
-        """Apply a status message the way the receiver's status table does: up only, or down to Failed."""
+        """Apply a status message: up only, or down to Failed, which then holds.
+
+        (The original's table took ``max`` even over Failed, so a late message could revive a failed
+        room before the receiver latched it; Failed is absorbing here.)
+        """
         state = self._rooms[room]
-        state.status = KVPoll.Failed if status is KVPoll.Failed else max(state.status, status)
+        state.published.append(status)
+        if state.status is not KVPoll.Failed:
+            state.status = KVPoll.Failed if status is KVPoll.Failed else max(state.status, status)
+
+    def published(self, room: Room) -> list[KVPoll]:
+        """Every status message sent for ``room`` so far: the only ones that can arrive again, or late."""
+        return list(dict.fromkeys(self._rooms[room].published))
 
     # ---- helpers ---------------------------------------------------------------------------------
 
@@ -267,6 +286,7 @@ class InProcessSender:
         state.failure = reason
         state.pending = None
         state.status = KVPoll.Failed
+        state.published.append(KVPoll.Failed)
 
 
 class SenderLink:

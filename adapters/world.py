@@ -149,17 +149,25 @@ class World:
             finished.extend(ended)
         return finished
 
-    def deliver(self, room: Room) -> bool:
-        return room in self.sender.rooms() and self.sender.deliver(room)
+    def deliver(self, room: Room, blocks: int | None = None) -> bool:
+        return room in self.sender.rooms() and self.sender.deliver(room, blocks)
 
     def fail(self, room: Room) -> None:
         if room in self.sender.rooms():
             self.sender.fail(room)
 
-    def late_status(self, room: Room, status: KVPoll = KVPoll.Transferring) -> None:
-        """A status message that arrives again, or late; the status table keeps the highest."""
-        if room in self.sender.rooms():
-            self.sender.publish(room, status)
+    def late_status(self, room: Room, status: KVPoll | None = None) -> bool:
+        """A status message the sender already sent arrives again, or late (the latest one by default).
+
+        Only a message that was really sent can arrive twice; the status table keeps the highest.
+        """
+        sent = self.sender.published(room) if room in self.sender.rooms() else []
+        if status is None and sent:
+            status = sent[-1]
+        if status is None or status not in sent:
+            return False
+        self.sender.publish(room, status)
+        return True
 
     def abort(self, room: Room) -> bool:
         aborted = self._contract(lambda: self.queue.abort(room))

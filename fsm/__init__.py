@@ -13,6 +13,7 @@ from .errors import (
     SenderFailed,
     SizeMismatch,
     SpecError,
+    TransportFailed,
 )
 from .kvpoll import KVPoll
 from .ports import AuxRow, BlockAllocator, BlockBuffers, Clock, RankGroup, SingleRank, TransportLink
@@ -46,6 +47,7 @@ __all__ = [
     "SizeMismatch",
     "SpecError",
     "State",
+    "TransportFailed",
     "TransportLink",
     "load_spec",
 ]

@@ -30,6 +30,12 @@ class SenderFailed(ReceiverError):
     cause = "sender_failed"
 
 
+class TransportFailed(ReceiverError):
+    """The link to the sender raised while the controller used it (a dead peer, a closed socket)."""
+
+    cause = "transport_failed"
+
+
 class ProtocolViolation(ReceiverError):
     """A status that cannot follow what the receiver has seen or sent (premature, backwards, unknown)."""
 

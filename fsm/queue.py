@@ -14,6 +14,7 @@ from typing import Generic
 from transitions import Machine
 
 from .errors import Aborted, PoolTooSmall, Room
+from .kvpoll import KVPoll
 from .machine import build_machine
 from .ports import BlockAllocator, BlockBuffers, PayloadT, RankGroup, SingleRank, TransportLink
 from .request import ReceiverConfig, ReceiverRequest, Wiring, poll_table
@@ -73,7 +74,7 @@ class ReceiverQueue(Generic[PayloadT]):
     def step(self) -> list[ReceiverRequest[PayloadT]]:
         """One iteration; returns the requests that ended in it (SUCCESS ones are held until released)."""
         polled = [r for r in self._live.values() if r.state not in self._wiring.spec.terminal]
-        reduced = self._ranks.min_reduce([r.link.poll() for r in polled])
+        reduced = self._ranks.min_reduce([_poll(r) for r in polled])
         for request, value in zip(polled, reduced, strict=True):
             request.on_poll(value)
         self._allocate()
@@ -126,3 +127,11 @@ class ReceiverQueue(Generic[PayloadT]):
     @property
     def spec(self) -> ReceiverSpec:
         return self._wiring.spec
+
+
+def _poll(request: ReceiverRequest[PayloadT]) -> int:
+    """A link whose poll raises has lost its sender: that request reads Failed, the others go on."""
+    try:
+        return request.link.poll()
+    except Exception:
+        return int(KVPoll.Failed)

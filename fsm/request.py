@@ -6,11 +6,12 @@ the spec names, and raises a typed ReceiverError when the world hands it somethi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic
 
-from .errors import CorruptAux, ReceiverError, Room, SizeMismatch
+from .errors import CorruptAux, ReceiverError, Room, SizeMismatch, TransportFailed
 from .kvpoll import KVPoll
 from .ports import BlockAllocator, BlockBuffers, PayloadT, TransportLink
 from .spec import PollOutcome, ReceiverSpec
@@ -123,7 +124,8 @@ class ReceiverRequest(Generic[PayloadT]):
 
     def send_init(self, event: Any) -> None:
         self.first_block = self.blocks[0]
-        self.link.init(self.blocks, self.capacity)
+        with self._transport("init"):
+            self.link.init(self.blocks, self.capacity)
 
     def learn_total(self, event: Any) -> None:
         assert self.first_block is not None
@@ -163,16 +165,29 @@ class ReceiverRequest(Generic[PayloadT]):
             self._wiring.allocator.free(self.room, blocks)
 
     def send_resume(self, event: Any) -> None:
-        self.link.resume(self.blocks, self.landed, self.capacity)
+        with self._transport("resume"):
+            self.link.resume(self.blocks, self.landed, self.capacity)
         self.resumes += 1
 
     def notify_sender(self, event: Any) -> None:
-        self.link.abort()
+        # Best effort: the request is failing already, and a dead link is often why.
+        with contextlib.suppress(Exception):
+            self.link.abort()
 
     def record_error(self, event: Any) -> None:
         self.error = event.kwargs["error"]
 
     # ---- helpers ---------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _transport(self, what: str) -> Iterator[None]:
+        """A link that raises fails this request (with its blocks still recorded, so they are freed)."""
+        try:
+            yield
+        except ReceiverError:
+            raise
+        except Exception as error:
+            raise TransportFailed(self.room, f"{what} raised {error!r}") from error
 
     def _total(self) -> int:
         assert self.total_tokens is not None, "T is read before any action that needs it"

@@ -169,9 +169,8 @@ def _transition(
     if isinstance(body.get("reads", []), str):
         raise SpecError(f'{where}: reads is a list, e.g. ["aux", "data"]')
     if unknown_actions or unknown_guards or not reads <= READ_KINDS:
-        raise SpecError(
-            f"{where}: undeclared actions {unknown_actions}, guards {unknown_guards}, reads {sorted(reads - READ_KINDS)}"
-        )
+        bad_reads = sorted(reads - READ_KINDS)
+        raise SpecError(f"{where}: undeclared actions {unknown_actions}, guards {unknown_guards}, reads {bad_reads}")
     return TransitionSpec(
         trigger=trigger,
         sources=tuple(_state(s, where) for s in _source_key(body["source"])),

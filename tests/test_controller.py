@@ -1,0 +1,845 @@
+"""The receiver controller (fsm.ReceiverQueue and ReceiverRequest) driven through pure-Python fake ports.
+
+These tests pin down the protocol the Language side must follow, with nothing but the pure core and three
+tiny fakes written here: no torch, no adapters. They check the paths a request takes (no resume, one
+resume, waiting for blocks), every cell of the spec's poll table, the typed failures (corrupt aux, size
+mismatch, a pool too small, aborts) and what every failure must leave behind (blocks freed exactly once,
+the sender told, the other requests unharmed), and the read discipline: the pool is read only inside a
+transition that grants it, the aux row only once, and the per-poll fast path calls no trigger at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from epd_receiver.fsm import (
+    Aborted,
+    AuxRow,
+    ContractError,
+    CorruptAux,
+    KVPoll,
+    OwnershipError,
+    PoolTooSmall,
+    ProtocolViolation,
+    ReadOutsideWindow,
+    ReceiverConfig,
+    ReceiverError,
+    ReceiverQueue,
+    ReceiverRequest,
+    Room,
+    SenderFailed,
+    SizeMismatch,
+    State,
+    TransportFailed,
+    load_spec,
+)
+
+SPEC = load_spec()
+NON_TERMINAL = [s for s in State if s not in SPEC.terminal]
+HOG: Room = -1  # the owner the tests give every free block to, so that no allocation can succeed
+
+# ---- fake ports -------------------------------------------------------------------------------------
+
+
+@dataclass
+class FakePayload:
+    """The assembled output: for each token, the pool block it was gathered from (None until gathered)."""
+
+    total_tokens: int
+    mrope_delta: int
+    sources: list[int | None]
+
+
+class FakeBuffers:
+    """The BlockBuffers port: aux rows from a dict the test controls; every read is recorded."""
+
+    def __init__(self, block_size: int) -> None:
+        self._block_size = block_size
+        self.aux: dict[int, AuxRow] = {}
+        self.aux_reads: list[int] = []
+        self.gathers: list[tuple[tuple[int, ...], int, int]] = []
+        self.payloads: list[FakePayload] = []
+
+    @property
+    def block_size(self) -> int:
+        return self._block_size
+
+    def read_aux(self, block: int) -> AuxRow:
+        self.aux_reads.append(block)
+        return self.aux.get(block, AuxRow(0, 0))  # a never-written row reads as zeros, as a fresh pool does
+
+    def new_payload(self, total_tokens: int, mrope_delta: int) -> FakePayload:
+        payload = FakePayload(total_tokens, mrope_delta, [None] * total_tokens)
+        self.payloads.append(payload)
+        return payload
+
+    def gather(self, blocks: Sequence[int], tokens: int, into: FakePayload, at: int) -> None:
+        self.gathers.append((tuple(blocks), tokens, at))
+        assert tokens <= len(blocks) * self._block_size, "more tokens than the blocks hold"
+        assert at >= 0 and at + tokens <= into.total_tokens, "gather outside the payload"
+        for i in range(tokens):
+            into.sources[at + i] = blocks[i // self._block_size]
+
+
+class FakeAllocator:
+    """The BlockAllocator port: FIFO free list, all-or-nothing, an owner per block, loud on a bad free."""
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        self._num_blocks = num_blocks
+        self._block_size = block_size
+        self.free_list: list[int] = list(range(num_blocks))
+        self.owner: dict[int, Room] = {}
+        self.allocs: list[tuple[Room, tuple[int, ...]]] = []
+        self.frees: list[tuple[Room, tuple[int, ...]]] = []
+
+    @property
+    def block_size(self) -> int:
+        return self._block_size
+
+    @property
+    def num_blocks(self) -> int:
+        return self._num_blocks
+
+    def alloc(self, owner: Room, tokens: int) -> tuple[int, ...] | None:
+        needed = -(-tokens // self._block_size)
+        if needed > len(self.free_list):
+            return None
+        blocks = tuple(self.free_list[:needed])
+        del self.free_list[:needed]
+        for block in blocks:
+            self.owner[block] = owner
+        self.allocs.append((owner, blocks))
+        return blocks
+
+    def free(self, owner: Room, blocks: Sequence[int]) -> None:
+        if len(set(blocks)) != len(blocks) or any(self.owner.get(b) != owner for b in blocks):
+            raise OwnershipError(f"room {owner} frees {list(blocks)}; owners: {[self.owner.get(b) for b in blocks]}")
+        for block in blocks:
+            del self.owner[block]
+        self.free_list.extend(blocks)
+        self.frees.append((owner, tuple(blocks)))
+
+    def owned_by(self, owner: Room) -> tuple[int, ...]:
+        return tuple(sorted(b for b, o in self.owner.items() if o == owner))
+
+    def blocks_allocated_to(self, owner: Room) -> list[int]:
+        return sorted(b for o, blocks in self.allocs if o == owner for b in blocks)
+
+    def blocks_freed_by(self, owner: Room) -> list[int]:
+        return sorted(b for o, blocks in self.frees if o == owner for b in blocks)
+
+    def hog(self) -> None:
+        """Give every free block to an outside owner: the next allocation pass can grant nothing."""
+        assert self.alloc(HOG, len(self.free_list) * self._block_size) is not None
+
+
+class FakeLink:
+    """The TransportLink port: polls the value the test sets; records what the receiver sent."""
+
+    def __init__(self, status: int = KVPoll.Bootstrapping) -> None:
+        self.status = int(status)
+        self.inits: list[tuple[tuple[int, ...], int]] = []
+        self.resumes: list[tuple[tuple[int, ...], int, int]] = []
+        self.aborts = 0
+
+    def poll(self) -> int:
+        return self.status
+
+    def init(self, blocks: Sequence[int], allocated_tokens: int) -> None:
+        self.inits.append((tuple(blocks), allocated_tokens))
+
+    def resume(self, blocks: Sequence[int], sent_tokens: int, allocated_tokens: int) -> None:
+        self.resumes.append((tuple(blocks), sent_tokens, allocated_tokens))
+
+    def abort(self) -> None:
+        self.aborts += 1
+
+    def sent(self) -> tuple[int, int, int]:
+        return len(self.inits), len(self.resumes), self.aborts
+
+
+# ---- the bench --------------------------------------------------------------------------------------
+
+B = 4  # block size of the small bench
+D = 8  # default allocation: A0 is 2 blocks
+POOL = 8  # blocks in the small bench
+MAX_T = 1000
+
+
+@dataclass
+class Bench:
+    buffers: FakeBuffers
+    allocator: FakeAllocator
+    queue: ReceiverQueue[FakePayload]
+    links: dict[Room, FakeLink] = field(default_factory=dict)
+
+    @classmethod
+    def make(cls, block_size: int = B, num_blocks: int = POOL, default_alloc: int = D, max_total: int = MAX_T) -> Bench:
+        buffers = FakeBuffers(block_size)
+        allocator = FakeAllocator(num_blocks, block_size)
+        queue: ReceiverQueue[FakePayload] = ReceiverQueue(
+            buffers, allocator, ReceiverConfig(default_alloc_tokens=default_alloc, max_total_tokens=max_total)
+        )
+        return cls(buffers, allocator, queue)
+
+    def add(self, room: Room, status: int = KVPoll.WaitingForInput) -> ReceiverRequest[FakePayload]:
+        self.links[room] = FakeLink(status)
+        return self.queue.add(room, self.links[room])
+
+    def land(self, room: Room, total: int, status: int, mrope_delta: int = 7) -> None:
+        """The sender wrote A0 and its aux row (T, delta) into A0[0], then published ``status``."""
+        first_block = self.links[room].inits[0][0][0]
+        self.buffers.aux[first_block] = AuxRow(total, mrope_delta)
+        self.links[room].status = int(status)
+
+    def step(self, times: int = 1) -> list[ReceiverRequest[FakePayload]]:
+        ended: list[ReceiverRequest[FakePayload]] = []
+        for _ in range(times):
+            ended += self.queue.step()
+        return ended
+
+
+def assert_failed_cleanly(bench: Bench, request: ReceiverRequest[FakePayload], error_type: type) -> None:
+    """What every failure must leave: a typed error naming the room, nothing held, the sender told once."""
+    room = request.room
+    assert request.state is State.FAILED
+    assert type(request.error) is error_type
+    assert isinstance(request.error, ReceiverError)
+    assert request.error.room == room
+    assert f"room {room}" in str(request.error)
+    assert request.blocks == ()
+    assert bench.allocator.owned_by(room) == ()
+    assert bench.allocator.blocks_freed_by(room) == bench.allocator.blocks_allocated_to(room)  # each once
+    assert bench.links[room].aborts == 1
+    assert bench.queue.get(room) is None  # retired by the step that ended it
+
+
+# ---- the no-resume path -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("total", [1, 6, D])
+def test_payload_that_fits_a0_succeeds_with_one_aux_read_and_one_gather(total: int) -> None:
+    bench = Bench.make()
+    request = bench.add(1)
+
+    bench.step()
+    assert request.state is State.TRANSFERRING
+    assert bench.links[1].inits == [((0, 1), 2 * B)]
+    assert bench.buffers.aux_reads == [] and bench.buffers.gathers == []
+
+    bench.land(1, total, KVPoll.Success)
+    ended = bench.step()
+
+    assert ended == [request]
+    assert request.state is State.SUCCESS
+    assert bench.buffers.aux_reads == [0]
+    assert bench.buffers.gathers == [((0, 1), total, 0)]
+    assert request.payload is not None and None not in request.payload.sources
+    assert (request.payload.total_tokens, request.payload.mrope_delta) == (total, 7)
+    assert (request.landed, request.reads, request.resumes) == (total, 1, 0)
+    assert bench.links[1].resumes == [] and bench.links[1].aborts == 0
+
+
+def test_successful_request_holds_its_blocks_until_released_then_frees_them_once() -> None:
+    bench = Bench.make()
+    request = bench.add(1)
+    bench.step()
+    bench.land(1, 5, KVPoll.Success)
+    bench.step(3)  # a finished request is no longer polled
+
+    assert bench.queue.get(1) is request
+    assert bench.allocator.owned_by(1) == (0, 1)
+    assert bench.allocator.frees == []
+
+    bench.queue.release(1)
+
+    assert bench.allocator.frees == [(1, (0, 1))]
+    assert bench.allocator.owned_by(1) == ()
+    assert request.blocks == ()
+    assert bench.queue.get(1) is None
+    assert len(bench.buffers.gathers) == 1
+
+
+# ---- the one-resume path ----------------------------------------------------------------------------
+
+
+def test_long_payload_resumes_once_and_reads_exactly_the_remainder() -> None:
+    block, default, total = 128, 8192, 16384
+    bench = Bench.make(block_size=block, num_blocks=160, default_alloc=default, max_total=1 << 20)
+    request = bench.add(1)
+    a0 = tuple(range(64))
+    a1 = tuple(range(64, 128))
+
+    bench.step()
+    assert bench.links[1].inits == [(a0, 64 * 128)]
+
+    bench.land(1, total, KVPoll.Transferring)
+    bench.step()
+
+    assert bench.buffers.aux_reads == [0]
+    assert bench.buffers.gathers == [(a0, 8192, 0)]
+    assert bench.allocator.frees == [(1, a0)]
+    assert bench.links[1].resumes == [(a1, 8192, len(a1) * 128)]  # in the same step: blocks were free
+    assert request.state is State.RESUMING
+    assert request.blocks == a1
+
+    bench.step(50)  # the status table still says Transferring while the remainder is in flight
+
+    assert request.state is State.RESUMING
+    assert bench.buffers.aux_reads == [0]
+    assert len(bench.buffers.gathers) == 1
+    assert len(bench.links[1].resumes) == 1
+
+    bench.links[1].status = KVPoll.Success
+    bench.step()
+
+    assert request.state is State.SUCCESS
+    assert bench.buffers.gathers[1:] == [(a1, 8192, 8192)]
+    assert bench.buffers.aux_reads == [0]
+    assert request.payload is not None
+    assert request.payload.sources[: 64 * 128] == [b for b in a0 for _ in range(block)]
+    assert request.payload.sources[64 * 128 :] == [b for b in a1 for _ in range(block)]
+    assert (request.landed, request.reads, request.resumes) == (total, 2, 1)
+    assert bench.links[1].aborts == 0
+    assert bench.allocator.owned_by(1) == a1
+
+    bench.queue.release(1)
+    assert bench.allocator.owned_by(1) == ()
+    assert bench.allocator.blocks_freed_by(1) == bench.allocator.blocks_allocated_to(1)
+
+
+def test_resume_of_a_partial_last_block_gathers_only_the_tokens_owed() -> None:
+    bench = Bench.make()
+    request = bench.add(1)
+    bench.step()
+    bench.land(1, D + 5, KVPoll.Transferring)
+    bench.step()
+    assert bench.links[1].resumes == [((2, 3), D, 2 * B)]
+
+    bench.links[1].status = KVPoll.Success
+    bench.step()
+
+    assert request.state is State.SUCCESS
+    assert bench.buffers.gathers == [((0, 1), D, 0), ((2, 3), 5, D)]
+
+
+# ---- waiting for blocks -----------------------------------------------------------------------------
+
+
+def test_full_pool_parks_the_remainder_holding_nothing_and_head_of_line_blocks_new_admissions() -> None:
+    bench = Bench.make()
+    long_request = bench.add(1)  # T = 20: remainder 12 tokens, 3 blocks
+    short_request = bench.add(2)
+    bench.add(3)
+    bench.add(4)
+    bench.step()  # four A0s of 2 blocks: the pool is full
+    assert bench.allocator.free_list == []
+
+    bench.land(1, D + 12, KVPoll.Transferring)
+    bench.land(2, 6, KVPoll.Success)
+    bench.step()
+
+    assert long_request.state is State.WAITING_FOR_BLOCKS
+    assert long_request.blocks == () and bench.allocator.owned_by(1) == ()
+    assert bench.links[1].resumes == []
+    assert short_request.state is State.SUCCESS
+    assert sorted(bench.allocator.free_list) == [0, 1]  # A0 of room 1: two blocks, three are needed
+
+    newcomer = bench.add(5)
+    bench.step()
+
+    assert newcomer.state is State.WAITING_FOR_INPUT  # two blocks would fit it, but room 1 is ahead
+    assert bench.links[5].inits == []
+    assert long_request.state is State.WAITING_FOR_BLOCKS
+
+    bench.queue.release(2)
+    bench.step()
+
+    assert long_request.state is State.RESUMING
+    assert bench.links[1].resumes == [((0, 1, 2), D, 3 * B)]
+    assert newcomer.state is State.WAITING_FOR_INPUT  # one block left, two needed
+
+    bench.links[1].status = KVPoll.Success
+    bench.step()
+    assert long_request.state is State.SUCCESS
+    assert bench.buffers.gathers[-1] == ((0, 1, 2), 12, D)
+
+    bench.queue.release(1)
+    bench.step()
+    assert newcomer.state is State.TRANSFERRING
+    assert len(bench.links[5].inits) == 1
+
+
+def test_remainders_are_served_before_admissions_that_arrived_earlier() -> None:
+    bench = Bench.make(num_blocks=4)
+    early = bench.add(1, KVPoll.Bootstrapping)  # first in the queue, but not ready yet
+    resumer = bench.add(2)
+    bench.add(3)
+    bench.step()  # rooms 2 and 3 take the whole pool
+    early_link = bench.links[1]
+    early_link.status = KVPoll.WaitingForInput
+    bench.step()
+    assert early.state is State.WAITING_FOR_INPUT
+
+    bench.land(2, 2 * D, KVPoll.Transferring)  # frees A0 (2 blocks), needs 2 for the remainder
+    bench.step()
+
+    assert resumer.state is State.RESUMING
+    assert bench.links[2].resumes == [((0, 1), D, 2 * B)]
+    assert early.state is State.WAITING_FOR_INPUT
+    assert early_link.inits == []
+
+
+def test_requests_waiting_for_a_remainder_are_served_in_arrival_order() -> None:
+    bench = Bench.make(num_blocks=6)
+    first = bench.add(1)
+    second = bench.add(2)
+    bench.add(3)
+    bench.step()  # the pool is full: 3 A0s of 2 blocks
+    bench.land(1, D + 3 * B, KVPoll.Transferring)  # each needs 3 blocks for its remainder
+    bench.land(2, D + 3 * B, KVPoll.Transferring)
+    bench.step()  # 4 blocks come back: only one remainder fits
+
+    assert first.state is State.RESUMING
+    assert second.state is State.WAITING_FOR_BLOCKS
+    assert bench.links[2].resumes == []
+
+
+def test_remainder_larger_than_the_whole_pool_fails_with_pool_too_small() -> None:
+    bench = Bench.make()
+    request = bench.add(1)
+    bystander = bench.add(2)
+    bench.step()
+    bench.land(1, D + (POOL + 1) * B, KVPoll.Transferring)  # 9 blocks remain, the pool has 8
+    bench.land(2, D, KVPoll.Success)
+    bench.step()
+
+    assert_failed_cleanly(bench, request, PoolTooSmall)
+    assert bench.links[1].resumes == []
+    assert bystander.state is State.SUCCESS
+
+
+def test_default_allocation_larger_than_the_pool_fails_with_pool_too_small() -> None:
+    bench = Bench.make(default_alloc=(POOL + 1) * B)
+    request = bench.add(1)
+    bench.step()
+
+    assert_failed_cleanly(bench, request, PoolTooSmall)
+    assert bench.links[1].inits == []
+
+
+# ---- the poll table, cell by cell ---------------------------------------------------------------------
+
+SUBJECT: Room = 1
+BYSTANDER: Room = 2
+PARKED_TOTAL = D + 3 * B  # remainder of 3 blocks: with the pool hogged, it cannot be served
+RESUMED_TOTAL = 2 * D  # remainder of 2 blocks: served as soon as A0 comes back
+
+
+def bench_with_subject_in(state: State) -> Bench:
+    """A bench whose subject is in ``state`` and whose bystander is TRANSFERRING; no free block is left."""
+    bench = Bench.make()
+    bench.add(SUBJECT, KVPoll.Bootstrapping)
+    bench.add(BYSTANDER)
+    bench.step()  # the bystander takes (0, 1)
+    if state is State.WAITING_FOR_INPUT:
+        bench.allocator.hog()
+    if state is not State.BOOTSTRAPPING:
+        bench.links[SUBJECT].status = KVPoll.WaitingForInput
+        bench.step()
+    if state is State.WAITING_FOR_BLOCKS:
+        bench.allocator.hog()
+        bench.land(SUBJECT, PARKED_TOTAL, KVPoll.Transferring)
+        bench.step()
+    if state is State.RESUMING:
+        bench.land(SUBJECT, RESUMED_TOTAL, KVPoll.Transferring)
+        bench.step()
+    if bench.allocator.free_list:
+        bench.allocator.hog()
+    request = bench.queue.get(SUBJECT)
+    assert request is not None and request.state is state
+    assert bench.queue.get(BYSTANDER) is not None
+    return bench
+
+
+def expected_dest(state: State, event: str) -> State:
+    (transition,) = [t for t in SPEC.transitions_from(state) if t.trigger == event]
+    return state if transition.internal else transition.dest
+
+
+POLL_CELLS = [(state, value) for state, table in SPEC.polls.items() for value in table]
+
+
+def test_poll_cells_cover_every_non_terminal_state_and_value() -> None:
+    assert {state for state, _ in POLL_CELLS} == set(NON_TERMINAL)
+    assert len(POLL_CELLS) == len(NON_TERMINAL) * len(KVPoll)
+
+
+@pytest.mark.parametrize(("state", "value"), POLL_CELLS, ids=[f"{s.name}-{v.name}" for s, v in POLL_CELLS])
+def test_poll_cell_behaves_as_the_spec_declares(state: State, value: KVPoll) -> None:
+    outcome = SPEC.polls[state][value]
+    bench = bench_with_subject_in(state)
+    subject = bench.queue.get(SUBJECT)
+    bystander = bench.queue.get(BYSTANDER)
+    assert subject is not None and bystander is not None
+    if outcome.event == "payload_landed" and state is State.TRANSFERRING:
+        bench.land(SUBJECT, D, value)  # a Success from A0 carries a T that fits A0
+    elif outcome.event == "first_chunk_landed":
+        bench.land(SUBJECT, PARKED_TOTAL, value)
+    else:
+        bench.links[SUBJECT].status = int(value)
+    bench.land(BYSTANDER, D, KVPoll.Success)
+    sent_before = bench.links[SUBJECT].sent()
+    reads_before = subject.reads
+    aux_reads_before = list(bench.buffers.aux_reads)
+
+    bench.step()
+
+    assert bystander.state is State.SUCCESS
+    if outcome.is_noop:
+        assert subject.state is state
+        assert bench.links[SUBJECT].sent() == sent_before
+        assert subject.reads == reads_before
+        assert bench.buffers.aux_reads == [*aux_reads_before, 0]  # the bystander's A0[0] only
+    elif outcome.cause is not None:
+        assert_failed_cleanly(bench, subject, SPEC.causes[outcome.cause])
+        assert f"poll {value.name} in {state.name}" in str(subject.error)
+    else:
+        assert outcome.event is not None
+        assert subject.state is expected_dest(state, outcome.event)
+        assert subject.error is None
+
+
+@pytest.mark.parametrize("state", NON_TERMINAL, ids=[s.name for s in NON_TERMINAL])
+@pytest.mark.parametrize("value", [7, 5, -1])
+def test_unknown_poll_value_fails_with_protocol_violation(state: State, value: int) -> None:
+    bench = bench_with_subject_in(state)
+    subject = bench.queue.get(SUBJECT)
+    bystander = bench.queue.get(BYSTANDER)
+    assert subject is not None and bystander is not None
+    bench.links[SUBJECT].status = value
+    bench.land(BYSTANDER, D, KVPoll.Success)
+
+    bench.step()
+
+    assert_failed_cleanly(bench, subject, ProtocolViolation)
+    assert "not a KVPoll value" in str(subject.error)
+    assert bystander.state is State.SUCCESS
+
+
+# ---- bad input from the sender --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [KVPoll.Transferring, KVPoll.Success], ids=lambda s: s.name)
+@pytest.mark.parametrize("total", [0, -1, -(1 << 31), MAX_T + 1])
+def test_corrupt_aux_total_fails_with_corrupt_aux(status: KVPoll, total: int) -> None:
+    bench = Bench.make()
+    subject = bench.add(SUBJECT)
+    bystander = bench.add(BYSTANDER)
+    bench.step()
+    bench.land(SUBJECT, total, status)
+    bench.land(BYSTANDER, D, KVPoll.Success)
+
+    bench.step()
+
+    assert_failed_cleanly(bench, subject, CorruptAux)
+    assert subject.payload is None and subject.total_tokens is None
+    assert bench.buffers.gathers == [((2, 3), D, 0)]  # the bystander's; nothing of the subject
+    assert bench.links[SUBJECT].resumes == []
+    assert bystander.state is State.SUCCESS
+
+
+def test_largest_valid_total_is_not_corrupt() -> None:
+    bench = Bench.make(num_blocks=POOL, default_alloc=D, max_total=D)
+    request = bench.add(1)
+    bench.step()
+    bench.land(1, D, KVPoll.Success)
+    bench.step()
+    assert request.state is State.SUCCESS
+
+
+@pytest.mark.parametrize("total", [1, D - 1, D])
+def test_transferring_when_the_total_fits_a0_fails_with_size_mismatch(total: int) -> None:
+    bench = Bench.make()
+    subject = bench.add(SUBJECT)
+    bystander = bench.add(BYSTANDER)
+    bench.step()
+    bench.land(SUBJECT, total, KVPoll.Transferring)
+    bench.land(BYSTANDER, D, KVPoll.Success)
+
+    bench.step()
+
+    assert_failed_cleanly(bench, subject, SizeMismatch)
+    assert bench.buffers.gathers == [((2, 3), D, 0)]
+    assert bench.links[SUBJECT].resumes == []
+    assert bystander.state is State.SUCCESS
+
+
+@pytest.mark.parametrize("total", [D + 1, 3 * D])
+def test_success_when_the_total_exceeds_a0_fails_with_size_mismatch(total: int) -> None:
+    bench = Bench.make()
+    subject = bench.add(SUBJECT)
+    bystander = bench.add(BYSTANDER)
+    bench.step()
+    bench.land(SUBJECT, total, KVPoll.Success)
+    bench.land(BYSTANDER, D, KVPoll.Success)
+
+    bench.step()
+
+    assert_failed_cleanly(bench, subject, SizeMismatch)
+    assert bench.buffers.gathers == [((2, 3), D, 0)]
+    assert bystander.state is State.SUCCESS
+
+
+def test_sender_failure_mid_resume_frees_the_remainder_blocks() -> None:
+    bench = bench_with_subject_in(State.RESUMING)
+    subject = bench.queue.get(SUBJECT)
+    assert subject is not None
+    a1 = subject.blocks
+    assert a1
+    bench.links[SUBJECT].status = KVPoll.Failed
+
+    bench.step()
+
+    assert_failed_cleanly(bench, subject, SenderFailed)
+    assert bench.allocator.frees[-1] == (SUBJECT, a1)
+
+
+class RaisingLink(FakeLink):
+    """A link whose init or resume reports a typed failure, as a transport that lost its peer would."""
+
+    def __init__(self, fail_on: str) -> None:
+        super().__init__(KVPoll.WaitingForInput)
+        self.fail_on = fail_on
+
+    def init(self, blocks: Sequence[int], allocated_tokens: int) -> None:
+        super().init(blocks, allocated_tokens)
+        if self.fail_on == "init":
+            raise SenderFailed(SUBJECT, "init could not be sent")
+
+    def resume(self, blocks: Sequence[int], sent_tokens: int, allocated_tokens: int) -> None:
+        super().resume(blocks, sent_tokens, allocated_tokens)
+        if self.fail_on == "resume":
+            raise SenderFailed(SUBJECT, "resume could not be sent")
+
+
+@pytest.mark.parametrize("fail_on", ["init", "resume"])
+def test_typed_error_from_a_port_during_an_action_fails_only_that_request_and_frees_its_blocks(fail_on: str) -> None:
+    bench = Bench.make()
+    bench.links[SUBJECT] = RaisingLink(fail_on)
+    subject = bench.queue.add(SUBJECT, bench.links[SUBJECT])
+    bystander = bench.add(BYSTANDER)
+    bench.step()
+    if fail_on == "resume":
+        bench.land(SUBJECT, RESUMED_TOTAL, KVPoll.Transferring)
+        bench.land(BYSTANDER, D, KVPoll.Success)
+        bench.step()
+    else:
+        bench.land(BYSTANDER, D, KVPoll.Success)
+        bench.step()
+
+    assert_failed_cleanly(bench, subject, SenderFailed)
+    assert bystander.state is State.SUCCESS
+
+
+class BrokenLink(FakeLink):
+    """A link whose socket died: the operation named raises a plain ConnectionError."""
+
+    def __init__(self, broken: str) -> None:
+        super().__init__(KVPoll.WaitingForInput)
+        self.broken = broken
+
+    def poll(self) -> int:
+        if self.broken == "poll" and self.inits:
+            raise ConnectionError("peer reset")
+        return super().poll()
+
+    def init(self, blocks: Sequence[int], allocated_tokens: int) -> None:
+        super().init(blocks, allocated_tokens)
+        if self.broken == "init":
+            raise ConnectionError("peer reset")
+
+    def resume(self, blocks: Sequence[int], sent_tokens: int, allocated_tokens: int) -> None:
+        super().resume(blocks, sent_tokens, allocated_tokens)
+        if self.broken == "resume":
+            raise ConnectionError("peer reset")
+
+
+@pytest.mark.parametrize(
+    ("broken", "error_type"), [("init", TransportFailed), ("resume", TransportFailed), ("poll", SenderFailed)]
+)
+def test_link_raising_an_untyped_error_fails_only_that_request_and_frees_its_blocks(
+    broken: str, error_type: type
+) -> None:
+    bench = Bench.make()
+    bench.links[SUBJECT] = BrokenLink(broken)
+    subject = bench.queue.add(SUBJECT, bench.links[SUBJECT])
+    bystander = bench.add(BYSTANDER)
+    bench.step()
+    if broken == "resume":
+        bench.land(SUBJECT, RESUMED_TOTAL, KVPoll.Transferring)
+    bench.land(BYSTANDER, D, KVPoll.Success)
+    bench.step()
+
+    assert_failed_cleanly(bench, subject, error_type)
+    assert bystander.state is State.SUCCESS
+
+
+# ---- client aborts ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("state", NON_TERMINAL, ids=[s.name for s in NON_TERMINAL])
+def test_abort_in_every_non_terminal_state_fails_cleanly(state: State) -> None:
+    bench = bench_with_subject_in(state)
+    subject = bench.queue.get(SUBJECT)
+    bystander = bench.queue.get(BYSTANDER)
+    assert subject is not None and bystander is not None
+
+    assert bench.queue.abort(SUBJECT) is True
+    assert subject.state is State.FAILED
+    assert bench.queue.abort(SUBJECT) is False  # already over
+
+    bench.land(BYSTANDER, D, KVPoll.Success)
+    ended = bench.step()
+
+    assert subject in ended
+    assert_failed_cleanly(bench, subject, Aborted)
+    assert bystander.state is State.SUCCESS
+
+
+def test_abort_of_a_finished_or_unknown_request_does_nothing() -> None:
+    bench = Bench.make()
+    request = bench.add(1)
+    bench.step()
+    bench.land(1, D, KVPoll.Success)
+    bench.step()
+
+    assert bench.queue.abort(1) is False
+    assert bench.queue.abort(99) is False
+    assert request.state is State.SUCCESS
+    assert bench.allocator.owned_by(1) == (0, 1)
+    assert bench.links[1].aborts == 0
+
+
+# ---- the read discipline (I1, I2) --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("state", [State.TRANSFERRING, State.RESUMING], ids=lambda s: s.name)
+def test_reading_the_pool_between_steps_raises_read_outside_window(state: State) -> None:
+    bench = bench_with_subject_in(state)
+    subject = bench.queue.get(SUBJECT)
+    assert subject is not None and subject.first_block is not None
+    aux_reads, gathers = list(bench.buffers.aux_reads), list(bench.buffers.gathers)
+    scratch = FakePayload(64, 0, [None] * 64)
+
+    with pytest.raises(ReadOutsideWindow):
+        subject._window.gather(subject.blocks, B, scratch, 0)
+    if state is State.TRANSFERRING:
+        with pytest.raises(ReadOutsideWindow):
+            subject._window.read_aux(subject.first_block)
+
+    assert bench.buffers.aux_reads == aux_reads
+    assert bench.buffers.gathers == gathers
+
+
+def test_reading_a_finished_payload_blocks_raises_read_outside_window() -> None:
+    bench = Bench.make()
+    request = bench.add(1)
+    bench.step()
+    bench.land(1, D, KVPoll.Success)
+    bench.step()
+    assert request.payload is not None
+
+    with pytest.raises(ReadOutsideWindow):
+        request._window.gather(request.blocks, D, request.payload, 0)
+    with pytest.raises(ReadOutsideWindow):
+        request._window.read_aux(0)
+    assert len(bench.buffers.gathers) == 1 and bench.buffers.aux_reads == [0]
+
+
+def test_second_aux_read_raises_even_with_the_window_open() -> None:
+    bench = Bench.make()
+    request = bench.add(1)
+    bench.step()
+    bench.land(1, RESUMED_TOTAL, KVPoll.Transferring)
+    bench.step()
+    assert request.state is State.RESUMING and request.first_block == 0
+
+    request._window.grant_aux(request.first_block)  # as if a transition opened it again
+    with pytest.raises(ReadOutsideWindow, match="second time"):
+        request._window.read_aux(request.first_block)
+    assert bench.buffers.aux_reads == [0]
+
+
+class RereadsAux(ReceiverRequest[FakePayload]):
+    """A faulty controller that reads the aux row again while gathering the first chunk."""
+
+    def gather_landed(self, event: Any) -> None:
+        assert self.first_block is not None
+        self._window.read_aux(self.first_block)
+        super().gather_landed(event)
+
+
+def test_controller_reading_aux_twice_in_one_transition_raises_and_is_not_a_failed_request() -> None:
+    buffers = FakeBuffers(B)
+    allocator = FakeAllocator(POOL, B)
+    queue: ReceiverQueue[FakePayload] = ReceiverQueue(
+        buffers, allocator, ReceiverConfig(D, MAX_T), request_class=RereadsAux
+    )
+    link = FakeLink(KVPoll.WaitingForInput)
+    request = queue.add(1, link)
+    queue.step()
+    buffers.aux[0] = AuxRow(D, 0)
+    link.status = KVPoll.Success
+
+    with pytest.raises(ReadOutsideWindow):
+        queue.step()
+
+    assert buffers.aux_reads == [0]  # the second read never reached the pool
+    assert buffers.gathers == []
+    assert request.state is State.TRANSFERRING  # a ContractError is a bug, not a failed request
+    assert request.error is None
+    with pytest.raises(ReadOutsideWindow):  # and the window closed behind the failed transition
+        request._window.gather(request.blocks, D, FakePayload(D, 0, [None] * D), 0)
+
+
+def test_double_free_is_a_contract_error_not_a_failed_request() -> None:
+    bench = Bench.make()
+    request = bench.add(1)
+    bench.step()
+    bench.allocator.free(1, request.blocks)  # someone else returned the blocks behind its back
+
+    with pytest.raises(ContractError):
+        bench.queue.abort(1)
+
+
+# ---- the per-poll fast path -----------------------------------------------------------------------------
+
+
+def test_noop_polls_call_no_trigger(monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = bench_with_subject_in(State.RESUMING)
+    subject = bench.queue.get(SUBJECT)
+    assert subject is not None
+    calls: list[tuple[Any, ...]] = []
+    real_trigger: Callable[..., bool] = subject.trigger
+
+    def spy(*args: Any, **kwargs: Any) -> bool:
+        calls.append(args)
+        return real_trigger(*args, **kwargs)
+
+    monkeypatch.setattr(subject, "trigger", spy)
+    bench.links[SUBJECT].status = KVPoll.Transferring
+
+    bench.step(100)
+
+    assert calls == []
+    assert subject.state is State.RESUMING
+
+    bench.links[SUBJECT].status = KVPoll.Success
+    bench.step()
+    assert calls == [("payload_landed",)]  # the spy does see a real event
+    assert subject.state is State.SUCCESS
