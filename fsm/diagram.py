@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from transitions.extensions import GraphMachine
 
+from .kvpoll import KVPoll
 from .machine import transition_table
 from .spec import ReceiverSpec
 from .states import State
@@ -44,9 +45,19 @@ def transitions_markdown(spec: ReceiverSpec) -> str:
     return "\n".join(rows)
 
 
-def polls_markdown(spec: ReceiverSpec) -> str:
-    from .kvpoll import KVPoll
+def states_markdown(spec: ReceiverSpec) -> str:
+    rows = ["| state | meaning |", "|---|---|"]
+    rows += [f"| {state.name} | {doc} |" for state, doc in spec.state_docs.items()]
+    return "\n".join(rows)
 
+
+def actions_markdown(spec: ReceiverSpec) -> str:
+    rows = ["| action | what it does |", "|---|---|"]
+    rows += [f"| `{name}` | {doc} |" for name, doc in spec.actions.items()]
+    return "\n".join(rows)
+
+
+def polls_markdown(spec: ReceiverSpec) -> str:
     header = "| state | " + " | ".join(v.name for v in KVPoll) + " |"
     rows = [header, "|---|" + "---|" * len(KVPoll)]
     for state, table in spec.polls.items():
@@ -58,3 +69,24 @@ def polls_markdown(spec: ReceiverSpec) -> str:
             )
         rows.append(f"| {state.name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def generated_sections(spec: ReceiverSpec) -> dict[str, str]:
+    return {
+        "states": states_markdown(spec),
+        "transitions": transitions_markdown(spec),
+        "polls": polls_markdown(spec),
+        "actions": actions_markdown(spec),
+        "diagram": f"```mermaid\n{mermaid(spec)}\n```",
+    }
+
+
+def sync_generated(document: str, spec: ReceiverSpec) -> str:
+    """Replace every ``<!-- generated:NAME -->`` ... ``<!-- /generated:NAME -->`` block with its fresh text."""
+    for name, text in generated_sections(spec).items():
+        opening, closing = f"<!-- generated:{name} -->", f"<!-- /generated:{name} -->"
+        start, end = document.find(opening), document.find(closing)
+        if start < 0 or end < start:
+            raise ValueError(f"the document has no {opening} ... {closing} block")
+        document = document[: start + len(opening)] + "\n" + text + "\n" + document[end:]
+    return document
