@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from epd_receiver.fsm import load_spec
-from epd_receiver.fsm.diagram import mermaid
+from epd_receiver.fsm.diagram import mermaid, sync_generated
 
 from .scenario import ScenarioError, load_scenario, replay
 from .simulate import Workload, simulate
@@ -46,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     spec = commands.add_parser("spec", help="the specification")
     spec_commands = spec.add_subparsers(dest="spec_command", required=True)
     spec_commands.add_parser("diagram", help="print the Mermaid state diagram generated from the Machine")
+    sync = spec_commands.add_parser("sync", help="regenerate the generated sections of spec/RECEIVER.md")
+    sync.add_argument("--check", action="store_true", help="only report whether the document is up to date")
     return parser
 
 
@@ -55,7 +58,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _simulate(args)
     if args.command == "replay":
         return _replay(args)
+    if args.spec_command == "sync":
+        return _sync(args)
     print(mermaid(load_spec()))
+    return 0
+
+
+def _sync(args: argparse.Namespace) -> int:
+    document = Path(str(resources.files("epd_receiver.spec").joinpath("RECEIVER.md")))
+    current = document.read_text(encoding="utf-8")
+    fresh = sync_generated(current, load_spec())
+    if fresh == current:
+        print(f"{document}: up to date")
+        return 0
+    if args.check:
+        print(f"{document}: generated sections are stale; run `epd-receiver spec sync`", file=sys.stderr)
+        return 1
+    document.write_text(fresh, encoding="utf-8")
+    print(f"{document}: regenerated")
     return 0
 
 

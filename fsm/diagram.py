@@ -26,11 +26,12 @@ def mermaid(spec: ReceiverSpec) -> str:
         auto_transitions=False,
         graph_engine="mermaid",
         show_conditions=True,
-        title="Receiver controller (generated from spec/receiver.toml)",
     )
     text = str(machine.get_graph().draw(None))
-    # Drop the styling of the drawing model's current state: a spec has no current state.
-    lines = [line.rstrip() for line in text.splitlines() if not line.strip().startswith(("classDef", "Class "))]
+    # Keep the diagram proper: drop the front matter (a bare title line, not valid Mermaid YAML) and the
+    # styling of the drawing model's current state, which a spec does not have.
+    body = text[text.index("stateDiagram-v2") :]
+    lines = [line.rstrip() for line in body.splitlines() if not line.strip().startswith(("classDef", "Class "))]
     return "\n".join(line for line in lines if line).strip()
 
 

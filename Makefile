@@ -1,0 +1,35 @@
+# Everything a fresh machine needs, in one place: `make simulate` and `make test` set up .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+READY := $(VENV)/.ready
+ARGS ?=
+
+.PHONY: simulate test lint fuzz-nightly docs clean
+
+$(READY): pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first and pinned: an unpinned resolution pulls a multi-GB CUDA build.
+	$(PY) -m pip install --quiet -c constraints.txt "torch==2.13.0"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
+	touch $(READY)
+
+simulate: $(READY)
+	$(VENV)/bin/epd-receiver simulate $(ARGS)
+
+lint: $(READY)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+test: lint
+	$(PY) -m pytest -q $(ARGS)
+
+fuzz-nightly: $(READY)
+	HYPOTHESIS_PROFILE=nightly $(PY) -m pytest -q tests/test_stateful.py
+
+docs: $(READY)
+	$(VENV)/bin/epd-receiver spec sync
+
+clean:
+	rm -rf $(VENV) .hypothesis .pytest_cache .mypy_cache .ruff_cache
