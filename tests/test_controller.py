@@ -562,36 +562,31 @@ def test_largest_valid_total_is_not_corrupt() -> None:
     assert request.state is State.SUCCESS
 
 
-@pytest.mark.parametrize("total", [1, D - 1, D])
-def test_transferring_when_the_total_fits_a0_fails_with_size_mismatch(total: int) -> None:
+@pytest.mark.parametrize(
+    ("status", "total"),
+    [(KVPoll.Transferring, t) for t in (1, D - 1, D)] + [(KVPoll.Success, t) for t in (D + 1, 3 * D)],
+    ids=[
+        "transferring-but-fits-1",
+        "transferring-but-fits-D-1",
+        "transferring-but-fits-D",
+        "success-beyond-a0-D+1",
+        "success-beyond-a0-3D",
+    ],
+)
+def test_a_total_that_contradicts_the_status_fails_with_size_mismatch(status: KVPoll, total: int) -> None:
+    """Transferring promises T > |A0|*B; Success from A0 promises T <= |A0|*B. Either lie fails closed."""
     bench = Bench.make()
     subject = bench.add(SUBJECT)
     bystander = bench.add(BYSTANDER)
     bench.step()
-    bench.land(SUBJECT, total, KVPoll.Transferring)
+    bench.land(SUBJECT, total, status)
     bench.land(BYSTANDER, D, KVPoll.Success)
 
     bench.step()
 
     assert_failed_cleanly(bench, subject, SizeMismatch)
-    assert bench.buffers.gathers == [((2, 3), D, 0)]
+    assert bench.buffers.gathers == [((2, 3), D, 0)]  # only the bystander's payload was read
     assert bench.links[SUBJECT].resumes == []
-    assert bystander.state is State.SUCCESS
-
-
-@pytest.mark.parametrize("total", [D + 1, 3 * D])
-def test_success_when_the_total_exceeds_a0_fails_with_size_mismatch(total: int) -> None:
-    bench = Bench.make()
-    subject = bench.add(SUBJECT)
-    bystander = bench.add(BYSTANDER)
-    bench.step()
-    bench.land(SUBJECT, total, KVPoll.Success)
-    bench.land(BYSTANDER, D, KVPoll.Success)
-
-    bench.step()
-
-    assert_failed_cleanly(bench, subject, SizeMismatch)
-    assert bench.buffers.gathers == [((2, 3), D, 0)]
     assert bystander.state is State.SUCCESS
 
 
