@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -14,11 +15,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from epd_receiver.fsm import load_spec
+from epd_receiver.fsm import ReceiverRequest, load_spec
 from epd_receiver.fsm.diagram import mermaid, sync_generated
 
 from .scenario import ScenarioError, load_scenario, replay
 from .simulate import Workload, simulate
+from .variants import CATALOGUE, VARIANTS, record_catch, variants_markdown
 from .world import WorldConfig
 
 
@@ -43,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
 
     rep = commands.add_parser("replay", help="replay an exact event schedule and report as JSON")
     rep.add_argument("scenario", type=Path)
+    rep.add_argument("--variant", choices=sorted(VARIANTS), help="replay against a catalogued bug variant")
+
+    var = commands.add_parser("variants", help="fuzz every catalogued bug variant and report what caught it")
+    var.add_argument("names", nargs="*", help="only these variants")
+    var.add_argument("--record", type=Path, metavar="DIR", help="write each minimal failing schedule to DIR")
+    var.add_argument("--json", action="store_true")
 
     spec = commands.add_parser("spec", help="the specification")
     spec_commands = spec.add_subparsers(dest="spec_command", required=True)
@@ -58,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _simulate(args)
     if args.command == "replay":
         return _replay(args)
+    if args.command == "variants":
+        return _variants(args)
     if args.spec_command == "sync":
         return _sync(args)
     print(mermaid(load_spec()))
@@ -65,9 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _sync(args: argparse.Namespace) -> int:
-    document = Path(str(resources.files("epd_receiver.spec").joinpath("RECEIVER.md")))
+    spec_dir = Path(str(resources.files("epd_receiver.spec")))
+    document = spec_dir / "RECEIVER.md"
     current = document.read_text(encoding="utf-8")
-    fresh = sync_generated(current, load_spec())
+    fresh = sync_generated(current, load_spec(), {"variants": variants_markdown(spec_dir / "scenarios" / "bugs")})
     if fresh == current:
         print(f"{document}: up to date")
         return 0
@@ -142,13 +153,53 @@ def _summary_table(summary: dict[str, Any]) -> Table:
 
 
 def _replay(args: argparse.Namespace) -> int:
+    variant = VARIANTS[args.variant] if args.variant else None
     try:
-        report = replay(load_scenario(args.scenario))
+        report = replay(
+            load_scenario(args.scenario),
+            spec=variant.spec() if variant else None,
+            request_class=variant.request_class if variant else ReceiverRequest,
+        )
     except ScenarioError as error:
         print(f"epd-receiver replay: {error}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=2))
     return 0 if not report["violations"] else 1
+
+
+def _variants(args: argparse.Namespace) -> int:
+    from .fuzz import hunt, register_profiles  # hypothesis is needed only here
+
+    register_profiles()
+    unknown = set(args.names) - set(VARIANTS)
+    if unknown:
+        print(f"epd-receiver variants: unknown {sorted(unknown)}; known: {sorted(VARIANTS)}", file=sys.stderr)
+        return 2
+    chosen = [v for v in CATALOGUE if not args.names or v.name in args.names]
+    table = Table("bug", "variant", "caught", "by", "steps", "seconds", "first violation", title="bug variants")
+    for column in (table.columns[1], table.columns[-1]):
+        column.overflow, column.no_wrap = "ellipsis", True
+    results = []
+    for variant in chosen:
+        catch = hunt(variant)
+        results.append(catch)
+        if args.record and catch.scenario is not None:
+            record_catch(args.record, variant, catch)
+        table.add_row(
+            f"#{variant.bug}",
+            variant.name,
+            "yes" if catch.caught else "NO",
+            catch.by,
+            str(catch.steps),
+            f"{catch.seconds:.1f}",
+            catch.violation[:80],
+        )
+    if args.json:
+        print(json.dumps([dataclasses.asdict(c) | {"scenario": None} for c in results], indent=2))
+    else:
+        Console(width=max(Console().width, 160)).print(table)
+    missed = [c.variant for c in results if not c.caught or c.by not in VARIANTS[c.variant].caught_by]
+    return 1 if missed else 0
 
 
 if __name__ == "__main__":

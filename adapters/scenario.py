@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from epd_receiver.fsm import ReceiverRequest, ReceiverSpec
+from epd_receiver.fsm import KVPoll, ReceiverRequest, ReceiverSpec
 
 from .payload import EmbeddingPayload
 from .world import World, WorldConfig
@@ -32,18 +32,43 @@ def _arrive(world: World, request: Mapping[str, Any]) -> None:
     world.arrive(room, total, None if delta is None else int(delta))
 
 
+def _room_and(argument: Any, key: str) -> tuple[int, Any]:
+    """An event argument is a room, or an object with a room and one more field."""
+    if isinstance(argument, dict):
+        return int(argument["room"]), argument.get(key)
+    return int(argument), None
+
+
+def _deliver(world: World, argument: Any) -> None:
+    room, blocks = _room_and(argument, "blocks")
+    world.deliver(room, None if blocks is None else int(blocks))
+
+
+def _late(world: World, argument: Any) -> None:
+    room, status = _room_and(argument, "status")
+    world.late_status(room, None if status is None else KVPoll(int(status)))
+
+
+def _corrupt(world: World, argument: Any) -> None:
+    if argument.get("field", "total_tokens") != "total_tokens":
+        raise ScenarioError(f"corrupt: only the field 'total_tokens' can be corrupted, not {argument.get('field')!r}")
+    world.corrupt_aux(int(argument["room"]), int(argument["value"]))
+
+
 EVENTS: dict[str, Callable[[World, Any], object]] = {
     "step": lambda world, count: world.step(int(count)),
-    "deliver": lambda world, room: world.deliver(int(room)),
+    "deliver": _deliver,
     "fail": lambda world, room: world.fail(int(room)),
     "abort": lambda world, room: world.abort(int(room)),
     "release": lambda world, room: world.release(int(room)),
-    "late": lambda world, room: world.late_status(int(room)),
+    "late": _late,
+    "corrupt": _corrupt,
+    "drain": lambda world, patience: world.drain(int(patience or 3)),
     "arrive": _arrive,
 }
 
 
-ROOM_EVENTS = frozenset({"deliver", "fail", "abort", "release", "late"})
+ROOM_EVENTS = frozenset({"deliver", "fail", "abort", "release", "late", "corrupt"})
 
 
 def load_scenario(path: Path) -> dict[str, Any]:
@@ -64,7 +89,13 @@ def replay(
 ) -> dict[str, Any]:
     try:
         config = WorldConfig.from_json(scenario["config"])
-        world = World(config, seed=int(scenario.get("seed", 0)), bank_rows=257, spec=spec, request_class=request_class)
+        world = World(
+            config,
+            seed=int(scenario.get("seed", 0)),
+            bank_rows=int(scenario.get("bank_rows", 257)),
+            spec=spec,
+            request_class=request_class,
+        )
         for request in scenario.get("requests", []):
             _arrive(world, request)
     except (KeyError, TypeError, ValueError) as error:
@@ -73,7 +104,8 @@ def replay(
         if not isinstance(event, dict) or len(event) != 1 or next(iter(event)) not in EVENTS:
             raise ScenarioError(f"event {index}: expected one of {sorted(EVENTS)}, got {event!r}")
         ((name, argument),) = event.items()
-        if name in ROOM_EVENTS and _room(argument) not in world.outcomes:
+        room = argument.get("room") if isinstance(argument, dict) else argument
+        if name in ROOM_EVENTS and _room(room) not in world.outcomes:
             raise ScenarioError(f"event {index} {event!r}: no request has room {argument!r}")
         try:
             EVENTS[name](world, argument)

@@ -8,13 +8,14 @@ it decides whether invariants I1-I7 and I10 held.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from epd_receiver.fsm import (
     AuxRow,
-    ContractError,
     KVPoll,
     ReceiverConfig,
     ReceiverError,
@@ -121,11 +122,15 @@ class World:
             spec=spec,
             request_class=request_class,
         )
+        self.seed = seed
+        self.bank_rows = bank_rows
         self.outcomes: dict[Room, Outcome] = {}
         self.violations: list[str] = []
+        self.log: list[dict[str, Any]] = []
+        self._recording = True
         self._expect_failure: set[Room] = set()
 
-    # ---- the vocabulary of scenarios -------------------------------------------------------------
+    # ---- the vocabulary of scenarios (each call is logged as the replay event that repeats it) -----
 
     def arrive(
         self, room: Room, total_tokens: int, mrope_delta: int | None = None
@@ -133,14 +138,17 @@ class World:
         link: SenderLink = self.sender.add_room(room, total_tokens, mrope_delta)
         request = self.queue.add(room, link)
         self.outcomes[room] = Outcome(room, total_tokens, [request.state])
+        delta = self.sender.source(room).mrope_delta
+        self._log({"arrive": {"room": room, "total_tokens": total_tokens, "mrope_delta": delta}})
         return request
 
     def step(self, iterations: int = 1) -> list[ReceiverRequest[EmbeddingPayload]]:
+        self._log({"step": iterations})
         finished: list[ReceiverRequest[EmbeddingPayload]] = []
         for _ in range(iterations):
             try:
                 ended = self.queue.step()
-            except ContractError as error:
+            except Exception as error:  # a ContractError, or a controller that crashed outright
                 self.violations.append(f"{type(error).__name__}: {error}")
                 break
             self._observe_states(ended)
@@ -150,9 +158,12 @@ class World:
         return finished
 
     def deliver(self, room: Room, blocks: int | None = None) -> bool:
+        """The sender lands its pending chunk for ``room`` (only ``blocks`` of it, still in flight, if given)."""
+        self._log({"deliver": room} if blocks is None else {"deliver": {"room": room, "blocks": blocks}})
         return room in self.sender.rooms() and self.sender.deliver(room, blocks)
 
     def fail(self, room: Room) -> None:
+        self._log({"fail": room})
         if room in self.sender.rooms():
             self.sender.fail(room)
 
@@ -161,6 +172,7 @@ class World:
 
         Only a message that was really sent can arrive twice; the status table keeps the highest.
         """
+        self._log({"late": room} if status is None else {"late": {"room": room, "status": int(status)}})
         sent = self.sender.published(room) if room in self.sender.rooms() else []
         if status is None and sent:
             status = sent[-1]
@@ -170,6 +182,7 @@ class World:
         return True
 
     def abort(self, room: Room) -> bool:
+        self._log({"abort": room})
         aborted = self._contract(lambda: self.queue.abort(room))
         self._observe_states()
         request = self.queue.get(room)
@@ -178,6 +191,7 @@ class World:
         return bool(aborted)
 
     def release(self, room: Room) -> bool:
+        self._log({"release": room})
         request = self.queue.get(room)
         if request is None or request.state is not State.SUCCESS or self.outcomes[room].released:
             return False
@@ -189,36 +203,79 @@ class World:
 
     def corrupt_aux(self, room: Room, value: int) -> bool:
         """Overwrite T in the aux row of A0[0] after the first chunk landed and before it is read."""
+        self._log({"corrupt": {"room": room, "field": "total_tokens", "value": value}})
+        messages = self.sender.room_messages(room) if room in self.sender.rooms() else []
         request = self.queue.get(room)
         if (
             request is None
+            or not messages
             or request.state is not State.TRANSFERRING
             or self.sender.pending(room) is not None
             or self.sender.status(room) not in (KVPoll.Transferring, KVPoll.Success)
         ):
             return False
-        self.pool.write_aux(request.blocks[0], value, 0)
+        self.pool.write_aux(messages[0].blocks[0], value, 0)
         self._expect_failure.add(room)
         return True
 
     # ---- driving everything to an end -------------------------------------------------------------
 
-    def drain(self, max_iterations: int = 10_000) -> None:
-        """Let the sender land everything and the caller release everything; nothing may be left over."""
-        for _ in range(max_iterations):
-            live = [r for r in self.queue if r.state not in (State.SUCCESS, State.FAILED)]
-            held = [r for r in self.queue if r.state is State.SUCCESS]
-            if not live and not held:
-                break
-            for request in live:
-                self.deliver(request.room)
-            self.step()
-            for request in held:
-                self.release(request.room)
-        else:
-            self.violations.append(f"I8: requests still live after {max_iterations} iterations: {list(self.queue)}")
+    def drain(self, patience: int = 3) -> None:
+        """Let the sender land everything and the caller release everything; nothing may be left over.
+
+        Under this fair schedule every request must end (I8); ``patience`` iterations without any
+        change anywhere mean it never will.
+        """
+        self._log({"drain": patience})
+        with self._quietly():
+            idle = 0
+            while idle < patience:
+                live = [r for r in self.queue if r.state not in (State.SUCCESS, State.FAILED)]
+                held = [r for r in self.queue if r.state is State.SUCCESS]
+                if not live and not held:
+                    break
+                before = self._snapshot()
+                for request in live:
+                    self.deliver(request.room)
+                self.step()
+                for request in held:
+                    self.release(request.room)
+                idle = idle + 1 if self._snapshot() == before else 0
+            else:
+                self.violations.append(f"I8: no progress for {patience} fair iterations: {list(self.queue)}")
         if self.allocator.owned_count:
             self.violations.append(f"I5: blocks leaked after drain: {self.allocator.owners()}")
+
+    def _snapshot(self) -> tuple[object, ...]:
+        return (
+            tuple((r.room, r.state, r.landed) for r in self.queue),
+            self.allocator.free_count,
+            tuple(self.sender.pending(room) for room in self.sender.rooms()),
+        )
+
+    # ---- the event log ---------------------------------------------------------------------------
+
+    def _log(self, event: dict[str, Any]) -> None:
+        if self._recording:
+            self.log.append(event)
+
+    @contextlib.contextmanager
+    def _quietly(self) -> Iterator[None]:
+        recording, self._recording = self._recording, False
+        try:
+            yield
+        finally:
+            self._recording = recording
+
+    def scenario(self, **extra: Any) -> dict[str, Any]:
+        """Everything this world went through, as a scenario that ``replay`` repeats exactly."""
+        return {
+            **extra,
+            "config": dataclasses.asdict(self.config),
+            "seed": self.seed,
+            "bank_rows": self.bank_rows,
+            "events": list(self.log),
+        }
 
     # ---- the judge -------------------------------------------------------------------------------
 
@@ -232,7 +289,7 @@ class World:
     def _contract(self, action: Any) -> Any:
         try:
             return action()
-        except ContractError as error:
+        except Exception as error:  # a ContractError, or a controller that crashed outright
             self.violations.append(f"{type(error).__name__}: {error}")
             return None
 
@@ -327,10 +384,14 @@ class World:
         if allocator.rejected_frees:
             found.append(f"I5: {allocator.rejected_frees} double or foreign frees")
         holders = {r.room: r for r in self.queue}
-        for room, blocks in allocator.owners().items():
+        owners = allocator.owners()
+        for room, blocks in owners.items():
             request = holders.get(room)
             if request is None or request.state is State.FAILED or set(request.blocks) != set(blocks):
                 found.append(f"I5: blocks {list(blocks)} owned by room {room}, which holds {request!r}")
+        for room, request in holders.items():
+            if request.blocks and room not in owners:
+                found.append(f"I5: room {room} holds {list(request.blocks)}, which the allocator says it does not own")
         return found
 
     # ---- reporting -------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ Both are generated, committed in spec/RECEIVER.md between markers, and a test fa
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from transitions.extensions import GraphMachine
 
 from .kvpoll import KVPoll
@@ -82,9 +84,12 @@ def generated_sections(spec: ReceiverSpec) -> dict[str, str]:
     }
 
 
-def sync_generated(document: str, spec: ReceiverSpec) -> str:
-    """Replace every ``<!-- generated:NAME -->`` ... ``<!-- /generated:NAME -->`` block with its fresh text."""
-    for name, text in generated_sections(spec).items():
+def sync_generated(document: str, spec: ReceiverSpec, extra: Mapping[str, str] | None = None) -> str:
+    """Replace every ``<!-- generated:NAME -->`` ... ``<!-- /generated:NAME -->`` block with its fresh text.
+
+    ``extra`` adds sections generated elsewhere (the bug-variant table comes from the adapters).
+    """
+    for name, text in {**generated_sections(spec), **(extra or {})}.items():
         opening, closing = f"<!-- generated:{name} -->", f"<!-- /generated:{name} -->"
         start, end = document.find(opening), document.find(closing)
         if start < 0 or end < start:

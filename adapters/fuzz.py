@@ -1,0 +1,268 @@
+"""The protocol fuzzer: the receiver under a random sender, a random scheduler and a random client.
+
+Each rule is something the world can do to the controller; the invariants are judged by the World from
+what the sender was asked and wrote, what the allocator says, and which reads reached the pool, never
+from the controller's own bookkeeping. Random pool geometry and lengths give random chunkings: a
+payload may fit A0, need one resume, or be larger than the whole pool.
+
+It ships with the package (``pip install epd-receiver[fuzz]``) so that a serving system can run it
+against its own controller subclass, and so that ``epd-receiver variants`` can prove it sharp.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from hypothesis import HealthCheck, Phase, event, settings, target
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from epd_receiver.fsm import ReceiverRequest, State
+
+from .variants import Variant
+from .world import World, WorldConfig
+
+FAST_PHASES = [Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink]
+PROFILES: dict[str, dict[str, Any]] = {
+    # quick and random, for a developer's loop
+    "dev": {"max_examples": 50, "stateful_step_count": 30, "deadline": None, "phases": FAST_PHASES},
+    # derandomized; no explain or target phase (a failing stateful run there can take minutes)
+    "ci": {
+        "max_examples": 200,
+        "stateful_step_count": 50,
+        "derandomize": True,
+        "database": None,
+        "deadline": None,
+        "print_blob": True,
+        "report_multiple_bugs": False,
+        "phases": FAST_PHASES,
+    },
+    # large and random
+    "nightly": {"max_examples": 2000, "stateful_step_count": 100, "deadline": None},
+}
+
+
+def register_profiles() -> None:
+    """Register ``dev``, ``ci`` and ``nightly``; load ``HYPOTHESIS_PROFILE``, else ``ci`` under CI, else ``dev``."""
+    for name, options in PROFILES.items():
+        settings.register_profile(
+            name, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much], **options
+        )
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
+
+
+MAX_LIVE = 5
+MAX_TOTAL = 1 << 20
+IMPOSSIBLE_TOTALS = st.sampled_from([0, -1, -(2**31), MAX_TOTAL + 1])
+
+
+class ReceiverProtocol(RuleBasedStateMachine):
+    """Run against the real controller, or against a Variant by ``protocol_for(variant)``."""
+
+    world: World
+    variant: ClassVar[Variant | None] = None
+    last_world: ClassVar[World | None] = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.next_room = 0
+
+    @initialize(
+        block_size=st.sampled_from([1, 2, 4, 8, 16]),
+        num_blocks=st.integers(2, 24),
+        default_blocks=st.integers(1, 6),
+        hidden_size=st.sampled_from([2, 4, 8]),
+        deepstack=st.integers(0, 2),
+        data=st.data(),
+    )
+    def a_pool(
+        self,
+        block_size: int,
+        num_blocks: int,
+        default_blocks: int,
+        hidden_size: int,
+        deepstack: int,
+        data: st.DataObject,
+    ) -> None:
+        config = WorldConfig(
+            block_size=block_size,
+            num_blocks=num_blocks,
+            default_alloc_tokens=default_blocks * block_size - (block_size // 2),
+            hidden_size=hidden_size,
+            deepstack=deepstack,
+            max_total_tokens=MAX_TOTAL,
+        )
+        variant = type(self).variant
+        self.world = World(
+            config,
+            seed=num_blocks,
+            bank_rows=31,
+            spec=variant.spec() if variant else None,
+            request_class=variant.request_class if variant else ReceiverRequest,
+        )
+        type(self).last_world = self.world
+        for _ in range(data.draw(st.integers(1, 3), label="arrivals")):
+            self.a_request_arrives_now(data)
+
+    def a_request_arrives_now(self, data: st.DataObject) -> None:
+        config = self.world.config
+        d, pool = config.default_alloc_tokens, config.num_blocks * config.block_size
+        lengths = [st.integers(1, d), st.integers(d + 1, d + pool), st.integers(d + 1, 2 * d), st.integers(1, 3 * pool)]
+        total = data.draw(st.one_of(lengths), label="T")
+        self.world.arrive(self.next_room, total)
+        self.next_room += 1
+
+    # ---- views of the world, in a stable order ----------------------------------------------------
+
+    def _requests(self, *states: State) -> list[ReceiverRequest]:  # type: ignore[type-arg]
+        return sorted((r for r in self.world.queue if not states or r.state in states), key=lambda r: r.room)
+
+    def _live(self) -> list[ReceiverRequest]:  # type: ignore[type-arg]
+        return [r for r in self._requests() if r.state not in (State.SUCCESS, State.FAILED)]
+
+    def _with_pending_chunk(self) -> list[int]:
+        return [r.room for r in self._live() if self.world.sender.pending(r.room) is not None]
+
+    def _with_history(self) -> list[int]:
+        return [r.room for r in self._live() if self.world.sender.published(r.room)]
+
+    # ---- rules ------------------------------------------------------------------------------------
+
+    @precondition(lambda self: len(self._live()) < MAX_LIVE)
+    @rule(data=st.data())
+    def a_request_arrives(self, data: st.DataObject) -> None:
+        self.a_request_arrives_now(data)
+
+    @rule()
+    def a_scheduler_iteration(self) -> None:
+        self.world.step()
+
+    @precondition(lambda self: bool(self._with_pending_chunk()))
+    @rule(data=st.data(), partial=st.one_of(st.none(), st.integers(1, 8)))
+    def the_sender_lands_a_chunk(self, data: st.DataObject, partial: int | None) -> None:
+        """A whole chunk lands and its status is published, or only some blocks land (still in flight)."""
+        self.world.deliver(data.draw(st.sampled_from(self._with_pending_chunk()), label="room"), blocks=partial)
+
+    @rule(iterations=st.integers(1, 3))
+    def the_world_moves_on(self, iterations: int) -> None:
+        """Every pending chunk lands and the scheduler runs: the fair schedule under which all must end."""
+        for _ in range(iterations):
+            for room in self._with_pending_chunk():
+                self.world.deliver(room)
+            self.world.step()
+
+    @precondition(lambda self: bool(self._with_history()))
+    @rule(data=st.data())
+    def a_status_arrives_again(self, data: st.DataObject) -> None:
+        """A status message the sender sent earlier is delivered again, or late (after a newer one)."""
+        room = data.draw(st.sampled_from(self._with_history()), label="room")
+        status = data.draw(st.sampled_from(self.world.sender.published(room)), label="status")
+        self.world.late_status(room, status)
+
+    @precondition(lambda self: bool(self._live()))
+    @rule(data=st.data(), fault=st.sampled_from(["sender fails", "client aborts", "aux corrupted"]))
+    def something_goes_wrong(self, data: st.DataObject, fault: str) -> None:
+        """One request meets a failing sender, an impatient client, or an aux row that cannot be true."""
+        room = data.draw(st.sampled_from([r.room for r in self._live()]), label="room")
+        if fault == "sender fails":
+            self.world.fail(room)
+        elif fault == "client aborts":
+            self.world.abort(room)
+        else:
+            self.world.corrupt_aux(room, data.draw(IMPOSSIBLE_TOTALS, label="T"))
+
+    @precondition(lambda self: bool(self._requests(State.SUCCESS)))
+    @rule(data=st.data())
+    def the_caller_releases(self, data: st.DataObject) -> None:
+        self.world.release(data.draw(st.sampled_from([r.room for r in self._requests(State.SUCCESS)]), label="room"))
+
+    # ---- invariants -------------------------------------------------------------------------------
+
+    @invariant()
+    def no_invariant_is_violated(self) -> None:
+        violations = self.world.check()
+        assert not violations, violations
+
+    def teardown(self) -> None:
+        if not hasattr(self, "world"):
+            return
+        outcomes = list(self.world.outcomes.values())
+        event("requests", len(outcomes))
+        resumed = sum(o.resumes > 0 for o in outcomes)
+        event("resumed", resumed)
+        target(resumed, label="resumed requests")
+        self.world.drain()
+        event("ended in SUCCESS", sum(o.states[-1] is State.SUCCESS for o in outcomes))
+        violations = self.world.check()
+        assert not violations, violations
+        assert self.world.allocator.free_count == self.world.config.num_blocks
+
+
+def protocol_for(variant: Variant | None) -> type[ReceiverProtocol]:
+    if variant is None:
+        return ReceiverProtocol
+    name = "Protocol_" + re.sub(r"\W", "_", variant.name)
+    return type(name, (ReceiverProtocol,), {"variant": variant, "last_world": None})
+
+
+@dataclass(frozen=True, slots=True)
+class Catch:
+    """How the fuzzer caught a variant: the first invariant or guard that spoke, and the minimal program."""
+
+    variant: str
+    caught: bool
+    by: str
+    violation: str
+    steps: int
+    seconds: float
+    scenario: dict[str, Any] | None
+
+
+def catch_label(violation: str) -> str:
+    """``I3``, or the guard's error type, from the judge's first violation message."""
+    head = violation.split(":", 1)[0].strip()
+    return head if re.fullmatch(r"I\d+|\w+Error|\w+Window", head) else "exception"
+
+
+def hunt(variant: Variant, options: settings | None = None) -> Catch:
+    """Fuzz ``variant`` until it breaks an invariant; report what caught it and the shrunk schedule."""
+    protocol = protocol_for(variant)
+    started = time.perf_counter()
+    try:
+        run_state_machine_as_test(protocol, settings=options)
+    except Exception as error:  # the failure *is* the result here
+        world = protocol.last_world
+        first = world.violations[0] if world is not None and world.violations else _first_violation(error)
+        return Catch(
+            variant=variant.name,
+            caught=True,
+            by=catch_label(first),
+            violation=first,
+            steps=_program_length(error),
+            seconds=round(time.perf_counter() - started, 2),
+            scenario=world.scenario(variant=variant.name, bug=variant.bug) if world is not None else None,
+        )
+    return Catch(variant.name, False, "-", "", 0, round(time.perf_counter() - started, 2), None)
+
+
+def _first_violation(error: BaseException) -> str:
+    match = re.search(r"\['([^']*)'", str(error))
+    return match.group(1) if match else f"{type(error).__name__}: {error}"
+
+
+def _program_length(error: BaseException) -> int:
+    """Rule calls in the shrunk program Hypothesis printed (invariant checks and teardown excluded)."""
+    notes = "\n".join(getattr(error, "__notes__", []))
+    calls = re.findall(r"^state\.(\w+)\(", notes, re.MULTILINE)
+    return sum(1 for name in calls if name not in {"no_invariant_is_violated", "teardown"})

@@ -1,0 +1,399 @@
+"""The original system's receiver bugs, re-created as variants of our controller.
+
+A variant is one named, small deviation applied to the real controller from outside: a spec overlay
+(a poll cell or a transition changed) and/or a subclass that replaces one action. The product has no
+switch for any of them. The fuzzer must catch every variant (``epd-receiver variants``,
+``tests/test_variants.py``); a variant it cannot catch is a hole in the suite.
+
+Numbers are those of the bug catalogue (reference §7, design §6).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from epd_receiver.fsm import ReceiverRequest, ReceiverSpec, load_spec
+
+from .payload import EmbeddingPayload
+
+Request = ReceiverRequest[EmbeddingPayload]
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    bug: int
+    trigger: str
+    request_class: type[Request] = ReceiverRequest
+    overlay: Mapping[str, Any] = field(default_factory=dict)
+    caught_by: frozenset[str] = frozenset()  # the invariants or guards expected to speak first
+
+    def spec(self) -> ReceiverSpec:
+        return _spec(self.name)
+
+
+@functools.cache
+def _spec(name: str) -> ReceiverSpec:
+    return load_spec(overlay=VARIANTS[name].overlay)
+
+
+# ---- replaced actions --------------------------------------------------------------------------------
+
+
+class InitWithRequestedTokens(ReceiverRequest[EmbeddingPayload]):
+    """#2: the init carries the tokens asked for, not ``len(blocks)*B`` granted."""
+
+    def send_init(self, event: Any) -> None:
+        self.first_block = self.blocks[0]
+        self.link.init(self.blocks, self._wiring.config.default_alloc_tokens)
+
+
+class TotalFromCurrentBlocks(ReceiverRequest[EmbeddingPayload]):
+    """#3, #7: T taken from the aux row of the *current* allocation's first block, through the window."""
+
+    def learn_total_from_current(self, event: Any) -> None:
+        self.total_tokens = self._window.read_aux(self.blocks[0]).total_tokens
+
+
+class DedupeByBlocks(ReceiverRequest[EmbeddingPayload]):
+    """#6: every Transferring re-frees and re-allocates; the resume is skipped only if the blocks repeat."""
+
+    def rehandle_unless_same_blocks(self, event: Any) -> None:
+        allocator = self._wiring.allocator
+        last = self.blocks
+        allocator.free(self.room, last)
+        blocks = allocator.alloc(self.room, self.tokens_wanted)
+        self.blocks = blocks or ()
+        if blocks and blocks != last:
+            self.link.resume(blocks, self.landed, self.capacity)
+
+
+class FreeKeepsRecord(ReceiverRequest[EmbeddingPayload]):
+    """#14: A0 goes back to the pool but the request still names it, so a failure frees it again."""
+
+    def free_but_keep_record(self, event: Any) -> None:
+        self._wiring.allocator.free(self.room, self.blocks)
+
+
+class TryRemainderOnce(ReceiverRequest[EmbeddingPayload]):
+    """#15: free A0, try to allocate the remainder once; on failure carry on and never try again."""
+
+    def alloc_remainder_once(self, event: Any) -> None:
+        blocks = self._wiring.allocator.alloc(self.room, self.tokens_wanted)
+        if blocks is not None:
+            self.blocks = blocks
+            self.send_resume(event)
+
+
+class AuxView(ReceiverRequest[EmbeddingPayload]):
+    """#17: the cached total is a live view of the aux row of A0[0], read again on every use."""
+
+    _aux_block: int | None = None
+
+    @property  # type: ignore[override]
+    def total_tokens(self) -> int | None:
+        if self._aux_block is None:
+            return None
+        return self._wiring.buffers.read_aux(self._aux_block).total_tokens
+
+    @total_tokens.setter
+    def total_tokens(self, value: int | None) -> None:
+        self._aux_block = None if value is None else self.first_block
+
+
+class DeltaDropped(ReceiverRequest[EmbeddingPayload]):
+    """#18: the payload is built without the M-RoPE delta (the original then treated it as text-only)."""
+
+    def learn_total(self, event: Any) -> None:
+        super().learn_total(event)
+        assert self.payload is not None
+        self.mrope_delta = self.payload.mrope_delta = 0
+
+
+class StaleAuxTrusted(ReceiverRequest[EmbeddingPayload]):
+    """#22: a resume block's aux row is assumed zero when unwritten; a non-zero value is taken as T."""
+
+    def trust_nonzero_aux_of_current(self, event: Any) -> None:
+        total = self._wiring.buffers.read_aux(self.blocks[0]).total_tokens
+        if total:
+            self.total_tokens = total
+
+
+# ---- the catalogue -----------------------------------------------------------------------------------
+
+
+def _action(name: str, doc: str) -> dict[str, Any]:
+    return {"actions": {name: {"doc": doc}}}
+
+
+def _merge(*overlays: Mapping[str, Any]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for overlay in overlays:
+        for key, value in overlay.items():
+            if isinstance(value, dict):
+                merged.setdefault(key, {}).update(value)
+            else:
+                merged[key] = merged.get(key, []) + list(value)
+    return merged
+
+
+REHANDLE_TRANSFERRING = {"polls": {"RESUMING": {"Transferring": "first_chunk_landed"}}}
+
+CATALOGUE = (
+    Variant(
+        "init-requested-tokens",
+        2,
+        "Init carries the requested default D, not the granted len(blocks)*B.",
+        InitWithRequestedTokens,
+        caught_by=frozenset({"I3"}),
+    ),
+    Variant(
+        "aux-of-resume-blocks-at-success",
+        3,
+        "At Success after a resume, T is read from the aux row of A1[0], which the sender never wrote.",
+        TotalFromCurrentBlocks,
+        _merge(
+            _action("learn_total_from_current", "T from the current allocation's first aux row."),
+            {
+                "transitions": [
+                    {
+                        "trigger": "payload_landed",
+                        "source": "RESUMING",
+                        "dest": "SUCCESS",
+                        "reads": ["aux", "data"],
+                        "actions": ["learn_total_from_current", "gather_landed"],
+                    }
+                ]
+            },
+        ),
+        frozenset({"ReadOutsideWindow"}),
+    ),
+    Variant(
+        "transferring-rehandled",
+        5,
+        "Every Transferring poll after the resume re-reads the resume blocks, frees them and resumes again.",
+        overlay=_merge(
+            REHANDLE_TRANSFERRING,
+            {
+                "transitions": [
+                    {
+                        "trigger": "first_chunk_landed",
+                        "source": "RESUMING",
+                        "dest": "WAITING_FOR_BLOCKS",
+                        "reads": ["data"],
+                        "actions": ["gather_landed", "free_blocks"],
+                    }
+                ]
+            },
+        ),
+        caught_by=frozenset({"I1", "I3", "I4", "I5"}),
+    ),
+    Variant(
+        "resume-deduped-by-blocks",
+        6,
+        "Transferring after the resume re-allocates; a resume is skipped only when the same blocks come back.",
+        DedupeByBlocks,
+        _merge(
+            REHANDLE_TRANSFERRING,
+            _action("rehandle_unless_same_blocks", "Free, re-allocate, resume unless the blocks repeat."),
+            {
+                "transitions": [
+                    {
+                        "trigger": "first_chunk_landed",
+                        "source": "RESUMING",
+                        "dest": "RESUMING",
+                        "internal": True,
+                        "actions": ["rehandle_unless_same_blocks"],
+                    }
+                ]
+            },
+        ),
+        frozenset({"I1", "I4", "I5", "I6"}),
+    ),
+    Variant(
+        "seed-reads-resume-blocks",
+        7,
+        "The seed: every Transferring after the resume reads the resume blocks and takes T from their aux row.",
+        TotalFromCurrentBlocks,
+        _merge(
+            REHANDLE_TRANSFERRING,
+            _action("learn_total_from_current", "T from the current allocation's first aux row."),
+            {
+                "transitions": [
+                    {
+                        "trigger": "first_chunk_landed",
+                        "source": "RESUMING",
+                        "dest": "RESUMING",
+                        "internal": True,
+                        "reads": ["aux", "data"],
+                        "actions": ["learn_total_from_current", "gather_landed"],
+                    }
+                ]
+            },
+        ),
+        frozenset({"ReadOutsideWindow"}),
+    ),
+    Variant(
+        "a0-freed-but-still-held",
+        14,
+        "A0 is freed at the first Transferring but still recorded; a failure while waiting frees it again.",
+        FreeKeepsRecord,
+        _merge(
+            _action("free_but_keep_record", "Free the blocks and keep naming them."),
+            {
+                "transitions": [
+                    {
+                        "trigger": "first_chunk_landed",
+                        "source": "TRANSFERRING",
+                        "dest": "WAITING_FOR_BLOCKS",
+                        "reads": ["aux", "data"],
+                        "actions": ["learn_total", "expect_remainder", "gather_landed", "free_but_keep_record"],
+                    }
+                ]
+            },
+        ),
+        frozenset({"I5", "OwnershipError"}),
+    ),
+    Variant(
+        "free-then-try-once",
+        15,
+        "A0 is freed, the remainder is tried once; if the pool is short the request never tries again.",
+        TryRemainderOnce,
+        _merge(
+            _action("alloc_remainder_once", "Allocate the remainder now or never."),
+            {
+                "transitions": [
+                    {
+                        "trigger": "first_chunk_landed",
+                        "source": "TRANSFERRING",
+                        "dest": "RESUMING",
+                        "reads": ["aux", "data"],
+                        "actions": [
+                            "learn_total",
+                            "expect_remainder",
+                            "gather_landed",
+                            "free_blocks",
+                            "alloc_remainder_once",
+                        ],
+                    }
+                ]
+            },
+        ),
+        frozenset({"I8"}),
+    ),
+    Variant(
+        "aux-aliases-pool",
+        17,
+        "The cached T is a view of A0[0]'s aux row, which the next owner of that block overwrites.",
+        AuxView,
+        caught_by=frozenset({"I2", "I5"}),
+    ),
+    Variant(
+        "mrope-delta-dropped",
+        18,
+        "The payload leaves without its M-RoPE delta, so the model treats an image prompt as text.",
+        DeltaDropped,
+        caught_by=frozenset({"I6"}),
+    ),
+    Variant(
+        "stale-aux-assumed-zero",
+        22,
+        "At Success after a resume, a non-zero aux row in A1[0] (stale, from an earlier request) is taken as T.",
+        StaleAuxTrusted,
+        _merge(
+            _action("trust_nonzero_aux_of_current", "Take A1[0]'s aux as T unless it is zero."),
+            {
+                "transitions": [
+                    {
+                        "trigger": "payload_landed",
+                        "source": "RESUMING",
+                        "dest": "SUCCESS",
+                        "reads": ["data"],
+                        "actions": ["trust_nonzero_aux_of_current", "gather_landed"],
+                    }
+                ]
+            },
+        ),
+        frozenset({"I2", "I5"}),
+    ),
+    Variant(
+        "hold-and-wait",
+        24,
+        "A0 is held while waiting for the remainder and freed only once it is granted: a full pool deadlocks.",
+        overlay={
+            "transitions": [
+                {
+                    "trigger": "first_chunk_landed",
+                    "source": "TRANSFERRING",
+                    "dest": "WAITING_FOR_BLOCKS",
+                    "reads": ["aux", "data"],
+                    "actions": ["learn_total", "expect_remainder", "gather_landed"],
+                },
+                {
+                    "trigger": "blocks_granted",
+                    "source": "WAITING_FOR_BLOCKS",
+                    "dest": "RESUMING",
+                    "actions": ["free_blocks", "take_blocks", "send_resume"],
+                },
+            ]
+        },
+        caught_by=frozenset({"I8"}),
+    ),
+)
+
+VARIANTS: dict[str, Variant] = {v.name: v for v in CATALOGUE}
+
+# Catalogued receiver bugs whose variants need a feature this version does not have yet; each is added
+# by the work that builds the feature, and must then be caught like the others.
+PENDING: dict[int, str] = {
+    4: "ranks disagree on T and S: needs tensor-parallel ranks",
+    16: "resume fan-in race across ranks: needs tensor-parallel ranks",
+    20: "fake receiver init without allocated_tokens: needs warm-up requests",
+    21: "a second resume round never triggered: needs multi-round resume",
+    23: "abort does not fence the sender: needs fencing",
+}
+
+
+# ---- minimal failing schedules -------------------------------------------------------------------------
+
+
+def scenario_path(directory: Path, variant: Variant) -> Path:
+    return directory / f"{variant.bug:02d}-{variant.name}.json"
+
+
+def record_catch(directory: Path, variant: Variant, catch: Any) -> Path:
+    """Keep the fuzzer's shrunk program for ``variant`` as a replay scenario, with what caught it."""
+    path = scenario_path(directory, variant)
+    directory.mkdir(parents=True, exist_ok=True)
+    scenario = {
+        "description": f"#{variant.bug}: {variant.trigger}",
+        "caught_by": catch.by,
+        "first_violation": catch.violation,
+        "steps": catch.steps,
+        **catch.scenario,
+    }
+    path.write_text(json.dumps(scenario, indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def variants_markdown(directory: Path) -> str:
+    """The RECEIVER.md table: bug, variant, what caught it, and the recorded minimal schedule."""
+    rows = [
+        "| bug | variant (trigger) | caught by | shrunk steps | minimal schedule |",
+        "|---|---|---|---|---|",
+    ]
+    for variant in CATALOGUE:
+        path = scenario_path(directory, variant)
+        recorded = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        schedule = f"`bugs/{path.name}`" if recorded else "not recorded"
+        rows.append(
+            f"| #{variant.bug} | `{variant.name}`: {variant.trigger} | {recorded.get('caught_by', '?')} "
+            f"| {recorded.get('steps', '?')} | {schedule} |"
+        )
+    rows += [f"| #{bug} | pending: {why} | | | |" for bug, why in sorted(PENDING.items())]
+    return "\n".join(rows)

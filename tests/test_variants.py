@@ -1,0 +1,74 @@
+"""The fuzzer is sharp: every catalogued receiver bug, re-created as a variant, is caught.
+
+Both directions are asserted: each variant breaks an invariant (or trips a guard) within the active
+Hypothesis profile, and the unmodified controller passes the very same machine (tests/test_stateful.py).
+Each variant's recorded minimal schedule (spec/scenarios/bugs/) must reproduce the catch on replay and
+be clean on the real controller.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from epd_receiver.adapters.fuzz import Catch, hunt
+from epd_receiver.adapters.scenario import replay
+from epd_receiver.adapters.variants import CATALOGUE, PENDING, VARIANTS, Variant, scenario_path, variants_markdown
+
+ROOT = Path(__file__).parent.parent
+BUGS = ROOT / "spec" / "scenarios" / "bugs"
+CATCHES: list[Catch] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_catches() -> Any:
+    """Print what caught each variant and how small the shrunk program was (visible with -s or on failure)."""
+    yield
+    for catch in CATCHES:
+        print(f"{catch.variant:34} caught by {catch.by:18} in {catch.steps:3} steps, {catch.seconds:5.1f} s")
+
+
+@pytest.mark.parametrize("variant", CATALOGUE, ids=[v.name for v in CATALOGUE])
+def test_the_fuzzer_catches_the_variant(variant: Variant) -> None:
+    catch = hunt(variant)
+    CATCHES.append(catch)
+
+    assert catch.caught, f"#{variant.bug} {variant.name} survived the fuzzer"
+    assert catch.by in variant.caught_by, f"caught by {catch.by}: {catch.violation}"
+
+
+@pytest.mark.parametrize("variant", CATALOGUE, ids=[v.name for v in CATALOGUE])
+def test_recorded_minimal_schedule_breaks_the_variant_and_not_the_controller(variant: Variant) -> None:
+    scenario = json.loads(scenario_path(BUGS, variant).read_text(encoding="utf-8"))
+    assert scenario["variant"] == variant.name and scenario["bug"] == variant.bug
+
+    broken = replay(scenario, spec=variant.spec(), request_class=variant.request_class)
+    clean = replay(scenario)
+
+    assert broken["violations"], "the recorded schedule no longer reproduces the bug"
+    assert broken["violations"][0].startswith(scenario["caught_by"])
+    assert clean["violations"] == []
+
+
+def test_catalogue_covers_the_receiver_side_bugs() -> None:
+    required = {2, 3, 5, 6, 7, 14, 15, 17, 18, 22, 24}
+    assert required <= {v.bug for v in CATALOGUE}
+    assert {4, 16, 20, 21, 23} <= set(PENDING), "bugs without a variant yet must be listed as pending"
+    assert len(VARIANTS) == len(CATALOGUE), "variant names are unique"
+
+
+def test_variants_are_deviations_applied_from_outside() -> None:
+    """No variant adds a switch to the product: each changes the spec by overlay or replaces one action."""
+    from epd_receiver.fsm import ReceiverRequest
+
+    for variant in CATALOGUE:
+        assert variant.overlay or variant.request_class is not ReceiverRequest, variant.name
+        assert variant.spec() is not None  # the overlay yields a spec the loader accepts
+
+
+def test_receiver_md_variant_table_is_current() -> None:
+    document = (ROOT / "spec" / "RECEIVER.md").read_text(encoding="utf-8")
+    assert variants_markdown(BUGS) in document, "run `epd-receiver spec sync`"
