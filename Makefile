@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 READY := $(VENV)/.ready
 ARGS ?=
 
-.PHONY: simulate test lint fuzz-nightly docs clean
+.PHONY: simulate test lint model fuzz-nightly docs clean
 
 $(READY): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -22,8 +22,16 @@ lint: $(READY)
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 
-test: lint
-	$(PY) -m pytest -q $(ARGS)
+# The Quint model: pinned in spec/package-lock.json; typecheck, run tests, invariant simulation.
+spec/node_modules/.bin/quint: spec/package.json spec/package-lock.json
+	cd spec && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+model: $(READY) spec/node_modules/.bin/quint
+	$(VENV)/bin/epd-receiver spec check
+
+test: lint model
+	EPD_REQUIRE_QUINT=1 $(PY) -m pytest -q $(ARGS)
 
 fuzz-nightly: $(READY)
 	HYPOTHESIS_PROFILE=nightly $(PY) -m pytest -q tests/test_stateful.py
@@ -32,4 +40,4 @@ docs: $(READY)
 	$(VENV)/bin/epd-receiver spec sync
 
 clean:
-	rm -rf $(VENV) .hypothesis .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) spec/node_modules .hypothesis .pytest_cache .mypy_cache .ruff_cache mutants

@@ -57,6 +57,10 @@ class OwningBlockAllocator:
 
     # ---- accounting (leak checks, reports) -------------------------------------------------------
 
+    def free_list(self) -> tuple[int, ...]:
+        """The free blocks in the order the next allocations will take them."""
+        return tuple(self._free)
+
     @property
     def free_count(self) -> int:
         return len(self._free)

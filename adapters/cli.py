@@ -18,6 +18,7 @@ from rich.table import Table
 from epd_receiver.fsm import ReceiverRequest, load_spec
 from epd_receiver.fsm.diagram import mermaid, sync_generated
 
+from .quint import SIMULATION_SAMPLES, SIMULATION_STEPS, QuintMissing, check_all
 from .scenario import ScenarioError, load_scenario, replay
 from .simulate import Workload, simulate
 from .variants import CATALOGUE, VARIANTS, record_catch, variants_markdown
@@ -55,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     spec = commands.add_parser("spec", help="the specification")
     spec_commands = spec.add_subparsers(dest="spec_command", required=True)
     spec_commands.add_parser("diagram", help="print the Mermaid state diagram generated from the Machine")
+    check = spec_commands.add_parser("check", help="run the Quint model's typecheck, tests and invariant simulation")
+    check.add_argument("--samples", type=int, default=SIMULATION_SAMPLES, help="simulation runs")
+    check.add_argument("--steps", type=int, default=SIMULATION_STEPS, help="steps per simulation run")
     sync = spec_commands.add_parser("sync", help="regenerate the generated sections of spec/RECEIVER.md")
     sync.add_argument("--check", action="store_true", help="only report whether the document is up to date")
     return parser
@@ -70,8 +74,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _variants(args)
     if args.spec_command == "sync":
         return _sync(args)
+    if args.spec_command == "check":
+        return _check(args)
     print(mermaid(load_spec()))
     return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    try:
+        outcomes = check_all(samples=args.samples, steps=args.steps)
+    except QuintMissing as missing:
+        print(f"epd-receiver spec check: {missing}", file=sys.stderr)
+        return 2
+    for outcome in outcomes:
+        verdict = "ok" if outcome.returncode == 0 else "FAILED"
+        print(f"{verdict:6} {outcome.command}")
+        if outcome.returncode != 0:
+            print(outcome.output)
+    return 0 if all(o.returncode == 0 for o in outcomes) else 1
 
 
 def _sync(args: argparse.Namespace) -> int:

@@ -50,6 +50,16 @@ PROFILES: dict[str, dict[str, Any]] = {
     },
     # large and random
     "nightly": {"max_examples": 2000, "stateful_step_count": 100, "deadline": None},
+    # mutation testing: the ci budget, but a failure only needs finding, not shrinking
+    "mutation": {
+        "max_examples": 200,
+        "stateful_step_count": 50,
+        "derandomize": True,
+        "database": None,
+        "deadline": None,
+        "report_multiple_bugs": False,
+        "phases": [Phase.explicit, Phase.generate],
+    },
 }
 
 

@@ -76,6 +76,8 @@ class Outcome:
     reads: int = 0
     resumes: int = 0
     error: str | None = None
+    total: int | None = None
+    landed: int = 0
 
 
 class AuditedBuffers:
@@ -310,6 +312,7 @@ class World:
         if outcome.verified is not None:
             return
         outcome.reads, outcome.resumes = request.reads, request.resumes
+        outcome.total, outcome.landed = request.total_tokens, request.landed
         outcome.error = str(request.error) if request.error else None
         if request.reads > MAX_READS_PER_REQUEST:
             self.violations.append(f"I1: room {request.room} read the pool {request.reads} times")
@@ -393,6 +396,19 @@ class World:
             if request.blocks and room not in owners:
                 found.append(f"I5: room {room} holds {list(request.blocks)}, which the allocator says it does not own")
         return found
+
+    def request_view(self, room: Room) -> dict[str, Any]:
+        """The controller's view of one request, live or retired: state, blocks held, cached T, landed."""
+        request = self.queue.get(room)
+        outcome = self.outcomes[room]
+        if request is None:
+            return {"state": outcome.states[-1].name, "blocks": [], "total": outcome.total, "landed": outcome.landed}
+        return {
+            "state": request.state.name,
+            "blocks": list(request.blocks),
+            "total": request.total_tokens,
+            "landed": request.landed,
+        }
 
     # ---- reporting -------------------------------------------------------------------------------
 
