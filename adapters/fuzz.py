@@ -181,16 +181,22 @@ class ReceiverProtocol(RuleBasedStateMachine):
         self.world.late_status(room, status)
 
     @precondition(lambda self: bool(self._live()))
-    @rule(data=st.data(), fault=st.sampled_from(["sender fails", "client aborts", "aux corrupted"]))
+    @rule(data=st.data(), fault=st.sampled_from(["sender fails", "client aborts", "aux corrupted", "sender dies"]))
     def something_goes_wrong(self, data: st.DataObject, fault: str) -> None:
-        """One request meets a failing sender, an impatient client, or an aux row that cannot be true."""
+        """One request meets a failing or silently dead sender, an impatient client, or an impossible aux row."""
         room = data.draw(st.sampled_from([r.room for r in self._live()]), label="room")
         if fault == "sender fails":
             self.world.fail(room)
         elif fault == "client aborts":
             self.world.abort(room)
+        elif fault == "sender dies":
+            self.world.kill(room)
         else:
             self.world.corrupt_aux(room, data.draw(IMPOSSIBLE_TOTALS, label="T"))
+
+    @rule(seconds=st.sampled_from([0.5, 5.0, 30.0, 61.0]))
+    def time_passes(self, seconds: float) -> None:
+        self.world.advance(seconds)
 
     @precondition(lambda self: bool(self._requests(State.SUCCESS)))
     @rule(data=st.data())

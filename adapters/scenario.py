@@ -64,11 +64,13 @@ EVENTS: dict[str, Callable[[World, Any], object]] = {
     "late": _late,
     "corrupt": _corrupt,
     "drain": lambda world, patience: world.drain(int(patience or 3)),
+    "advance": lambda world, seconds: world.advance(float(seconds)),
+    "kill": lambda world, room: world.kill(int(room)),
     "arrive": _arrive,
 }
 
 
-ROOM_EVENTS = frozenset({"deliver", "fail", "abort", "release", "late", "corrupt"})
+ROOM_EVENTS = frozenset({"deliver", "fail", "abort", "release", "late", "corrupt", "kill"})
 
 
 def load_scenario(path: Path) -> dict[str, Any]:

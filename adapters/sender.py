@@ -121,6 +121,7 @@ class _Room:
     sent_tokens: int = 0
     pending: Chunk | None = None
     handshake_pending: bool = False
+    dead: bool = False
     failure: str | None = None
     messages: list[Message] = field(default_factory=list)
     published: list[KVPoll] = field(default_factory=list)
@@ -222,7 +223,7 @@ class InProcessSender:
             self.publish(room, KVPoll.WaitingForInput)
             return True
         chunk = state.pending
-        if chunk is None or state.status is KVPoll.Failed:
+        if chunk is None or state.dead or state.status is KVPoll.Failed:
             return False
         source, b = state.source, self.buffers.block_size
         remaining = source.total_tokens - chunk.sent_tokens
@@ -246,6 +247,13 @@ class InProcessSender:
         self.publish(room, KVPoll.Transferring if tokens < remaining else KVPoll.Success)
         return True
 
+    def kill(self, room: Room) -> None:
+        """Die silently: no more writes, no more status messages (only a timeout can tell)."""
+        self._rooms[room].dead = True
+
+    def is_dead(self, room: Room) -> bool:
+        return self._rooms[room].dead
+
     def fail(self, room: Room, reason: str = "sender failed") -> None:
         self._fail(self._rooms[room], reason)
 
@@ -256,6 +264,8 @@ class InProcessSender:
         room before the receiver latched it; Failed is absorbing here.)
         """
         state = self._rooms[room]
+        if state.dead:
+            return
         state.published.append(status)
         if state.status is not KVPoll.Failed:
             state.status = KVPoll.Failed if status is KVPoll.Failed else max(state.status, status)

@@ -24,10 +24,13 @@ from epd_receiver.fsm import (
     ReceiverSpec,
     Room,
     State,
+    TimedOut,
 )
+from epd_receiver.fsm.request import deadlines
 
 from .allocator import OwningBlockAllocator
 from .buffers import TorchBlockBuffers
+from .clock import ManualClock
 from .payload import EmbeddingPayload
 from .sender import InProcessSender, SenderLink
 
@@ -50,6 +53,7 @@ class WorldConfig:
     hidden_size: int
     deepstack: int = 0
     max_total_tokens: int = 1 << 24
+    timeouts: dict[str, float | None] = field(default_factory=dict)  # ReceiverConfig *_timeout_s overrides
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> WorldConfig:
@@ -60,7 +64,11 @@ class WorldConfig:
             hidden_size=int(data["hidden_size"]),
             deepstack=int(data.get("deepstack", 0)),
             max_total_tokens=int(data.get("max_total_tokens", 1 << 24)),
+            timeouts={k: None if v is None else float(v) for k, v in dict(data.get("timeouts", {})).items()},
         )
+
+    def receiver_config(self) -> ReceiverConfig:
+        return ReceiverConfig(self.default_alloc_tokens, self.max_total_tokens, **self.timeouts)  # type: ignore[arg-type]
 
 
 @dataclass(slots=True)
@@ -117,13 +125,19 @@ class World:
         self.pool = TorchBlockBuffers(config.num_blocks, config.block_size, config.hidden_size, config.deepstack)
         self.allocator = OwningBlockAllocator(config.num_blocks, config.block_size)
         self.sender = InProcessSender(self.pool, seed=seed, bank_rows=bank_rows)
+        self.clock = ManualClock()
+        self.receiver_config = config.receiver_config()
         self.queue: ReceiverQueue[EmbeddingPayload] = ReceiverQueue(
             AuditedBuffers(self, self.pool),
             self.allocator,
-            ReceiverConfig(config.default_alloc_tokens, config.max_total_tokens),
+            self.receiver_config,
             spec=spec,
             request_class=request_class,
+            clock=self.clock,
         )
+        self._deadlines = deadlines(self.queue.spec, self.receiver_config)
+        self._entered: dict[Room, float] = {}
+        self._fair = False
         self.seed = seed
         self.bank_rows = bank_rows
         self.outcomes: dict[Room, Outcome] = {}
@@ -140,6 +154,7 @@ class World:
         link: SenderLink = self.sender.add_room(room, total_tokens, mrope_delta)
         request = self.queue.add(room, link)
         self.outcomes[room] = Outcome(room, total_tokens, [request.state])
+        self._entered[room] = self.clock.now()
         delta = self.sender.source(room).mrope_delta
         self._log({"arrive": {"room": room, "total_tokens": total_tokens, "mrope_delta": delta}})
         return request
@@ -157,7 +172,19 @@ class World:
             for request in ended:
                 self._judge_end(request)
             finished.extend(ended)
+            self._judge_deadlines()
         return finished
+
+    def advance(self, seconds: float) -> None:
+        """Time passes on the receiver's clock (deadlines are judged at the next iteration)."""
+        self._log({"advance": seconds})
+        self.clock.advance(seconds)
+
+    def kill(self, room: Room) -> None:
+        """The sender of ``room`` dies silently: it never writes or publishes again."""
+        self._log({"kill": room})
+        if room in self.sender.rooms():
+            self.sender.kill(room)
 
     def deliver(self, room: Room, blocks: int | None = None) -> bool:
         """The sender lands its pending chunk for ``room`` (only ``blocks`` of it, still in flight, if given)."""
@@ -222,19 +249,30 @@ class World:
 
     # ---- driving everything to an end -------------------------------------------------------------
 
-    def drain(self, patience: int = 3) -> None:
+    def drain(self, patience: int = 3, max_waits: int = 8) -> None:
         """Let the sender land everything and the caller release everything; nothing may be left over.
 
-        Under this fair schedule every request must end (I8); ``patience`` iterations without any
-        change anywhere mean it never will.
+        Under this fair schedule every request with a live sender must end without a timeout (I8);
+        ``patience`` iterations without any change mean it never will. Requests whose sender died can
+        only end by their deadline, so then the clock is moved past it (at most ``max_waits`` times).
         """
         self._log({"drain": patience})
+        longest = max(self._deadlines.values(), default=0.0)
+        waits = 0
         with self._quietly():
+            self._fair = True
             idle = 0
-            while idle < patience:
+            while True:
                 live = [r for r in self.queue if r.state not in (State.SUCCESS, State.FAILED)]
                 held = [r for r in self.queue if r.state is State.SUCCESS]
                 if not live and not held:
+                    break
+                if idle >= patience:
+                    if waits < max_waits and any(self._sender_dead(r.room) for r in live):
+                        self.clock.advance(longest + 1)
+                        waits, idle = waits + 1, 0
+                        continue
+                    self.violations.append(f"I8: no progress for {patience} fair iterations: {list(self.queue)}")
                     break
                 before = self._snapshot()
                 for request in live:
@@ -243,10 +281,12 @@ class World:
                 for request in held:
                     self.release(request.room)
                 idle = idle + 1 if self._snapshot() == before else 0
-            else:
-                self.violations.append(f"I8: no progress for {patience} fair iterations: {list(self.queue)}")
+            self._fair = False
         if self.allocator.owned_count:
             self.violations.append(f"I5: blocks leaked after drain: {self.allocator.owners()}")
+
+    def _sender_dead(self, room: Room) -> bool:
+        return room in self.sender.rooms() and self.sender.is_dead(room)
 
     def _snapshot(self) -> tuple[object, ...]:
         return (
@@ -306,6 +346,17 @@ class World:
             ):
                 self.violations.append(f"I7: room {request.room} went {last.name} -> {request.state.name}")
             seen.append(request.state)
+            self._entered[request.room] = self.clock.now()
+
+    def _judge_deadlines(self) -> None:
+        """After an iteration no live request may have stayed in its state longer than its deadline (I8)."""
+        now = self.clock.now()
+        for request in self.queue:
+            limit = self._deadlines.get(request.state)
+            if limit is not None and now - self._entered[request.room] > limit:
+                self.violations.append(
+                    f"I8: room {request.room} stayed {request.state.name} past its {limit:g} s deadline"
+                )
 
     def _judge_end(self, request: ReceiverRequest[EmbeddingPayload]) -> None:
         outcome = self.outcomes[request.room]
@@ -318,6 +369,8 @@ class World:
             self.violations.append(f"I1: room {request.room} read the pool {request.reads} times")
         if request.state is State.FAILED:
             outcome.verified = False
+            if self._fair and isinstance(request.error, TimedOut) and not self._sender_dead(request.room):
+                self.violations.append(f"I8: room {request.room} timed out under a fair schedule: {request.error}")
             if not isinstance(request.error, ReceiverError) or request.error.room != request.room:
                 self.violations.append(f"I10: room {request.room} failed without a typed error: {request.error!r}")
             return

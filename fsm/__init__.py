@@ -13,10 +13,11 @@ from .errors import (
     SenderFailed,
     SizeMismatch,
     SpecError,
+    TimedOut,
     TransportFailed,
 )
 from .kvpoll import KVPoll
-from .ports import AuxRow, BlockAllocator, BlockBuffers, Clock, RankGroup, SingleRank, TransportLink
+from .ports import AuxRow, BlockAllocator, BlockBuffers, Clock, MonotonicClock, RankGroup, SingleRank, TransportLink
 from .queue import ReceiverQueue
 from .request import ReceiverConfig, ReceiverRequest
 from .spec import ReceiverSpec, load_spec
@@ -31,6 +32,7 @@ __all__ = [
     "ContractError",
     "CorruptAux",
     "KVPoll",
+    "MonotonicClock",
     "OwnershipError",
     "PoolTooSmall",
     "ProtocolViolation",
@@ -47,6 +49,7 @@ __all__ = [
     "SizeMismatch",
     "SpecError",
     "State",
+    "TimedOut",
     "TransportFailed",
     "TransportLink",
     "load_spec",

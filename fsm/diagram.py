@@ -74,8 +74,20 @@ def polls_markdown(spec: ReceiverSpec) -> str:
     return "\n".join(rows)
 
 
+def timeouts_markdown(spec: ReceiverSpec) -> str:
+    from .request import ReceiverConfig
+
+    defaults = ReceiverConfig()
+    rows = ["| state | deadline (ReceiverConfig field) | default |", "|---|---|---|"]
+    for state, field in spec.timeouts.items():
+        value = getattr(defaults, field, None)
+        rows.append(f"| {state.name} | `{field}` | {'none' if value is None else f'{value:g} s'} |")
+    return "\n".join(rows)
+
+
 def generated_sections(spec: ReceiverSpec) -> dict[str, str]:
     return {
+        "timeouts": timeouts_markdown(spec),
         "states": states_markdown(spec),
         "transitions": transitions_markdown(spec),
         "polls": polls_markdown(spec),

@@ -60,6 +60,12 @@ class PoolTooSmall(ReceiverError):
     cause = "pool_too_small"
 
 
+class TimedOut(ReceiverError):
+    """The request stayed in one state past its deadline: a dead sender, or a pool that never frees."""
+
+    cause = "timeout"
+
+
 class Aborted(ReceiverError):
     """The client aborted the request."""
 

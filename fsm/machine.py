@@ -13,6 +13,7 @@ from .states import State
 
 WINDOW_OPENERS = {"aux": "open_aux_window", "data": "open_data_window"}
 WINDOW_CLOSER = "close_read_window"
+ENTRY_STAMP = "stamp_entry"
 
 # transitions logs every trigger at INFO and every ignored one at WARNING; the controller is on a hot path.
 logging.getLogger("transitions").setLevel(logging.ERROR)
@@ -36,7 +37,7 @@ def _entry(t: TransitionSpec) -> dict[str, Any]:
 
 def check_implemented(spec: ReceiverSpec, model_class: type) -> None:
     """Every action and guard the spec names must be a method of the model: no name without a body."""
-    needed = set(spec.actions) | set(spec.guards) | set(WINDOW_OPENERS.values()) | {WINDOW_CLOSER}
+    needed = set(spec.actions) | set(spec.guards) | set(WINDOW_OPENERS.values()) | {WINDOW_CLOSER, ENTRY_STAMP}
     missing = sorted(name for name in needed if not callable(getattr(model_class, name, None)))
     if missing:
         raise SpecError(f"{model_class.__name__} does not implement {missing}")
@@ -52,5 +53,6 @@ def build_machine(spec: ReceiverSpec, model_class: type) -> Machine:
         auto_transitions=False,
         send_event=True,
         finalize_event=WINDOW_CLOSER,
+        after_state_change=ENTRY_STAMP,
         ignore_invalid_triggers=False,
     )

@@ -6,6 +6,7 @@ everything it does to the world leaves through one. That is what makes it fuzzab
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -97,3 +98,10 @@ class SingleRank:
 
     def min_reduce(self, values: list[int]) -> list[int]:
         return values
+
+
+class MonotonicClock:
+    """The process's monotonic clock; tests and simulations inject a manual one instead."""
+
+    def now(self) -> float:
+        return time.monotonic()

@@ -16,8 +16,8 @@ from transitions import Machine
 from .errors import Aborted, PoolTooSmall, Room
 from .kvpoll import KVPoll
 from .machine import build_machine
-from .ports import BlockAllocator, BlockBuffers, PayloadT, RankGroup, SingleRank, TransportLink
-from .request import ReceiverConfig, ReceiverRequest, Wiring, poll_table
+from .ports import BlockAllocator, BlockBuffers, Clock, MonotonicClock, PayloadT, RankGroup, SingleRank, TransportLink
+from .request import ReceiverConfig, ReceiverRequest, Wiring, deadlines, poll_table
 from .spec import ReceiverSpec, load_spec
 from .states import State
 
@@ -32,13 +32,16 @@ class ReceiverQueue(Generic[PayloadT]):
         config: ReceiverConfig | None = None,
         *,
         ranks: RankGroup | None = None,
+        clock: Clock | None = None,
         spec: ReceiverSpec | None = None,
         request_class: type[ReceiverRequest[PayloadT]] = ReceiverRequest,
     ) -> None:
         if buffers.block_size != allocator.block_size:
             raise ValueError(f"buffers have B={buffers.block_size}, allocator B={allocator.block_size}")
         spec = spec or load_spec()
-        self._wiring = Wiring(spec, poll_table(spec), buffers, allocator, config or ReceiverConfig())
+        config = config or ReceiverConfig()
+        self._clock: Clock = clock or MonotonicClock()
+        self._wiring = Wiring(spec, poll_table(spec), buffers, allocator, config, self._clock, deadlines(spec, config))
         self._machine: Machine = build_machine(spec, request_class)
         self._request_class = request_class
         self._ranks: RankGroup = ranks or SingleRank()
@@ -77,6 +80,10 @@ class ReceiverQueue(Generic[PayloadT]):
         reduced = self._ranks.min_reduce([_poll(r) for r in polled])
         for request, value in zip(polled, reduced, strict=True):
             request.on_poll(value)
+        now = self._clock.now()
+        for request in polled:
+            if request.state not in self._wiring.spec.terminal:
+                request.check_deadline(now)
         self._allocate()
         return self._collect()
 

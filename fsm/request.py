@@ -11,9 +11,9 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic
 
-from .errors import CorruptAux, ReceiverError, Room, SizeMismatch, TransportFailed
+from .errors import CorruptAux, ReceiverError, Room, SizeMismatch, SpecError, TimedOut, TransportFailed
 from .kvpoll import KVPoll
-from .ports import BlockAllocator, BlockBuffers, PayloadT, TransportLink
+from .ports import BlockAllocator, BlockBuffers, Clock, PayloadT, TransportLink
 from .spec import PollOutcome, ReceiverSpec
 from .states import State
 from .window import ReadWindow
@@ -27,10 +27,21 @@ class ReceiverConfig:
 
     default_alloc_tokens: int = 8192
     max_total_tokens: int = 1 << 24
+    # Deadlines per state, in seconds (spec/receiver.toml [timeouts]); None waits forever. The states
+    # that wait on the sender have one by default; the ones that wait for the pool do not.
+    bootstrap_timeout_s: float | None = 60.0
+    admission_timeout_s: float | None = None
+    transfer_timeout_s: float | None = 60.0
+    blocks_timeout_s: float | None = None
+    resume_timeout_s: float | None = 60.0
 
     def __post_init__(self) -> None:
         if self.default_alloc_tokens <= 0 or self.max_total_tokens <= 0:
             raise ValueError("default_alloc_tokens and max_total_tokens must be positive")
+        for name in ("bootstrap", "admission", "transfer", "blocks", "resume"):
+            value = getattr(self, f"{name}_timeout_s")
+            if value is not None and value <= 0:
+                raise ValueError(f"{name}_timeout_s must be positive or None")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +53,20 @@ class Wiring(Generic[PayloadT]):
     buffers: BlockBuffers[PayloadT]
     allocator: BlockAllocator
     config: ReceiverConfig
+    clock: Clock
+    deadlines: Mapping[State, float]
+
+
+def deadlines(spec: ReceiverSpec, config: ReceiverConfig) -> dict[State, float]:
+    """The spec names which config field bounds each state; unset fields mean no deadline."""
+    found = {}
+    for state, field in spec.timeouts.items():
+        if not hasattr(config, field):
+            raise SpecError(f"timeouts.{state.name}: ReceiverConfig has no field {field!r}")
+        value = getattr(config, field)
+        if value is not None:
+            found[state] = float(value)
+    return found
 
 
 def poll_table(spec: ReceiverSpec) -> PollTable:
@@ -68,6 +93,7 @@ class ReceiverRequest(Generic[PayloadT]):
         self.reads = 0
         self.resumes = 0
         self.error: ReceiverError | None = None
+        self.entered_at = wiring.clock.now()
 
     def __repr__(self) -> str:
         return f"<ReceiverRequest room={self.room} {self.state.name} blocks={len(self.blocks)} landed={self.landed}>"
@@ -94,6 +120,16 @@ class ReceiverRequest(Generic[PayloadT]):
             self.trigger(event, **kwargs)
         except ReceiverError as error:
             self.trigger(self._wiring.spec.on_error, error=error)
+
+    def check_deadline(self, now: float) -> None:
+        """Fail with TimedOut when this request has stayed in its state past the spec's deadline."""
+        limit = self._wiring.deadlines.get(self.state)
+        if limit is not None and now - self.entered_at > limit:
+            self.fire("fail", error=TimedOut(self.room, f"{self.state.name} for more than {limit:g} s"))
+
+    def stamp_entry(self, event: Any) -> None:
+        """After every state change: deadlines count from here."""
+        self.entered_at = self._wiring.clock.now()
 
     @property
     def tokens_wanted(self) -> int:

@@ -60,6 +60,7 @@ class ReceiverSpec:
     causes: Mapping[str, type[errors.ReceiverError]]
     actions: Mapping[str, str]
     guards: Mapping[str, str]
+    timeouts: Mapping[State, str]
     raw: Mapping[str, Any]
 
     def transitions_from(self, state: State) -> tuple[TransitionSpec, ...]:
@@ -150,6 +151,7 @@ def _parse(raw: Mapping[str, Any]) -> ReceiverSpec:
         causes=causes,
         actions=actions,
         guards=guards,
+        timeouts={_state(name, "timeouts"): field for name, field in raw.get("timeouts", {}).items()},
         raw=raw,
     )
     _check_polls(spec)
@@ -226,5 +228,10 @@ def _check_polls(spec: ReceiverSpec) -> None:
         for value, outcome in table.items():
             if outcome.event is not None and outcome.event not in triggers:
                 raise SpecError(f"polls.{state.name}.{value.name}: no transition for {outcome.event!r}")
+    for state in spec.timeouts:
+        if state in spec.terminal:
+            raise SpecError(f"timeouts.{state.name}: a terminal state has no deadline")
+    if spec.timeouts and "timeout" not in spec.causes:
+        raise SpecError("timeouts need a `timeout` entry under [causes]")
     if spec.unknown_poll.cause is None:
         raise SpecError("polls.unknown must be 'fail:CAUSE': an unknown status is never harmless")

@@ -34,6 +34,7 @@ from epd_receiver.fsm import (
     SenderFailed,
     SizeMismatch,
     State,
+    TimedOut,
     TransportFailed,
     load_spec,
 )
@@ -178,12 +179,19 @@ class Bench:
     links: dict[Room, FakeLink] = field(default_factory=dict)
 
     @classmethod
-    def make(cls, block_size: int = B, num_blocks: int = POOL, default_alloc: int = D, max_total: int = MAX_T) -> Bench:
+    def make(
+        cls,
+        block_size: int = B,
+        num_blocks: int = POOL,
+        default_alloc: int = D,
+        max_total: int = MAX_T,
+        clock: Any = None,
+        **timeouts: float | None,
+    ) -> Bench:
         buffers = FakeBuffers(block_size)
         allocator = FakeAllocator(num_blocks, block_size)
-        queue: ReceiverQueue[FakePayload] = ReceiverQueue(
-            buffers, allocator, ReceiverConfig(default_alloc_tokens=default_alloc, max_total_tokens=max_total)
-        )
+        config = ReceiverConfig(default_alloc_tokens=default_alloc, max_total_tokens=max_total, **timeouts)  # type: ignore[arg-type]
+        queue: ReceiverQueue[FakePayload] = ReceiverQueue(buffers, allocator, config, clock=clock)
         return cls(buffers, allocator, queue)
 
     def add(self, room: Room, status: int = KVPoll.WaitingForInput) -> ReceiverRequest[FakePayload]:
@@ -440,9 +448,9 @@ PARKED_TOTAL = D + 3 * B  # remainder of 3 blocks: with the pool hogged, it cann
 RESUMED_TOTAL = 2 * D  # remainder of 2 blocks: served as soon as A0 comes back
 
 
-def bench_with_subject_in(state: State) -> Bench:
+def bench_with_subject_in(state: State, clock: Any = None, **timeouts: float | None) -> Bench:
     """A bench whose subject is in ``state`` and whose bystander is TRANSFERRING; no free block is left."""
-    bench = Bench.make()
+    bench = Bench.make(clock=clock, **timeouts)
     bench.add(SUBJECT, KVPoll.Bootstrapping)
     bench.add(BYSTANDER)
     bench.step()  # the bystander takes (0, 1)
@@ -770,6 +778,24 @@ def test_second_aux_read_raises_even_with_the_window_open() -> None:
     assert bench.buffers.aux_reads == [0]
 
 
+def test_an_open_data_window_grants_only_the_current_allocation_and_its_capacity() -> None:
+    bench = Bench.make()
+    request = bench.add(1)
+    bench.step()
+    assert request.blocks == (0, 1)
+    payload = bench.buffers.new_payload(2 * B, 0)
+
+    request._window.grant_data(request.blocks)  # as a transition with reads = ["data"] does
+    with pytest.raises(ReadOutsideWindow, match="granted"):
+        request._window.gather((0, 2), B, payload, 0)  # a block that is not this allocation's
+    with pytest.raises(ReadOutsideWindow, match="granted"):
+        request._window.gather((1, 0), B, payload, 0)  # the right blocks, in the wrong order
+    with pytest.raises(ReadOutsideWindow, match="tokens"):
+        request._window.gather((0, 1), 2 * B + 1, payload, 0)  # more than they hold
+    request._window.gather((0, 1), 2 * B, payload, 0)
+    assert bench.buffers.gathers == [((0, 1), 2 * B, 0)]
+
+
 class RereadsAux(ReceiverRequest[FakePayload]):
     """A faulty controller that reads the aux row again while gathering the first chunk."""
 
@@ -838,3 +864,61 @@ def test_noop_polls_call_no_trigger(monkeypatch: pytest.MonkeyPatch) -> None:
     bench.step()
     assert calls == [("payload_landed",)]  # the spy does see a real event
     assert subject.state is State.SUCCESS
+
+
+# ---- deadlines --------------------------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def now(self) -> float:
+        return self.t
+
+
+DEADLINES = {
+    State.BOOTSTRAPPING: "bootstrap_timeout_s",
+    State.WAITING_FOR_INPUT: "admission_timeout_s",
+    State.TRANSFERRING: "transfer_timeout_s",
+    State.WAITING_FOR_BLOCKS: "blocks_timeout_s",
+    State.RESUMING: "resume_timeout_s",
+}
+
+
+def test_every_waiting_state_has_a_deadline_in_the_spec() -> None:
+    assert dict(SPEC.timeouts) == DEADLINES
+
+
+@pytest.mark.parametrize("state", list(DEADLINES), ids=[s.name for s in DEADLINES])
+def test_a_request_that_overstays_its_state_times_out_and_frees_what_it_holds(state: State) -> None:
+    clock = FakeClock()
+    bench = bench_with_subject_in(state, clock=clock, **{DEADLINES[state]: 10.0})
+    subject = bench.queue.get(SUBJECT)
+    assert subject is not None and subject.state is state
+
+    clock.t += 10.0
+    bench.step()
+    assert subject.state is state, "exactly at the deadline is still in time"
+
+    clock.t += 0.5
+    bench.step()
+    assert_failed_cleanly(bench, subject, TimedOut)
+    assert "10 s" in str(subject.error)
+
+
+def test_a_status_that_arrived_in_time_wins_over_the_deadline() -> None:
+    clock = FakeClock()
+    bench = bench_with_subject_in(State.TRANSFERRING, clock=clock, transfer_timeout_s=10.0)
+    clock.t += 11.0
+    bench.land(SUBJECT, D, KVPoll.Success)  # the status was there when this iteration polled
+    bench.step()
+    assert bench.queue.get(SUBJECT).state is State.SUCCESS  # type: ignore[union-attr]
+
+
+def test_states_without_a_deadline_wait_forever() -> None:
+    clock = FakeClock()
+    bench = bench_with_subject_in(State.WAITING_FOR_BLOCKS, clock=clock, blocks_timeout_s=None)
+    clock.t += 1e9
+    bench.step()
+    assert bench.queue.get(SUBJECT).state is State.WAITING_FOR_BLOCKS  # type: ignore[union-attr]

@@ -12,7 +12,7 @@ import pytest
 from transitions import Machine, Transition
 
 from epd_receiver.fsm import ReceiverRequest, ReceiverSpec, State, load_spec
-from epd_receiver.fsm.machine import WINDOW_CLOSER, WINDOW_OPENERS, build_machine, check_implemented
+from epd_receiver.fsm.machine import ENTRY_STAMP, WINDOW_CLOSER, WINDOW_OPENERS, build_machine, check_implemented
 from epd_receiver.fsm.spec import TransitionSpec
 
 SPEC: ReceiverSpec = load_spec()
@@ -87,7 +87,7 @@ def test_internal_transitions_are_exactly_the_spec_internal_ones() -> None:
 
 def test_every_read_window_is_closed_when_an_event_finishes() -> None:
     assert MACHINE.finalize_event == [WINDOW_CLOSER]
-    assert MACHINE.before_state_change == [] and MACHINE.after_state_change == []
+    assert MACHINE.before_state_change == [] and MACHINE.after_state_change == [ENTRY_STAMP]
     assert MACHINE.prepare_event == []
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from epd_receiver.fsm import KVPoll, ReceiverRequest, SpecError, State, errors
-from epd_receiver.fsm.machine import WINDOW_CLOSER, WINDOW_OPENERS, build_machine, check_implemented
+from epd_receiver.fsm.machine import ENTRY_STAMP, WINDOW_CLOSER, WINDOW_OPENERS, build_machine, check_implemented
 from epd_receiver.fsm.spec import ReceiverSpec, default_spec_text, load_spec
 
 # ---- a tiny TOML writer, enough for the spec's shape ------------------------------------------------
@@ -322,7 +322,7 @@ def _model_with(names: set[str]) -> type:
 
 
 def _needed(spec: ReceiverSpec) -> set[str]:
-    return set(spec.actions) | set(spec.guards) | set(WINDOW_OPENERS.values()) | {WINDOW_CLOSER}
+    return set(spec.actions) | set(spec.guards) | set(WINDOW_OPENERS.values()) | {WINDOW_CLOSER, ENTRY_STAMP}
 
 
 def test_receiver_request_implements_the_packaged_spec(spec: ReceiverSpec) -> None:
@@ -335,7 +335,7 @@ def test_a_model_with_every_named_method_passes(spec: ReceiverSpec) -> None:
 
 @pytest.mark.parametrize(
     "missing",
-    sorted(load_spec().actions) + sorted(WINDOW_OPENERS.values()) + [WINDOW_CLOSER],
+    sorted(load_spec().actions) + sorted(WINDOW_OPENERS.values()) + [WINDOW_CLOSER, ENTRY_STAMP],
 )
 def test_a_model_lacking_a_named_method_is_refused(spec: ReceiverSpec, missing: str) -> None:
     model = _model_with(_needed(spec) - {missing})
