@@ -29,7 +29,7 @@ def _arrive(world: World, request: Mapping[str, Any]) -> None:
     if room in world.outcomes:
         raise ScenarioError(f"room {room} arrives twice")
     delta = request.get("mrope_delta")
-    world.arrive(room, total, None if delta is None else int(delta))
+    world.arrive(room, total, None if delta is None else int(delta), progress=bool(request.get("progress", False)))
 
 
 def _room_and(argument: Any, key: str) -> tuple[int, Any]:
@@ -113,6 +113,7 @@ def replay(
             EVENTS[name](world, argument)
         except (KeyError, TypeError, ValueError) as error:
             raise ScenarioError(f"event {index} {event!r}: {error}") from error
+        world.checkpoint()
     return world.report()
 
 

@@ -121,6 +121,7 @@ class _Room:
     sent_tokens: int = 0
     pending: Chunk | None = None
     handshake_pending: bool = False
+    progress: bool = False
     dead: bool = False
     failure: str | None = None
     messages: list[Message] = field(default_factory=list)
@@ -138,7 +139,13 @@ class InProcessSender:
     # ---- rooms -----------------------------------------------------------------------------------
 
     def add_room(
-        self, room: Room, total_tokens: int, mrope_delta: int | None = None, *, handshake_done: bool = True
+        self,
+        room: Room,
+        total_tokens: int,
+        mrope_delta: int | None = None,
+        *,
+        handshake_done: bool = True,
+        progress: bool = False,
     ) -> SenderLink:
         """Encode a request of ``total_tokens`` tokens; the source is seeded by the sender's seed and the room."""
         if room in self._rooms:
@@ -152,12 +159,15 @@ class InProcessSender:
             mrope_delta = int(torch.randint(-4096, 4096, (1,), generator=generator))
         source = SourcePayload(self.bank, fill_ids, mrope, mrope_delta)
         status = KVPoll.WaitingForInput if handshake_done else KVPoll.Bootstrapping
-        self._rooms[room] = _Room(source, status, handshake_pending=not handshake_done)
-        return SenderLink(self, room)
+        self._rooms[room] = _Room(source, status, handshake_pending=not handshake_done, progress=progress)
+        return self.link(room)
 
     def link(self, room: Room) -> SenderLink:
-        self._rooms[room]
-        return SenderLink(self, room)
+        """The receiver's end of ``room``; it reports progress if the room was added with ``progress``."""
+        return ProgressSenderLink(self, room) if self._rooms[room].progress else SenderLink(self, room)
+
+    def has_progress(self, room: Room) -> bool:
+        return self._rooms[room].progress
 
     def source(self, room: Room) -> SourcePayload:
         return self._rooms[room].source
@@ -319,3 +329,12 @@ class SenderLink:
 
     def abort(self) -> None:
         self._sender.on_abort(self._room)
+
+
+class ProgressSenderLink(SenderLink):
+    """A link that also reports the tokens landed so far (the ProgressLink port): resumes in rounds."""
+
+    __slots__ = ()
+
+    def landed_tokens(self) -> int:
+        return self._sender.sent_tokens(self._room)

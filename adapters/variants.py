@@ -301,6 +301,13 @@ CATALOGUE = (
         caught_by=frozenset({"I6"}),
     ),
     Variant(
+        "second-round-never-triggered",
+        21,
+        "A Transferring after a resume is always ignored, so a remainder larger than one round never completes.",
+        overlay={"polls": {"RESUMING": {"Transferring": "noop"}}},
+        caught_by=frozenset({"I8"}),
+    ),
+    Variant(
         "stale-aux-assumed-zero",
         22,
         "At Success after a resume, a non-zero aux row in A1[0] (stale, from an earlier request) is taken as T.",
@@ -354,7 +361,6 @@ PENDING: dict[int, str] = {
     4: "ranks disagree on T and S: needs tensor-parallel ranks",
     16: "resume fan-in race across ranks: needs tensor-parallel ranks",
     20: "fake receiver init without allocated_tokens: needs warm-up requests",
-    21: "a second resume round never triggered: needs multi-round resume",
     23: "abort does not fence the sender: needs fencing",
 }
 

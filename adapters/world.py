@@ -137,6 +137,7 @@ class World:
         )
         self._deadlines = deadlines(self.queue.spec, self.receiver_config)
         self._entered: dict[Room, float] = {}
+        self._stage: dict[Room, tuple[State, int]] = {}
         self._fair = False
         self.seed = seed
         self.bank_rows = bank_rows
@@ -149,14 +150,16 @@ class World:
     # ---- the vocabulary of scenarios (each call is logged as the replay event that repeats it) -----
 
     def arrive(
-        self, room: Room, total_tokens: int, mrope_delta: int | None = None
+        self, room: Room, total_tokens: int, mrope_delta: int | None = None, progress: bool = False
     ) -> ReceiverRequest[EmbeddingPayload]:
-        link: SenderLink = self.sender.add_room(room, total_tokens, mrope_delta)
+        """A request arrives; with ``progress`` its sender reports tokens landed, so it may resume in rounds."""
+        link: SenderLink = self.sender.add_room(room, total_tokens, mrope_delta, progress=progress)
         request = self.queue.add(room, link)
         self.outcomes[room] = Outcome(room, total_tokens, [request.state])
         self._entered[room] = self.clock.now()
         delta = self.sender.source(room).mrope_delta
-        self._log({"arrive": {"room": room, "total_tokens": total_tokens, "mrope_delta": delta}})
+        arrival = {"room": room, "total_tokens": total_tokens, "mrope_delta": delta}
+        self._log({"arrive": arrival | ({"progress": True} if progress else {})})
         return request
 
     def step(self, iterations: int = 1) -> list[ReceiverRequest[EmbeddingPayload]]:
@@ -249,12 +252,13 @@ class World:
 
     # ---- driving everything to an end -------------------------------------------------------------
 
-    def drain(self, patience: int = 3, max_waits: int = 8) -> None:
+    def drain(self, patience: int = 3, max_waits: int = 8, max_iterations: int = 2000) -> None:
         """Let the sender land everything and the caller release everything; nothing may be left over.
 
         Under this fair schedule every request with a live sender must end without a timeout (I8);
-        ``patience`` iterations without any change mean it never will. Requests whose sender died can
-        only end by their deadline, so then the clock is moved past it (at most ``max_waits`` times).
+        ``patience`` iterations without any change mean it never will, and so do ``max_iterations``
+        with changes that lead nowhere (a livelock). Requests whose sender died can only end by their
+        deadline, so then the clock is moved past it (at most ``max_waits`` times).
         """
         self._log({"drain": patience})
         longest = max(self._deadlines.values(), default=0.0)
@@ -262,7 +266,7 @@ class World:
         with self._quietly():
             self._fair = True
             idle = 0
-            while True:
+            for _ in range(max_iterations):
                 live = [r for r in self.queue if r.state not in (State.SUCCESS, State.FAILED)]
                 held = [r for r in self.queue if r.state is State.SUCCESS]
                 if not live and not held:
@@ -281,6 +285,8 @@ class World:
                 for request in held:
                     self.release(request.room)
                 idle = idle + 1 if self._snapshot() == before else 0
+            else:
+                self.violations.append(f"I8: not done after {max_iterations} fair iterations: {list(self.queue)}")
             self._fair = False
         if self.allocator.owned_count:
             self.violations.append(f"I5: blocks leaked after drain: {self.allocator.owners()}")
@@ -321,11 +327,16 @@ class World:
 
     # ---- the judge -------------------------------------------------------------------------------
 
+    def checkpoint(self) -> None:
+        """Judge the state now and keep what is wrong: a replay is judged after every event, like the fuzzer."""
+        for violation in self._check_messages() + self._check_ownership():
+            if violation not in self.violations:
+                self.violations.append(violation)
+
     def check(self) -> list[str]:
         """All invariant violations seen so far, including the ones only visible in the current state."""
         found = list(self.violations)
-        found += self._check_messages()
-        found += self._check_ownership()
+        found += [v for v in self._check_messages() + self._check_ownership() if v not in found]
         return found
 
     def _contract(self, action: Any) -> Any:
@@ -337,16 +348,23 @@ class World:
 
     def _observe_states(self, ended: Sequence[ReceiverRequest[EmbeddingPayload]] = ()) -> None:
         for request in [*self.queue, *ended]:
-            seen = self.outcomes[request.room].states
+            room = request.room
+            stage = (request.state, len(self.sender.room_messages(room)) if room in self.sender.rooms() else -1)
+            if self._stage.get(room) != stage:  # a new state, or the same state for a new round
+                self._stage[room] = stage
+                self._entered[room] = self.clock.now()
+            seen = self.outcomes[room].states
             if seen[-1] is request.state:
                 continue
             last = seen[-1]
+            next_round = (last, request.state) == (State.RESUMING, State.WAITING_FOR_BLOCKS) and (
+                self.sender.has_progress(room)
+            )
             if last in (State.SUCCESS, State.FAILED) or (
-                request.state is not State.FAILED and STATE_ORDER[request.state] < STATE_ORDER[last]
+                request.state is not State.FAILED and STATE_ORDER[request.state] < STATE_ORDER[last] and not next_round
             ):
-                self.violations.append(f"I7: room {request.room} went {last.name} -> {request.state.name}")
+                self.violations.append(f"I7: room {room} went {last.name} -> {request.state.name}")
             seen.append(request.state)
-            self._entered[request.room] = self.clock.now()
 
     def _judge_deadlines(self) -> None:
         """After an iteration no live request may have stayed in its state longer than its deadline (I8)."""
@@ -365,7 +383,9 @@ class World:
         outcome.reads, outcome.resumes = request.reads, request.resumes
         outcome.total, outcome.landed = request.total_tokens, request.landed
         outcome.error = str(request.error) if request.error else None
-        if request.reads > MAX_READS_PER_REQUEST:
+        # two reads, plus one per extra round when the sender reports progress
+        allowed = MAX_READS_PER_REQUEST + max(0, request.resumes - 1) * self.sender.has_progress(request.room)
+        if request.reads > allowed:
             self.violations.append(f"I1: room {request.room} read the pool {request.reads} times")
         if request.state is State.FAILED:
             outcome.verified = False

@@ -64,6 +64,11 @@ class BlockAllocator(Protocol):
         """Return blocks ``owner`` holds; raises OwnershipError on a double or foreign free."""
         ...
 
+    @property
+    def free_count(self) -> int:
+        """Blocks an allocation could take now."""
+        ...
+
 
 class TransportLink(Protocol):
     """One request's connection to its sender."""
@@ -79,6 +84,13 @@ class TransportLink(Protocol):
     def abort(self) -> None:
         """The request is over on this side: the sender must not start another write for it."""
         ...
+
+
+class ProgressLink(TransportLink, Protocol):
+    """A link whose sender also reports how many tokens have landed so far (not in SGLang's wire
+    protocol, which carries the status only). With it a resume may cover only part of the remainder."""
+
+    def landed_tokens(self) -> int: ...
 
 
 class RankGroup(Protocol):

@@ -91,8 +91,13 @@ class ReceiverQueue(Generic[PayloadT]):
         allocator = self._wiring.allocator
         for request in self._waiting():
             wanted = request.tokens_wanted
-            blocks_needed = -(-wanted // allocator.block_size)
-            if blocks_needed > allocator.num_blocks:
+            if request.takes_partial_grants:
+                # Several rounds are possible: take what is free now, at least one block.
+                wanted = min(wanted, allocator.free_count * allocator.block_size)
+                if wanted == 0:
+                    return
+            elif -(-wanted // allocator.block_size) > allocator.num_blocks:
+                blocks_needed = -(-wanted // allocator.block_size)
                 request.fire(
                     "fail",
                     error=PoolTooSmall(

@@ -94,6 +94,7 @@ class ReceiverRequest(Generic[PayloadT]):
         self.resumes = 0
         self.error: ReceiverError | None = None
         self.entered_at = wiring.clock.now()
+        self._landed_tokens: Callable[[], int] | None = getattr(link, "landed_tokens", None)
 
     def __repr__(self) -> str:
         return f"<ReceiverRequest room={self.room} {self.state.name} blocks={len(self.blocks)} landed={self.landed}>"
@@ -106,7 +107,7 @@ class ReceiverRequest(Generic[PayloadT]):
         if table is None:
             return
         outcome = table.get(value, self._wiring.spec.unknown_poll)
-        if outcome.event is None:
+        if outcome.event is None or (outcome.guard is not None and not getattr(self, outcome.guard)()):
             return
         if outcome.cause is not None:
             error_type = self._wiring.spec.causes[outcome.cause]
@@ -130,6 +131,19 @@ class ReceiverRequest(Generic[PayloadT]):
     def stamp_entry(self, event: Any) -> None:
         """After every state change: deadlines count from here."""
         self.entered_at = self._wiring.clock.now()
+
+    @property
+    def takes_partial_grants(self) -> bool:
+        """A remainder may come in several rounds only when the sender reports progress."""
+        return self._landed_tokens is not None and self.total_tokens is not None
+
+    # ---- guards ----------------------------------------------------------------------------------
+
+    def sender_progressed(self, event: Any = None) -> bool:
+        """A whole round landed and the payload is not complete yet (the last round ends with Success)."""
+        if self._landed_tokens is None or self.total_tokens is None:
+            return False
+        return self.landed + self.capacity <= self._landed_tokens() < self.total_tokens
 
     @property
     def tokens_wanted(self) -> int:
@@ -186,6 +200,17 @@ class ReceiverRequest(Generic[PayloadT]):
         if self._total() > self.capacity:
             raise SizeMismatch(
                 self.room, f"Success, but T={self._total()} exceeds the {self.capacity} tokens allocated"
+            )
+
+    def expect_landed(self, event: Any) -> None:
+        if self._landed_tokens is None:
+            return
+        reported = self._landed_tokens()
+        holds = self.landed + min(self._total() - self.landed, self.capacity)
+        if reported != holds:
+            raise SizeMismatch(
+                self.room,
+                f"the sender reports {reported} tokens landed; after {self.landed} the allocation holds {holds}",
             )
 
     def gather_landed(self, event: Any) -> None:

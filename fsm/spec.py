@@ -41,6 +41,7 @@ class PollOutcome:
 
     event: str | None = None
     cause: str | None = None
+    guard: str | None = None
 
     @property
     def is_noop(self) -> bool:
@@ -211,7 +212,8 @@ def _outcome(text: str, where: str, causes: Mapping[str, type[errors.ReceiverErr
         return PollOutcome(event=on_error, cause=cause)
     if text == on_error:
         raise SpecError(f"{where}: {on_error!r} needs a cause: write '{FAIL_PREFIX}CAUSE'")
-    return PollOutcome(event=text)
+    event, _, guard = text.partition(" if ")
+    return PollOutcome(event=event.strip(), guard=guard.strip() or None)
 
 
 def _check_polls(spec: ReceiverSpec) -> None:
@@ -228,6 +230,8 @@ def _check_polls(spec: ReceiverSpec) -> None:
         for value, outcome in table.items():
             if outcome.event is not None and outcome.event not in triggers:
                 raise SpecError(f"polls.{state.name}.{value.name}: no transition for {outcome.event!r}")
+            if outcome.guard is not None and outcome.guard not in spec.guards:
+                raise SpecError(f"polls.{state.name}.{value.name}: guard {outcome.guard!r} not declared under [guards]")
     for state in spec.timeouts:
         if state in spec.terminal:
             raise SpecError(f"timeouts.{state.name}: a terminal state has no deadline")

@@ -105,6 +105,10 @@ class FakeAllocator:
     def num_blocks(self) -> int:
         return self._num_blocks
 
+    @property
+    def free_count(self) -> int:
+        return len(self.free_list)
+
     def alloc(self, owner: Room, tokens: int) -> tuple[int, ...] | None:
         needed = -(-tokens // self._block_size)
         if needed > len(self.free_list):
@@ -504,11 +508,13 @@ def test_poll_cell_behaves_as_the_spec_declares(state: State, value: KVPoll) -> 
     sent_before = bench.links[SUBJECT].sent()
     reads_before = subject.reads
     aux_reads_before = list(bench.buffers.aux_reads)
+    # a guarded cell is the fast path while its guard does not hold (here: a link without progress)
+    noop = outcome.is_noop or (outcome.guard is not None and not getattr(subject, outcome.guard)())
 
     bench.step()
 
     assert bystander.state is State.SUCCESS
-    if outcome.is_noop:
+    if noop:
         assert subject.state is state
         assert bench.links[SUBJECT].sent() == sent_before
         assert subject.reads == reads_before
@@ -922,3 +928,89 @@ def test_states_without_a_deadline_wait_forever() -> None:
     clock.t += 1e9
     bench.step()
     assert bench.queue.get(SUBJECT).state is State.WAITING_FOR_BLOCKS  # type: ignore[union-attr]
+
+
+# ---- several resume rounds (links that report progress) ---------------------------------------------
+
+
+class ProgressLink(FakeLink):
+    """A link whose sender also reports the tokens landed so far."""
+
+    def __init__(self, status: int = KVPoll.WaitingForInput) -> None:
+        super().__init__(status)
+        self.landed = 0
+
+    def landed_tokens(self) -> int:
+        return self.landed
+
+
+def progress_bench(total: int) -> tuple[Bench, ProgressLink, ReceiverRequest[FakePayload]]:
+    """Pool of 3 blocks of 4 (A0 = 2 blocks); the subject's first chunk of 8 has landed and been read."""
+    bench = Bench.make(num_blocks=3)
+    link = ProgressLink()
+    bench.links[SUBJECT] = link
+    request = bench.queue.add(SUBJECT, link)
+    bench.step()
+    bench.land(SUBJECT, total, KVPoll.Transferring)
+    link.landed = 8
+    bench.step()
+    assert request.state is State.RESUMING and request.capacity == 12
+    return bench, link, request
+
+
+def test_with_progress_a_payload_larger_than_the_pool_arrives_in_rounds_each_read_once() -> None:
+    bench, link, request = progress_bench(total=30)
+    assert link.inits == [((0, 1), 8)]
+    assert link.resumes == [((2, 0, 1), 8, 12)]  # every free block, fewer than the remainder of 22
+
+    bench.step(3)  # Transferring, nothing new landed: the fast path
+    assert request.reads == 1 and len(link.resumes) == 1
+    link.landed = 20  # round 1 is full
+    bench.step()
+    assert link.resumes[-1] == ((2, 0, 1), 20, 12)  # read, freed (FIFO hands them back), resumed at S=20
+    assert request.reads == 2
+
+    link.landed, link.status = 30, KVPoll.Success  # the last round ends the transfer
+    bench.step()
+
+    assert request.state is State.SUCCESS
+    assert request.landed == 30 and request.payload is not None and None not in request.payload.sources
+    assert [g[1:] for g in bench.buffers.gathers] == [(8, 0), (12, 8), (10, 20)]
+    assert request.reads == 3
+
+
+@pytest.mark.parametrize("landed", [9, 19])
+def test_a_round_still_in_flight_is_not_read(landed: int) -> None:
+    bench, link, request = progress_bench(total=30)
+    link.landed = landed
+    bench.step()
+    assert request.state is State.RESUMING and request.reads == 1 and len(link.resumes) == 1
+
+
+@pytest.mark.parametrize("landed", [21, 29])
+def test_a_landed_count_beyond_the_round_fails_with_size_mismatch(landed: int) -> None:
+    bench, link, request = progress_bench(total=30)
+    link.landed = landed  # a full round lands exactly 8 + 12 = 20
+    bench.step()
+    assert_failed_cleanly(bench, request, SizeMismatch)
+
+
+def test_a_success_whose_landed_count_is_not_t_fails_with_size_mismatch() -> None:
+    bench = Bench.make()
+    link = ProgressLink()
+    bench.links[SUBJECT] = link
+    subject = bench.queue.add(SUBJECT, link)
+    bench.step()
+    bench.land(SUBJECT, 6, KVPoll.Success)
+    link.landed = 5
+    bench.step()
+    assert_failed_cleanly(bench, subject, SizeMismatch)
+
+
+def test_without_progress_a_remainder_beyond_the_pool_fails_instead_of_waiting() -> None:
+    bench = Bench.make(num_blocks=3)
+    subject = bench.add(SUBJECT)
+    bench.step()
+    bench.land(SUBJECT, 30, KVPoll.Transferring)
+    bench.step()
+    assert_failed_cleanly(bench, subject, PoolTooSmall)

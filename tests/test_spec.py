@@ -133,9 +133,12 @@ def test_only_transitions_that_copy_landed_data_open_read_windows(spec: Receiver
         ("first_chunk_landed", (State.TRANSFERRING,)),
         ("payload_landed", (State.TRANSFERRING,)),
         ("payload_landed", (State.RESUMING,)),
+        ("round_landed", (State.RESUMING,)),  # only with sender progress, and never the aux row
     }
     for t in spec.transitions:
         assert t.reads <= {"aux", "data"}
+        if t.sources != (State.TRANSFERRING,):
+            assert "aux" not in t.reads, "only A0's transitions may read the aux row"
 
 
 # ---- inconsistencies the loader refuses -------------------------------------------------------------
