@@ -130,7 +130,8 @@ class ReceiverProtocol(RuleBasedStateMachine):
         d, pool = config.default_alloc_tokens, config.num_blocks * config.block_size
         lengths = [st.integers(1, d), st.integers(d + 1, d + pool), st.integers(d + 1, 2 * d), st.integers(1, 3 * pool)]
         total = data.draw(st.one_of(lengths), label="T")
-        self.world.arrive(self.next_room, total, progress=data.draw(st.booleans(), label="progress"))
+        kind = data.draw(st.sampled_from(["plain", "progress", "plain", "progress", "warm-up"]), label="kind")
+        self.world.arrive(self.next_room, total, progress=kind == "progress", warmup=kind == "warm-up")
         self.next_room += 1
 
     # ---- views of the world, in a stable order ----------------------------------------------------

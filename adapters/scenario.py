@@ -29,7 +29,13 @@ def _arrive(world: World, request: Mapping[str, Any]) -> None:
     if room in world.outcomes:
         raise ScenarioError(f"room {room} arrives twice")
     delta = request.get("mrope_delta")
-    world.arrive(room, total, None if delta is None else int(delta), progress=bool(request.get("progress", False)))
+    world.arrive(
+        room,
+        total,
+        None if delta is None else int(delta),
+        progress=bool(request.get("progress", False)),
+        warmup=bool(request.get("warmup", False)),
+    )
 
 
 def _room_and(argument: Any, key: str) -> tuple[int, Any]:

@@ -167,7 +167,7 @@ class InProcessSender:
         return ProgressSenderLink(self, room) if self._rooms[room].progress else SenderLink(self, room)
 
     def has_progress(self, room: Room) -> bool:
-        return self._rooms[room].progress
+        return room in self._rooms and self._rooms[room].progress
 
     def source(self, room: Room) -> SourcePayload:
         return self._rooms[room].source
@@ -176,7 +176,9 @@ class InProcessSender:
         return self._rooms[room].status
 
     def pending(self, room: Room) -> Chunk | None:
-        return self._rooms[room].pending
+        """The chunk not landed yet for ``room``; None also for a room this sender does not serve."""
+        state = self._rooms.get(room)
+        return None if state is None else state.pending
 
     def failure(self, room: Room) -> str | None:
         return self._rooms[room].failure
@@ -185,7 +187,8 @@ class InProcessSender:
         return self._rooms[room].sent_tokens
 
     def room_messages(self, room: Room) -> list[Message]:
-        return self._rooms[room].messages
+        state = self._rooms.get(room)
+        return [] if state is None else state.messages
 
     def rooms(self) -> list[Room]:
         return list(self._rooms)
@@ -282,7 +285,8 @@ class InProcessSender:
 
     def published(self, room: Room) -> list[KVPoll]:
         """Every status message sent for ``room`` so far: the only ones that can arrive again, or late."""
-        return list(dict.fromkeys(self._rooms[room].published))
+        state = self._rooms.get(room)
+        return [] if state is None else list(dict.fromkeys(state.published))
 
     # ---- helpers ---------------------------------------------------------------------------------
 
@@ -338,3 +342,24 @@ class ProgressSenderLink(SenderLink):
 
     def landed_tokens(self) -> int:
         return self._sender.sent_tokens(self._room)
+
+
+class WarmupLink:
+    """The sender of a warm-up (health) request: ready at once, Success after the init, writes nothing."""
+
+    __slots__ = ("inits",)
+
+    def __init__(self) -> None:
+        self.inits: list[tuple[tuple[int, ...], int]] = []
+
+    def poll(self) -> int:
+        return int(KVPoll.Success if self.inits else KVPoll.WaitingForInput)
+
+    def init(self, blocks: Sequence[int], allocated_tokens: int) -> None:
+        self.inits.append((tuple(blocks), allocated_tokens))
+
+    def resume(self, blocks: Sequence[int], sent_tokens: int, allocated_tokens: int) -> None:
+        raise AssertionError("a warm-up request never resumes")
+
+    def abort(self) -> None:
+        pass

@@ -115,6 +115,13 @@ class DeltaDropped(ReceiverRequest[EmbeddingPayload]):
         self.mrope_delta = self.payload.mrope_delta = 0
 
 
+class WarmupTreatedAsReal(ReceiverRequest[EmbeddingPayload]):
+    """#20: a warm-up (fake) request is not told apart, so it takes real blocks and gets a real init."""
+
+    def is_warmup(self, event: Any = None) -> bool:
+        return False
+
+
 class StaleAuxTrusted(ReceiverRequest[EmbeddingPayload]):
     """#22: a resume block's aux row is assumed zero when unwritten; a non-zero value is taken as T."""
 
@@ -301,6 +308,13 @@ CATALOGUE = (
         caught_by=frozenset({"I6"}),
     ),
     Variant(
+        "warmup-treated-as-real",
+        20,
+        "Warm-up (fake) requests go down the real path: they take blocks, send a real init and read the pool.",
+        WarmupTreatedAsReal,
+        caught_by=frozenset({"I11", "I5", "I2", "I10"}),
+    ),
+    Variant(
         "second-round-never-triggered",
         21,
         "A Transferring after a resume is always ignored, so a remainder larger than one round never completes.",
@@ -360,7 +374,6 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in CATALOGUE}
 PENDING: dict[int, str] = {
     4: "ranks disagree on T and S: needs tensor-parallel ranks",
     16: "resume fan-in race across ranks: needs tensor-parallel ranks",
-    20: "fake receiver init without allocated_tokens: needs warm-up requests",
     23: "abort does not fence the sender: needs fencing",
 }
 

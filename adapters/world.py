@@ -32,7 +32,7 @@ from .allocator import OwningBlockAllocator
 from .buffers import TorchBlockBuffers
 from .clock import ManualClock
 from .payload import EmbeddingPayload
-from .sender import InProcessSender, SenderLink
+from .sender import InProcessSender, SenderLink, WarmupLink
 
 STATE_ORDER = {
     State.BOOTSTRAPPING: 0,
@@ -86,6 +86,7 @@ class Outcome:
     error: str | None = None
     total: int | None = None
     landed: int = 0
+    warmup: bool = False
 
 
 class AuditedBuffers:
@@ -150,9 +151,21 @@ class World:
     # ---- the vocabulary of scenarios (each call is logged as the replay event that repeats it) -----
 
     def arrive(
-        self, room: Room, total_tokens: int, mrope_delta: int | None = None, progress: bool = False
+        self,
+        room: Room,
+        total_tokens: int,
+        mrope_delta: int | None = None,
+        progress: bool = False,
+        warmup: bool = False,
     ) -> ReceiverRequest[EmbeddingPayload]:
-        """A request arrives; with ``progress`` its sender reports tokens landed, so it may resume in rounds."""
+        """A request arrives; with ``progress`` its sender reports tokens landed, so it may resume in rounds;
+        a ``warmup`` request is a health check whose stand-in sender writes nothing (I11)."""
+        if warmup:
+            self._log({"arrive": {"room": room, "total_tokens": total_tokens, "warmup": True}})
+            request = self.queue.add(room, WarmupLink(), warmup=True)
+            self.outcomes[room] = Outcome(room, total_tokens, [request.state], warmup=True)
+            self._entered[room] = self.clock.now()
+            return request
         link: SenderLink = self.sender.add_room(room, total_tokens, mrope_delta, progress=progress)
         request = self.queue.add(room, link)
         self.outcomes[room] = Outcome(room, total_tokens, [request.state])
@@ -394,6 +407,11 @@ class World:
             if not isinstance(request.error, ReceiverError) or request.error.room != request.room:
                 self.violations.append(f"I10: room {request.room} failed without a typed error: {request.error!r}")
             return
+        if outcome.warmup:
+            outcome.verified = request.reads == 0 and request.payload is None
+            if not outcome.verified:
+                self.violations.append(f"I11: warm-up room {request.room} read the pool")
+            return
         if request.room in self._expect_failure:
             self.violations.append(f"I10: room {request.room} succeeded on a corrupt aux row")
         assert request.payload is not None
@@ -466,6 +484,8 @@ class World:
             if request is None or request.state is State.FAILED or set(request.blocks) != set(blocks):
                 found.append(f"I5: blocks {list(blocks)} owned by room {room}, which holds {request!r}")
         for room, request in holders.items():
+            if request.warmup and (request.blocks or room in owners):
+                found.append(f"I11: warm-up room {room} holds blocks {list(request.blocks)}")
             if request.blocks and room not in owners:
                 found.append(f"I5: room {room} holds {list(request.blocks)}, which the allocator says it does not own")
         return found

@@ -31,6 +31,7 @@ def _entry(t: TransitionSpec) -> dict[str, Any]:
         "source": [s.name for s in t.sources],
         "dest": None if t.internal else t.dest.name,
         "conditions": list(t.conditions),
+        "unless": list(t.unless),
         "before": openers + list(t.actions),
     }
 

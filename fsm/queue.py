@@ -50,10 +50,11 @@ class ReceiverQueue(Generic[PayloadT]):
 
     # ---- admission and retirement ----------------------------------------------------------------
 
-    def add(self, room: Room, link: TransportLink) -> ReceiverRequest[PayloadT]:
+    def add(self, room: Room, link: TransportLink, *, warmup: bool = False) -> ReceiverRequest[PayloadT]:
+        """Track a new request; a ``warmup`` one (a health check) takes no blocks and reads nothing."""
         if room in self._live or room in self._held:
             raise ValueError(f"room {room} is already in the queue")
-        request = self._request_class(room, link, self._wiring)
+        request = self._request_class(room, link, self._wiring, warmup=warmup)
         self._machine.add_model(request)
         self._live[room] = request
         return request
@@ -90,6 +91,9 @@ class ReceiverQueue(Generic[PayloadT]):
     def _allocate(self) -> None:
         allocator = self._wiring.allocator
         for request in self._waiting():
+            if request.is_warmup():
+                request.fire("warmup_admitted")  # needs no blocks, so it neither waits nor blocks others
+                continue
             wanted = request.tokens_wanted
             if request.takes_partial_grants:
                 # Several rounds are possible: take what is free now, at least one block.

@@ -79,9 +79,10 @@ class ReceiverRequest(Generic[PayloadT]):
     state: State
     trigger: Callable[..., bool]
 
-    def __init__(self, room: Room, link: TransportLink, wiring: Wiring[PayloadT]) -> None:
+    def __init__(self, room: Room, link: TransportLink, wiring: Wiring[PayloadT], *, warmup: bool = False) -> None:
         self.room = room
         self.link = link
+        self.warmup = warmup
         self._wiring = wiring
         self._window: ReadWindow[PayloadT] = ReadWindow(wiring.buffers, room)
         self.blocks: tuple[int, ...] = ()
@@ -139,6 +140,9 @@ class ReceiverRequest(Generic[PayloadT]):
 
     # ---- guards ----------------------------------------------------------------------------------
 
+    def is_warmup(self, event: Any = None) -> bool:
+        return self.warmup
+
     def sender_progressed(self, event: Any = None) -> bool:
         """A whole round landed and the payload is not complete yet (the last round ends with Success)."""
         if self._landed_tokens is None or self.total_tokens is None:
@@ -173,7 +177,7 @@ class ReceiverRequest(Generic[PayloadT]):
         self.blocks = tuple(event.kwargs["blocks"])
 
     def send_init(self, event: Any) -> None:
-        self.first_block = self.blocks[0]
+        self.first_block = self.blocks[0] if self.blocks else None
         with self._transport("init"):
             self.link.init(self.blocks, self.capacity)
 

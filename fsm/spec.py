@@ -33,6 +33,7 @@ class TransitionSpec:
     reads: frozenset[str]
     actions: tuple[str, ...]
     conditions: tuple[str, ...]
+    unless: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,8 +77,8 @@ def load_spec(source: str | Path | None = None, overlay: Mapping[str, Any] | Non
     """Parse the spec (the packaged one by default), optionally with an overlay merged over it.
 
     An overlay is how a variant states its one deviation: its tables replace or extend the file's,
-    key by key; a ``transitions`` list in the overlay replaces the transitions that share its triggers
-    and sources.
+    key by key; a ``transitions`` list in the overlay replaces the transitions that share its triggers,
+    sources and conditions.
     """
     if source is None:
         text = default_spec_text()
@@ -95,14 +96,19 @@ def _merge(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any
     merged = copy.deepcopy(dict(base))
     for key, value in overlay.items():
         if key == "transitions":
-            replaced = {(t["trigger"], _source_key(t["source"])) for t in value}
-            kept = [t for t in merged.get(key, []) if (t["trigger"], _source_key(t["source"])) not in replaced]
+            replaced = {_transition_key(t) for t in value}
+            kept = [t for t in merged.get(key, []) if _transition_key(t) not in replaced]
             merged[key] = kept + [dict(t) for t in value if not t.get("remove", False)]
         elif isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
             merged[key] = _merge(merged[key], value)
         else:
             merged[key] = copy.deepcopy(value)
     return merged
+
+
+def _transition_key(t: Mapping[str, Any]) -> tuple[Any, ...]:
+    """An overlay's transition replaces the one with the same trigger, sources and conditions."""
+    return (t["trigger"], _source_key(t["source"]), tuple(t.get("conditions", ())))
 
 
 def _source_key(source: str | list[str]) -> tuple[str, ...]:
@@ -167,7 +173,7 @@ def _transition(
     if trigger not in events:
         raise SpecError(f"{where}: event not declared under [events]")
     unknown_actions = [a for a in body.get("actions", []) if a not in actions]
-    unknown_guards = [g for g in body.get("conditions", []) if g not in guards]
+    unknown_guards = [g for g in [*body.get("conditions", []), *body.get("unless", [])] if g not in guards]
     reads = frozenset(body.get("reads", []))
     if isinstance(body.get("reads", []), str):
         raise SpecError(f'{where}: reads is a list, e.g. ["aux", "data"]')
@@ -182,6 +188,7 @@ def _transition(
         reads=reads,
         actions=tuple(body.get("actions", [])),
         conditions=tuple(body.get("conditions", [])),
+        unless=tuple(body.get("unless", [])),
     )
 
 

@@ -479,7 +479,8 @@ def bench_with_subject_in(state: State, clock: Any = None, **timeouts: float | N
 
 
 def expected_dest(state: State, event: str) -> State:
-    (transition,) = [t for t in SPEC.transitions_from(state) if t.trigger == event]
+    """Where a (non-warm-up) request goes on ``event``."""
+    (transition,) = [t for t in SPEC.transitions_from(state) if t.trigger == event and "is_warmup" not in t.conditions]
     return state if transition.internal else transition.dest
 
 

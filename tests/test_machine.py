@@ -18,13 +18,21 @@ from epd_receiver.fsm.spec import TransitionSpec
 SPEC: ReceiverSpec = load_spec()
 MACHINE: Machine = build_machine(SPEC, ReceiverRequest)
 
-# (trigger, source, dest) with dest None for an internal transition
-Edge = tuple[str, str, str | None]
+# (trigger, source, dest, guards) with dest None for an internal transition; "!g" is `unless g`
+Edge = tuple[str, str, str | None, tuple[str, ...]]
+
+
+def spec_guards(t: TransitionSpec) -> tuple[str, ...]:
+    return tuple(t.conditions) + tuple(f"!{g}" for g in t.unless)
+
+
+def machine_guards(t: Transition) -> tuple[str, ...]:
+    return tuple(c.func if c.target else f"!{c.func}" for c in t.conditions)
 
 
 def spec_edges() -> dict[Edge, TransitionSpec]:
     return {
-        (t.trigger, source.name, None if t.internal else t.dest.name): t
+        (t.trigger, source.name, None if t.internal else t.dest.name, spec_guards(t)): t
         for t in SPEC.transitions
         for source in t.sources
     }
@@ -40,7 +48,7 @@ def machine_transitions() -> list[tuple[str, Transition]]:
 
 
 def machine_edges() -> list[Edge]:
-    return [(trigger, t.source, t.dest) for trigger, t in machine_transitions()]
+    return [(trigger, t.source, t.dest, machine_guards(t)) for trigger, t in machine_transitions()]
 
 
 def test_every_spec_transition_is_in_the_machine() -> None:
@@ -61,20 +69,20 @@ def test_the_machine_has_no_event_the_spec_does_not_declare() -> None:
 @pytest.mark.parametrize("edge", sorted(spec_edges(), key=str), ids=lambda e: f"{e[0]}:{e[1]}")
 def test_before_callbacks_open_the_spec_reads_then_run_the_actions_in_order(edge: Edge) -> None:
     spec_transition = spec_edges()[edge]
-    trigger, source, _ = edge
-    (transition,) = MACHINE.events[trigger].transitions[source]
+    trigger, source, _, guards = edge
+    (transition,) = [t for t in MACHINE.events[trigger].transitions[source] if machine_guards(t) == guards]
     openers = [WINDOW_OPENERS[kind] for kind in spec_transition.reads]
 
     assert sorted(transition.before[: len(openers)]) == sorted(openers)
     assert transition.before[len(openers) :] == list(spec_transition.actions)
     assert transition.after == []
     assert transition.prepare == []
-    assert [c.func for c in transition.conditions] == list(spec_transition.conditions)
+    assert machine_guards(transition) == spec_guards(spec_transition)
 
 
 def test_transitions_without_reads_open_no_window() -> None:
     for trigger, transition in machine_transitions():
-        reads = spec_edges()[(trigger, transition.source, transition.dest)].reads
+        reads = spec_edges()[(trigger, transition.source, transition.dest, machine_guards(transition))].reads
         opened = {kind for kind, opener in WINDOW_OPENERS.items() if opener in transition.before}
         assert opened == set(reads), f"{trigger} from {transition.source}"
 

@@ -49,14 +49,14 @@ def test_recorded_minimal_schedule_breaks_the_variant_and_not_the_controller(var
     clean = replay(scenario)
 
     assert broken["violations"], "the recorded schedule no longer reproduces the bug"
-    assert broken["violations"][0].startswith(scenario["caught_by"])
+    assert any(v.startswith(scenario["caught_by"]) for v in broken["violations"]), broken["violations"]
     assert clean["violations"] == []
 
 
 def test_catalogue_covers_the_receiver_side_bugs() -> None:
-    required = {2, 3, 5, 6, 7, 14, 15, 17, 18, 21, 22, 24}
+    required = {2, 3, 5, 6, 7, 14, 15, 17, 18, 20, 21, 22, 24}
     assert required <= {v.bug for v in CATALOGUE}
-    assert {4, 16, 20, 23} <= set(PENDING), "bugs without a variant yet must be listed as pending"
+    assert {4, 16, 23} <= set(PENDING), "bugs without a variant yet must be listed as pending"
     assert len(VARIANTS) == len(CATALOGUE), "variant names are unique"
 
 
