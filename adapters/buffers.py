@@ -19,6 +19,7 @@ from epd_receiver.fsm import AuxRow
 from .payload import EmbeddingPayload
 
 AUX_INTS = 16  # [0] = T, [1] = M-RoPE delta, [2..15] spare: RDMA moves at least 64 bytes
+CHECKSUM_FLAG, CHECKSUM = 2, 3  # spare slots: [2] = 1 when [3] holds a CRC32 of the payload
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +81,11 @@ class TorchBlockBuffers:
 
     def read_aux(self, block: int) -> AuxRow:
         row = self.aux[block].tolist()
-        return AuxRow(total_tokens=row[0], mrope_delta=row[1])
+        checksum = row[CHECKSUM] & 0xFFFFFFFF if row[CHECKSUM_FLAG] == 1 else None
+        return AuxRow(total_tokens=row[0], mrope_delta=row[1], checksum=checksum)
+
+    def checksum(self, payload: EmbeddingPayload) -> int:
+        return payload.crc32()
 
     def new_payload(self, total_tokens: int, mrope_delta: int) -> EmbeddingPayload:
         return EmbeddingPayload.empty(total_tokens, self.hidden_size, self.deepstack_layers, mrope_delta)
@@ -145,6 +150,9 @@ class TorchBlockBuffers:
         if view.deepstack is not None:
             view.deepstack.copy_(deepstack) if deepstack is not None else view.deepstack.zero_()
 
-    def write_aux(self, block: int, total_tokens: int, mrope_delta: int) -> None:
+    def write_aux(self, block: int, total_tokens: int, mrope_delta: int, checksum: int | None = None) -> None:
+        """The sender's aux row; a checksum goes into the spare slots (as int32 bits), else they are cleared."""
         self.aux[block, 0] = total_tokens
         self.aux[block, 1] = mrope_delta
+        self.aux[block, CHECKSUM_FLAG] = 0 if checksum is None else 1
+        self.aux[block, CHECKSUM] = 0 if checksum is None else checksum - (1 << 32) * (checksum >= 1 << 31)

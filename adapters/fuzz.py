@@ -131,7 +131,10 @@ class ReceiverProtocol(RuleBasedStateMachine):
         lengths = [st.integers(1, d), st.integers(d + 1, d + pool), st.integers(d + 1, 2 * d), st.integers(1, 3 * pool)]
         total = data.draw(st.one_of(lengths), label="T")
         kind = data.draw(st.sampled_from(["plain", "progress", "plain", "progress", "warm-up"]), label="kind")
-        self.world.arrive(self.next_room, total, progress=kind == "progress", warmup=kind == "warm-up")
+        checksum = data.draw(st.booleans(), label="checksum")
+        self.world.arrive(
+            self.next_room, total, progress=kind == "progress", warmup=kind == "warm-up", checksum=checksum
+        )
         self.next_room += 1
 
     # ---- views of the world, in a stable order ----------------------------------------------------
@@ -182,7 +185,10 @@ class ReceiverProtocol(RuleBasedStateMachine):
         self.world.late_status(room, status)
 
     @precondition(lambda self: bool(self._live()))
-    @rule(data=st.data(), fault=st.sampled_from(["sender fails", "client aborts", "aux corrupted", "sender dies"]))
+    @rule(
+        data=st.data(),
+        fault=st.sampled_from(["sender fails", "client aborts", "aux corrupted", "sender dies", "data corrupted"]),
+    )
     def something_goes_wrong(self, data: st.DataObject, fault: str) -> None:
         """One request meets a failing or silently dead sender, an impatient client, or an impossible aux row."""
         room = data.draw(st.sampled_from([r.room for r in self._live()]), label="room")
@@ -192,6 +198,8 @@ class ReceiverProtocol(RuleBasedStateMachine):
             self.world.abort(room)
         elif fault == "sender dies":
             self.world.kill(room)
+        elif fault == "data corrupted":
+            self.world.corrupt_data(room)
         else:
             self.world.corrupt_aux(room, data.draw(IMPOSSIBLE_TOTALS, label="T"))
 

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+
+
+def crc32(parts: Iterable[torch.Tensor], value: int = 0) -> int:
+    """CRC32 over the raw bytes of ``parts`` in order, as one stream (chunks of one tensor may follow)."""
+    for part in parts:
+        value = zlib.crc32(part.contiguous().view(torch.uint8).numpy(), value)
+    return value
 
 
 @dataclass(slots=True)
@@ -34,6 +43,11 @@ class EmbeddingPayload:
             total_tokens=total_tokens,
             mrope_delta=mrope_delta,
         )
+
+    def crc32(self) -> int:
+        """The integrity checksum: embeddings, ids, positions (three runs of T), then deepstack."""
+        parts = [self.embeddings, self.fill_ids, self.mrope_positions]
+        return crc32(parts + ([self.deepstack] if self.deepstack is not None else []))
 
     def input_embeds(self) -> torch.Tensor:
         """What the model's forward takes: deepstack features joined on the last dimension."""

@@ -35,6 +35,7 @@ def _arrive(world: World, request: Mapping[str, Any]) -> None:
         None if delta is None else int(delta),
         progress=bool(request.get("progress", False)),
         warmup=bool(request.get("warmup", False)),
+        checksum=bool(request.get("checksum", False)),
     )
 
 
@@ -56,9 +57,13 @@ def _late(world: World, argument: Any) -> None:
 
 
 def _corrupt(world: World, argument: Any) -> None:
-    if argument.get("field", "total_tokens") != "total_tokens":
-        raise ScenarioError(f"corrupt: only the field 'total_tokens' can be corrupted, not {argument.get('field')!r}")
-    world.corrupt_aux(int(argument["room"]), int(argument["value"]))
+    field = argument.get("field", "total_tokens")
+    if field == "total_tokens":
+        world.corrupt_aux(int(argument["room"]), int(argument["value"]))
+    elif field == "embeddings":
+        world.corrupt_data(int(argument["room"]))
+    else:
+        raise ScenarioError(f"corrupt: the field is 'total_tokens' or 'embeddings', not {field!r}")
 
 
 EVENTS: dict[str, Callable[[World, Any], object]] = {

@@ -18,7 +18,7 @@ import torch
 from epd_receiver.fsm import KVPoll, Room
 
 from .buffers import BlockView, TorchBlockBuffers
-from .payload import EmbeddingPayload
+from .payload import EmbeddingPayload, crc32
 
 VOCAB = 151_936
 
@@ -67,10 +67,20 @@ class SourcePayload:
     fill_ids: torch.Tensor
     mrope_positions: torch.Tensor
     mrope_delta: int
+    checksum: int | None = None
 
     @property
     def total_tokens(self) -> int:
         return int(self.fill_ids.shape[0])
+
+    def crc32(self, chunk: int = 4096) -> int:
+        """The CRC32 the receiver will compute over the payload, streamed without materialising it."""
+        rows = [(start, min(start + chunk, self.total_tokens)) for start in range(0, self.total_tokens, chunk)]
+        value = crc32(self.bank.embeddings[self._rows(a, b)] for a, b in rows)
+        value = crc32([self.fill_ids, self.mrope_positions], value)
+        if self.bank.deepstack is not None:
+            value = crc32((self.bank.deepstack[self._rows(a, b)] for a, b in rows), value)
+        return value
 
     def write_tokens(self, start: int, stop: int, view: BlockView) -> None:
         """Produce tokens [start, stop) straight into a pool row, as an encoder writing its output would."""
@@ -146,6 +156,7 @@ class InProcessSender:
         *,
         handshake_done: bool = True,
         progress: bool = False,
+        checksum: bool = False,
     ) -> SenderLink:
         """Encode a request of ``total_tokens`` tokens; the source is seeded by the sender's seed and the room."""
         if room in self._rooms:
@@ -158,6 +169,8 @@ class InProcessSender:
         if mrope_delta is None:
             mrope_delta = int(torch.randint(-4096, 4096, (1,), generator=generator))
         source = SourcePayload(self.bank, fill_ids, mrope, mrope_delta)
+        if checksum:
+            source.checksum = source.crc32()
         status = KVPoll.WaitingForInput if handshake_done else KVPoll.Bootstrapping
         self._rooms[room] = _Room(source, status, handshake_pending=not handshake_done, progress=progress)
         return self.link(room)
@@ -252,7 +265,7 @@ class InProcessSender:
             hi = min(lo + b, start + tokens, source.total_tokens)
             source.write_tokens(lo, hi, self.buffers.block_views(block, hi - lo))
         if chunk.with_aux:
-            self.buffers.write_aux(chunk.blocks[0], source.total_tokens, source.mrope_delta)
+            self.buffers.write_aux(chunk.blocks[0], source.total_tokens, source.mrope_delta, source.checksum)
         if landing < needed:
             return True
         state.pending = None

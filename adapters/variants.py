@@ -49,7 +49,7 @@ class InitWithRequestedTokens(ReceiverRequest[EmbeddingPayload]):
     """#2: the init carries the tokens asked for, not ``len(blocks)*B`` granted."""
 
     def send_init(self, event: Any) -> None:
-        self.first_block = self.blocks[0]
+        self.first_block = self.blocks[0] if self.blocks else None
         self.link.init(self.blocks, self._wiring.config.default_alloc_tokens)
 
 
@@ -291,7 +291,7 @@ CATALOGUE = (
                 ]
             },
         ),
-        frozenset({"I8"}),
+        frozenset({"I8", "I5"}),  # stuck, or reading a "round" of no blocks when the sender reports progress
     ),
     Variant(
         "aux-aliases-pool",

@@ -107,6 +107,9 @@ class AuditedBuffers:
     def new_payload(self, total_tokens: int, mrope_delta: int) -> EmbeddingPayload:
         return self.inner.new_payload(total_tokens, mrope_delta)
 
+    def checksum(self, payload: EmbeddingPayload) -> int:
+        return self.inner.checksum(payload)
+
     def gather(self, blocks: Sequence[int], tokens: int, into: EmbeddingPayload, at: int) -> None:
         self._world._audit_gather(tuple(blocks))
         self.inner.gather(blocks, tokens, into, at)
@@ -157,22 +160,25 @@ class World:
         mrope_delta: int | None = None,
         progress: bool = False,
         warmup: bool = False,
+        checksum: bool = False,
     ) -> ReceiverRequest[EmbeddingPayload]:
         """A request arrives; with ``progress`` its sender reports tokens landed, so it may resume in rounds;
-        a ``warmup`` request is a health check whose stand-in sender writes nothing (I11)."""
+        a ``warmup`` request is a health check whose stand-in sender writes nothing (I11); with ``checksum``
+        the sender writes a CRC32 of the payload into A0[0]'s spare aux slots."""
         if warmup:
             self._log({"arrive": {"room": room, "total_tokens": total_tokens, "warmup": True}})
             request = self.queue.add(room, WarmupLink(), warmup=True)
             self.outcomes[room] = Outcome(room, total_tokens, [request.state], warmup=True)
             self._entered[room] = self.clock.now()
             return request
-        link: SenderLink = self.sender.add_room(room, total_tokens, mrope_delta, progress=progress)
+        link: SenderLink = self.sender.add_room(room, total_tokens, mrope_delta, progress=progress, checksum=checksum)
         request = self.queue.add(room, link)
         self.outcomes[room] = Outcome(room, total_tokens, [request.state])
         self._entered[room] = self.clock.now()
         delta = self.sender.source(room).mrope_delta
         arrival = {"room": room, "total_tokens": total_tokens, "mrope_delta": delta}
-        self._log({"arrive": arrival | ({"progress": True} if progress else {})})
+        flags = {"progress": progress, "checksum": checksum}
+        self._log({"arrive": arrival | {name: True for name, on in flags.items() if on}})
         return request
 
     def step(self, iterations: int = 1) -> list[ReceiverRequest[EmbeddingPayload]]:
@@ -259,7 +265,28 @@ class World:
             or self.sender.status(room) not in (KVPoll.Transferring, KVPoll.Success)
         ):
             return False
-        self.pool.write_aux(messages[0].blocks[0], value, 0)
+        self.pool.aux[messages[0].blocks[0], 0] = value
+        self._expect_failure.add(room)
+        return True
+
+    def corrupt_data(self, room: Room) -> bool:
+        """Flip one embedding value in a chunk that landed and has not been read yet (checksummed rooms only).
+
+        Without a checksum nothing could tell, so the bench does not do it to such a room.
+        """
+        self._log({"corrupt": {"room": room, "field": "embeddings"}})
+        request = self.queue.get(room)
+        if (
+            request is None
+            or room not in self.sender.rooms()
+            or self.sender.source(room).checksum is None
+            or request.state not in (State.TRANSFERRING, State.RESUMING)
+            or self.sender.pending(room) is not None
+            or not self.sender.room_messages(room)
+        ):
+            return False
+        block = self.sender.room_messages(room)[-1].blocks[0]
+        self.pool.embeddings[block, 0] = -self.pool.embeddings[block, 0] - 1
         self._expect_failure.add(room)
         return True
 
@@ -413,7 +440,7 @@ class World:
                 self.violations.append(f"I11: warm-up room {request.room} read the pool")
             return
         if request.room in self._expect_failure:
-            self.violations.append(f"I10: room {request.room} succeeded on a corrupt aux row")
+            self.violations.append(f"I10: room {request.room} succeeded on corrupt input (aux row or data)")
         assert request.payload is not None
         wrong = self.sender.source(request.room).mismatches(request.payload)
         outcome.verified = not wrong

@@ -48,6 +48,12 @@ class CorruptAux(ReceiverError):
     cause = "corrupt_aux"
 
 
+class IntegrityError(ReceiverError):
+    """The assembled payload does not match the checksum the sender wrote into A0[0]'s aux row."""
+
+    cause = "integrity"
+
+
 class SizeMismatch(ReceiverError):
     """The lengths the sender reported and the allocation cannot agree."""
 

@@ -22,6 +22,7 @@ class AuxRow:
 
     total_tokens: int
     mrope_delta: int
+    checksum: int | None = None  # the sender's CRC32 of the payload, when it wrote one (spare aux slots)
 
 
 class BlockBuffers(Protocol[PayloadT]):
@@ -36,6 +37,10 @@ class BlockBuffers(Protocol[PayloadT]):
 
     def new_payload(self, total_tokens: int, mrope_delta: int) -> PayloadT:
         """Allocate the output a whole payload is assembled into, once per request."""
+        ...
+
+    def checksum(self, payload: PayloadT) -> int:
+        """CRC32 of an assembled payload, over the bytes the sender's checksum covers."""
         ...
 
     def gather(self, blocks: Sequence[int], tokens: int, into: PayloadT, at: int) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic
 
-from .errors import CorruptAux, ReceiverError, Room, SizeMismatch, SpecError, TimedOut, TransportFailed
+from .errors import CorruptAux, IntegrityError, ReceiverError, Room, SizeMismatch, SpecError, TimedOut, TransportFailed
 from .kvpoll import KVPoll
 from .ports import BlockAllocator, BlockBuffers, Clock, PayloadT, TransportLink
 from .spec import PollOutcome, ReceiverSpec
@@ -89,6 +89,7 @@ class ReceiverRequest(Generic[PayloadT]):
         self.first_block: int | None = None
         self.total_tokens: int | None = None
         self.mrope_delta = 0
+        self.checksum: int | None = None
         self.landed = 0
         self.payload: PayloadT | None = None
         self.reads = 0
@@ -192,6 +193,7 @@ class ReceiverRequest(Generic[PayloadT]):
             )
         self.total_tokens = total
         self.mrope_delta = aux.mrope_delta
+        self.checksum = aux.checksum
         self.payload = self._wiring.buffers.new_payload(total, aux.mrope_delta)
 
     def expect_remainder(self, event: Any) -> None:
@@ -223,6 +225,14 @@ class ReceiverRequest(Generic[PayloadT]):
         self._window.gather(self.blocks, tokens, self.payload, self.landed)
         self.landed += tokens
         self.reads += 1
+
+    def verify_checksum(self, event: Any) -> None:
+        if self.checksum is None:
+            return
+        assert self.payload is not None
+        computed = self._wiring.buffers.checksum(self.payload)
+        if computed != self.checksum:
+            raise IntegrityError(self.room, f"payload CRC32 {computed:#010x}, the sender wrote {self.checksum:#010x}")
 
     def free_blocks(self, event: Any) -> None:
         if self.blocks:

@@ -21,6 +21,7 @@ from epd_receiver.fsm import (
     AuxRow,
     ContractError,
     CorruptAux,
+    IntegrityError,
     KVPoll,
     OwnershipError,
     PoolTooSmall,
@@ -77,6 +78,9 @@ class FakeBuffers:
         payload = FakePayload(total_tokens, mrope_delta, [None] * total_tokens)
         self.payloads.append(payload)
         return payload
+
+    def checksum(self, payload: FakePayload) -> int:
+        return hash(tuple(payload.sources)) & 0xFFFFFFFF
 
     def gather(self, blocks: Sequence[int], tokens: int, into: FakePayload, at: int) -> None:
         self.gathers.append((tuple(blocks), tokens, at))
@@ -1015,3 +1019,38 @@ def test_without_progress_a_remainder_beyond_the_pool_fails_instead_of_waiting()
     bench.land(SUBJECT, 30, KVPoll.Transferring)
     bench.step()
     assert_failed_cleanly(bench, subject, PoolTooSmall)
+
+
+# ---- integrity ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("resumed", [False, True])
+def test_a_payload_that_does_not_match_the_senders_checksum_fails_closed(resumed: bool) -> None:
+    bench = Bench.make()
+    subject = bench.add(SUBJECT)
+    bystander = bench.add(BYSTANDER)
+    bench.step()
+    total = RESUMED_TOTAL if resumed else D
+    first_block = bench.links[SUBJECT].inits[0][0][0]
+    bench.buffers.aux[first_block] = AuxRow(total, 7, checksum=0xDEADBEEF)  # not what will be assembled
+    bench.links[SUBJECT].status = KVPoll.Transferring if resumed else KVPoll.Success
+    bench.land(BYSTANDER, D, KVPoll.Success)
+    bench.step()
+    if resumed:
+        bench.links[SUBJECT].status = KVPoll.Success
+        bench.step()
+
+    assert_failed_cleanly(bench, subject, IntegrityError)
+    assert "0xdeadbeef" in str(subject.error)
+    assert bystander.state is State.SUCCESS
+
+
+def test_a_payload_that_matches_the_senders_checksum_succeeds() -> None:
+    bench = Bench.make()
+    request = bench.add(1)
+    bench.step()
+    expected = bench.buffers.checksum(FakePayload(D, 7, [0] * 4 + [1] * 4))  # what gathering A0 = (0, 1) yields
+    bench.buffers.aux[0] = AuxRow(D, 7, checksum=expected)
+    bench.links[1].status = KVPoll.Success
+    bench.step()
+    assert request.state is State.SUCCESS and request.checksum == expected
