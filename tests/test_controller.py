@@ -1054,3 +1054,79 @@ def test_a_payload_that_matches_the_senders_checksum_succeeds() -> None:
     bench.links[1].status = KVPoll.Success
     bench.step()
     assert request.state is State.SUCCESS and request.checksum == expected
+
+
+# ---- the allocation pass, configuration and strictness ----------------------------------------------
+
+
+def test_a_request_too_large_for_the_pool_does_not_hold_back_the_ones_behind_it() -> None:
+    bench = Bench.make(default_alloc=POOL * B + 1)  # every default allocation exceeds the pool
+    too_large = bench.add(SUBJECT)
+    warmup = bench.queue.add(BYSTANDER, FakeLink(KVPoll.WaitingForInput), warmup=True)
+    bench.step()
+    assert too_large.state is State.FAILED and isinstance(too_large.error, PoolTooSmall)
+    assert warmup.state is State.TRANSFERRING  # admitted in the same pass, after the failure
+
+
+def test_a_warm_up_request_takes_no_blocks_and_does_not_hold_back_the_ones_behind_it() -> None:
+    bench = Bench.make()
+    bench.allocator.hog()
+    bench.allocator.free(HOG, (0, 1))  # exactly one A0 is free
+    warmup = bench.queue.add(SUBJECT, FakeLink(KVPoll.WaitingForInput), warmup=True)
+    real = bench.add(BYSTANDER)
+    bench.step()
+    assert warmup.state is State.TRANSFERRING and warmup.blocks == () and bench.links.get(SUBJECT) is None
+    assert real.state is State.TRANSFERRING and real.blocks == (0, 1)  # same iteration
+    bench.buffers.aux.clear()
+    warmup.link.status = KVPoll.Success  # type: ignore[attr-defined]
+    bench.step()
+    assert warmup.state is State.SUCCESS and warmup.reads == 0 and bench.buffers.aux_reads == []
+
+
+def test_deadlines_count_from_entering_the_state_not_from_arrival() -> None:
+    clock = FakeClock()
+    bench = Bench.make(clock=clock, transfer_timeout_s=60.0)
+    request = bench.add(1, KVPoll.Bootstrapping)
+    clock.t = 50.0
+    bench.links[1].status = KVPoll.WaitingForInput
+    bench.step()  # enters WAITING_FOR_INPUT, then TRANSFERRING, at t = 50
+    assert request.state is State.TRANSFERRING
+    clock.t = 100.0
+    bench.step()
+    assert request.state is State.TRANSFERRING  # 50 s in the state, not 100
+    clock.t = 111.0
+    bench.step()
+    assert request.state is State.FAILED and isinstance(request.error, TimedOut)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"default_alloc_tokens": 0},
+        {"max_total_tokens": 0},
+        {"max_total_tokens": -1},
+        {"transfer_timeout_s": 0.0},
+        {"resume_timeout_s": -1.0},
+    ],
+)
+def test_impossible_configuration_is_refused(fields: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        ReceiverConfig(**fields)  # type: ignore[arg-type]
+
+
+def test_the_smallest_configuration_is_accepted() -> None:
+    config = ReceiverConfig(default_alloc_tokens=1, max_total_tokens=1, transfer_timeout_s=0.5)
+    assert (config.default_alloc_tokens, config.max_total_tokens, config.transfer_timeout_s) == (1, 1, 0.5)
+
+
+def test_an_event_the_spec_does_not_allow_in_a_state_raises() -> None:
+    from transitions import MachineError
+
+    bench = Bench.make()
+    request = bench.add(1)
+    bench.step()
+    assert request.state is State.TRANSFERRING
+    with pytest.raises(MachineError):
+        request.fire("release")  # only SUCCESS may be released
+    with pytest.raises(MachineError):
+        request.fire("round_landed")  # only RESUMING has rounds
