@@ -371,3 +371,36 @@ def test_an_action_added_to_the_spec_but_not_to_receiver_request_is_refused() ->
     )
     with pytest.raises(SpecError, match="teleport"):
         check_implemented(variant, ReceiverRequest)
+
+
+def test_an_undeclared_guard_in_unless_is_refused() -> None:
+    overlay = {
+        "transitions": [
+            {
+                "trigger": "handshake_done",
+                "source": "BOOTSTRAPPING",
+                "dest": "WAITING_FOR_INPUT",
+                "unless": ["no_such_guard"],
+            }
+        ]
+    }
+    with pytest.raises(SpecError, match="no_such_guard"):
+        load_spec(overlay=overlay)
+
+
+def test_a_deadline_on_a_terminal_state_is_refused() -> None:
+    with pytest.raises(SpecError, match="terminal state has no deadline"):
+        load_spec(overlay={"timeouts": {"SUCCESS": "transfer_timeout_s"}})
+
+
+def test_deadlines_need_a_timeout_cause() -> None:
+    with pytest.raises(SpecError, match="timeout"):
+        load_edited(lambda r: r["causes"].pop("timeout"))
+
+
+def test_a_deadline_naming_a_missing_config_field_is_refused() -> None:
+    from epd_receiver.fsm.request import ReceiverConfig, deadlines
+
+    spec = load_spec(overlay={"timeouts": {"RESUMING": "no_such_field_s"}})
+    with pytest.raises(SpecError, match="no_such_field_s"):
+        deadlines(spec, ReceiverConfig())
