@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--deliver-prob", type=float, default=0.5, help="chance the sender lands a chunk per iteration")
     sim.add_argument("--fail-rate", type=float, default=0.02, help="share of requests whose sender fails mid-resume")
     sim.add_argument("--abort-rate", type=float, default=0.02, help="share of requests the client aborts")
+    sim.add_argument(
+        "--progress-share", type=float, default=0.0, help="share of senders reporting progress (rounds possible)"
+    )
     sim.add_argument("--json", action="store_true", help="print the summary as JSON")
     sim.add_argument("--no-progress", action="store_true")
 
@@ -125,6 +128,7 @@ def _simulate(args: argparse.Namespace) -> int:
         resume_share=args.resume_share,
         fail_rate=args.fail_rate,
         abort_rate=args.abort_rate,
+        progress_share=args.progress_share,
     )
     console = Console(stderr=True)
     with Progress(

@@ -29,6 +29,7 @@ class Workload:
     max_payload_factor: int = 3
     fail_rate: float = 0.0
     abort_rate: float = 0.0
+    progress_share: float = 0.0  # requests whose sender reports progress, so they may resume in rounds
     max_iterations: int = 200_000
 
 
@@ -51,7 +52,8 @@ def simulate(config: WorldConfig, workload: Workload, progress: Callable[[int], 
     while iterations < workload.max_iterations:
         for _ in range(workload.arrivals_per_step):
             if next_room < workload.requests:
-                world.arrive(next_room, draw_length(rng, config, workload))
+                total = draw_length(rng, config, workload)
+                world.arrive(next_room, total, progress=rng.random() < workload.progress_share)
                 next_room += 1
         live = [r for r in world.queue if r.state not in (State.SUCCESS, State.FAILED)]
         if next_room == workload.requests and not live:
@@ -89,6 +91,7 @@ def summarize(world: World, iterations: int, tokens: int, elapsed: float) -> dic
         "failed": len(failed),
         "unfinished": len(outcomes) - len(ended),
         "resumed": sum(1 for o in ended if o.resumes > 0),
+        "resume_rounds": sum(o.resumes for o in ended),
         "verified": sum(1 for o in succeeded if o.verified),
         "mean_reads_per_request": round(sum(o.reads for o in ended) / max(1, len(ended)), 3),
         "max_reads_per_request": max((o.reads for o in ended), default=0),
