@@ -553,17 +553,24 @@ def test_unknown_poll_value_fails_with_protocol_violation(state: State, value: i
 # ---- bad input from the sender --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("status", [KVPoll.Transferring, KVPoll.Success], ids=lambda s: s.name)
-@pytest.mark.parametrize("total", [0, -1, -(1 << 31), MAX_T + 1])
-def test_corrupt_aux_total_fails_with_corrupt_aux(status: KVPoll, total: int) -> None:
+def subject_lands(
+    total: int, status: KVPoll
+) -> tuple[Bench, ReceiverRequest[FakePayload], ReceiverRequest[FakePayload]]:
+    """The subject's first chunk lands claiming ``total`` with ``status``; a bystander succeeds beside it."""
     bench = Bench.make()
     subject = bench.add(SUBJECT)
     bystander = bench.add(BYSTANDER)
     bench.step()
     bench.land(SUBJECT, total, status)
     bench.land(BYSTANDER, D, KVPoll.Success)
-
     bench.step()
+    return bench, subject, bystander
+
+
+@pytest.mark.parametrize("status", [KVPoll.Transferring, KVPoll.Success], ids=lambda s: s.name)
+@pytest.mark.parametrize("total", [0, -1, -(1 << 31), MAX_T + 1])
+def test_corrupt_aux_total_fails_with_corrupt_aux(status: KVPoll, total: int) -> None:
+    bench, subject, bystander = subject_lands(total, status)
 
     assert_failed_cleanly(bench, subject, CorruptAux)
     assert subject.payload is None and subject.total_tokens is None
@@ -594,14 +601,7 @@ def test_largest_valid_total_is_not_corrupt() -> None:
 )
 def test_a_total_that_contradicts_the_status_fails_with_size_mismatch(status: KVPoll, total: int) -> None:
     """Transferring promises T > |A0|*B; Success from A0 promises T <= |A0|*B. Either lie fails closed."""
-    bench = Bench.make()
-    subject = bench.add(SUBJECT)
-    bystander = bench.add(BYSTANDER)
-    bench.step()
-    bench.land(SUBJECT, total, status)
-    bench.land(BYSTANDER, D, KVPoll.Success)
-
-    bench.step()
+    bench, subject, bystander = subject_lands(total, status)
 
     assert_failed_cleanly(bench, subject, SizeMismatch)
     assert bench.buffers.gathers == [((2, 3), D, 0)]  # only the bystander's payload was read
