@@ -1130,3 +1130,52 @@ def test_an_event_the_spec_does_not_allow_in_a_state_raises() -> None:
         request.fire("release")  # only SUCCESS may be released
     with pytest.raises(MachineError):
         request.fire("round_landed")  # only RESUMING has rounds
+
+
+# ---- gaps found by mutation testing -----------------------------------------------------------------
+
+
+def test_a_room_already_queued_or_held_cannot_be_added_again() -> None:
+    bench = Bench.make()
+    bench.add(1)
+    with pytest.raises(ValueError, match="already"):
+        bench.queue.add(1, FakeLink())
+    bench.step()
+    bench.land(1, D, KVPoll.Success)
+    bench.step()  # now held, awaiting release
+    with pytest.raises(ValueError, match="already"):
+        bench.queue.add(1, FakeLink())
+
+
+def test_finished_requests_leave_the_shared_machine() -> None:
+    bench = Bench.make()
+    done, failed = bench.add(1), bench.add(2)
+    machine = bench.queue._machine
+    bench.step()
+    bench.land(1, D, KVPoll.Success)
+    bench.links[2].status = KVPoll.Failed
+    bench.step()
+    assert failed not in machine.models  # retired by the step that failed it
+    assert done in machine.models  # held until released
+    bench.queue.release(1)
+    assert done not in machine.models
+
+
+def test_an_open_aux_window_grants_only_a0_first_block() -> None:
+    bench = Bench.make()
+    request = bench.add(1)
+    bench.step()
+    request._window.grant_aux(request.first_block)
+    with pytest.raises(ReadOutsideWindow, match="only A0"):
+        request._window.read_aux(1)  # A0[1], not A0[0]
+    assert bench.buffers.aux_reads == []
+
+
+def test_a_last_round_counted_as_landed_before_its_success_is_not_read_as_a_round() -> None:
+    bench, link, request = progress_bench(total=20)
+    link.landed = 20  # the whole payload has landed, the Success status has not arrived yet
+    bench.step()
+    assert request.state is State.RESUMING and request.reads == 1 and len(link.resumes) == 1
+    link.status = KVPoll.Success
+    bench.step()
+    assert request.state is State.SUCCESS and request.landed == 20
