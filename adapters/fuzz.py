@@ -187,7 +187,9 @@ class ReceiverProtocol(RuleBasedStateMachine):
     @precondition(lambda self: bool(self._live()))
     @rule(
         data=st.data(),
-        fault=st.sampled_from(["sender fails", "client aborts", "aux corrupted", "sender dies", "data corrupted"]),
+        fault=st.sampled_from(
+            ["sender fails", "client aborts", "aux corrupted", "sender dies", "data corrupted", "status goes backwards"]
+        ),
     )
     def something_goes_wrong(self, data: st.DataObject, fault: str) -> None:
         """One request meets a failing or silently dead sender, an impatient client, or an impossible aux row."""
@@ -200,6 +202,8 @@ class ReceiverProtocol(RuleBasedStateMachine):
             self.world.kill(room)
         elif fault == "data corrupted":
             self.world.corrupt_data(room)
+        elif fault == "status goes backwards":
+            self.world.go_backwards(room)
         else:
             self.world.corrupt_aux(room, data.draw(IMPOSSIBLE_TOTALS, label="T"))
 

@@ -77,11 +77,12 @@ EVENTS: dict[str, Callable[[World, Any], object]] = {
     "drain": lambda world, patience: world.drain(int(patience or 3)),
     "advance": lambda world, seconds: world.advance(float(seconds)),
     "kill": lambda world, room: world.kill(int(room)),
+    "backwards": lambda world, room: world.go_backwards(int(room)),
     "arrive": _arrive,
 }
 
 
-ROOM_EVENTS = frozenset({"deliver", "fail", "abort", "release", "late", "corrupt", "kill"})
+ROOM_EVENTS = frozenset({"deliver", "fail", "abort", "release", "late", "corrupt", "kill", "backwards"})
 
 
 def load_scenario(path: Path) -> dict[str, Any]:

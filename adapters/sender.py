@@ -132,6 +132,7 @@ class _Room:
     pending: Chunk | None = None
     handshake_pending: bool = False
     progress: bool = False
+    misreport: KVPoll | None = None  # a faulty sender's next poll answer, below what it already reported
     dead: bool = False
     failure: str | None = None
     messages: list[Message] = field(default_factory=list)
@@ -187,6 +188,18 @@ class InProcessSender:
 
     def status(self, room: Room) -> KVPoll:
         return self._rooms[room].status
+
+    def misreport(self, room: Room, status: KVPoll) -> None:
+        """A faulty sender: its next poll answer is ``status``, whatever it reported before."""
+        self._rooms[room].misreport = status
+
+    def poll(self, room: Room) -> int:
+        """What the receiver's poll sees: the status table, or a faulty sender's one-off misreport."""
+        state = self._rooms[room]
+        if state.misreport is not None:
+            value, state.misreport = state.misreport, None
+            return int(value)
+        return int(state.status)
 
     def pending(self, room: Room) -> Chunk | None:
         """The chunk not landed yet for ``room``; None also for a room this sender does not serve."""
@@ -336,7 +349,7 @@ class SenderLink:
         self._room = room
 
     def poll(self) -> int:
-        return int(self._sender.status(self._room))
+        return self._sender.poll(self._room)
 
     def init(self, blocks: Sequence[int], allocated_tokens: int) -> None:
         self._sender.on_init(self._room, blocks, allocated_tokens)

@@ -202,6 +202,25 @@ class World:
         self._log({"advance": seconds})
         self.clock.advance(seconds)
 
+    def go_backwards(self, room: Room) -> bool:
+        """The sender answers the next poll with a status below one the receiver has already seen."""
+        self._log({"backwards": room})
+        seen = self.outcomes[room].states[-1] if room in self.outcomes else None
+        lower = (
+            {
+                State.TRANSFERRING: KVPoll.Bootstrapping,
+                State.WAITING_FOR_BLOCKS: KVPoll.WaitingForInput,
+                State.RESUMING: KVPoll.WaitingForInput,
+            }.get(seen)
+            if seen is not None
+            else None
+        )
+        if lower is None or room not in self.sender.rooms() or self.sender.status(room) is KVPoll.Failed:
+            return False
+        self.sender.misreport(room, lower)
+        self._expect_failure.add(room)
+        return True
+
     def kill(self, room: Room) -> None:
         """The sender of ``room`` dies silently: it never writes or publishes again."""
         self._log({"kill": room})
@@ -440,7 +459,9 @@ class World:
                 self.violations.append(f"I11: warm-up room {request.room} read the pool")
             return
         if request.room in self._expect_failure:
-            self.violations.append(f"I10: room {request.room} succeeded on corrupt input (aux row or data)")
+            self.violations.append(
+                f"I10: room {request.room} succeeded on corrupt input (aux row, data or a backwards status)"
+            )
         assert request.payload is not None
         wrong = self.sender.source(request.room).mismatches(request.payload)
         outcome.verified = not wrong
