@@ -140,8 +140,12 @@ class _Room:
 
 
 class InProcessSender:
-    def __init__(self, buffers: TorchBlockBuffers, *, seed: int = 0, bank_rows: int = 4096) -> None:
+    def __init__(
+        self, buffers: TorchBlockBuffers, *, seed: int = 0, bank_rows: int = 4096, block_size: int | None = None
+    ) -> None:
         self.buffers = buffers
+        # The Encode side's own configured B (in SGLang each side reads it from its own environment).
+        self.block_size = block_size or buffers.block_size
         self.bank = EmbeddingBank(buffers.hidden_size, buffers.deepstack_layers, rows=bank_rows, seed=seed)
         self._seed = seed
         self._rooms: dict[Room, _Room] = {}
@@ -326,7 +330,7 @@ class InProcessSender:
         return state
 
     def _check_geometry(self, state: _Room, blocks: Sequence[int], allocated_tokens: int) -> bool:
-        b = self.buffers.block_size
+        b = self.block_size
         if not blocks or allocated_tokens // len(blocks) != b:
             self._fail(state, f"block size mismatch: {allocated_tokens} tokens over {len(blocks)} blocks, B={b}")
             return False
@@ -359,6 +363,9 @@ class SenderLink:
 
     def abort(self) -> None:
         self._sender.on_abort(self._room)
+
+    def failure_reason(self) -> str | None:
+        return self._sender.failure(self._room)
 
 
 class ProgressSenderLink(SenderLink):

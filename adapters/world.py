@@ -54,6 +54,7 @@ class WorldConfig:
     deepstack: int = 0
     max_total_tokens: int = 1 << 24
     timeouts: dict[str, float | None] = field(default_factory=dict)  # ReceiverConfig *_timeout_s overrides
+    sender_block_size: int | None = None  # the Encode side's B, when it is misconfigured to differ
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> WorldConfig:
@@ -65,6 +66,7 @@ class WorldConfig:
             deepstack=int(data.get("deepstack", 0)),
             max_total_tokens=int(data.get("max_total_tokens", 1 << 24)),
             timeouts={k: None if v is None else float(v) for k, v in dict(data.get("timeouts", {})).items()},
+            sender_block_size=None if data.get("sender_block_size") is None else int(data["sender_block_size"]),
         )
 
     def receiver_config(self) -> ReceiverConfig:
@@ -128,7 +130,7 @@ class World:
         self.config = config
         self.pool = TorchBlockBuffers(config.num_blocks, config.block_size, config.hidden_size, config.deepstack)
         self.allocator = OwningBlockAllocator(config.num_blocks, config.block_size)
-        self.sender = InProcessSender(self.pool, seed=seed, bank_rows=bank_rows)
+        self.sender = InProcessSender(self.pool, seed=seed, bank_rows=bank_rows, block_size=config.sender_block_size)
         self.clock = ManualClock()
         self.receiver_config = config.receiver_config()
         self.queue: ReceiverQueue[EmbeddingPayload] = ReceiverQueue(

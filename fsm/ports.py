@@ -90,6 +90,9 @@ class TransportLink(Protocol):
         """The request is over on this side: the sender must not start another write for it."""
         ...
 
+    # Optional, as SGLang's ``failure_exception()``: ``failure_reason() -> str | None`` says why the
+    # sender reported Failed (a block-size mismatch, a transfer error); the typed error then carries it.
+
 
 class ProgressLink(TransportLink, Protocol):
     """A link whose sender also reports how many tokens have landed so far (not in SGLang's wire

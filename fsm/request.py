@@ -113,7 +113,9 @@ class ReceiverRequest(Generic[PayloadT]):
             return
         if outcome.cause is not None:
             error_type = self._wiring.spec.causes[outcome.cause]
-            self.fire("fail", error=error_type(self.room, f"poll {_poll_name(value)} in {self.state.name}"))
+            detail = f"poll {_poll_name(value)} in {self.state.name}"
+            reason = self._failure_reason()
+            self.fire("fail", error=error_type(self.room, f"{detail}: {reason}" if reason else detail))
         else:
             self.fire(outcome.event)
 
@@ -253,6 +255,17 @@ class ReceiverRequest(Generic[PayloadT]):
         self.error = event.kwargs["error"]
 
     # ---- helpers ---------------------------------------------------------------------------------
+
+    def _failure_reason(self) -> str | None:
+        """The sender's own account of a failure, when the link offers one (best effort)."""
+        explain = getattr(self.link, "failure_reason", None)
+        if explain is None:
+            return None
+        try:
+            reason = explain()
+        except Exception:
+            return None
+        return None if reason is None else str(reason)
 
     @contextlib.contextmanager
     def _transport(self, what: str) -> Iterator[None]:

@@ -1179,3 +1179,21 @@ def test_a_last_round_counted_as_landed_before_its_success_is_not_read_as_a_roun
     link.status = KVPoll.Success
     bench.step()
     assert request.state is State.SUCCESS and request.landed == 20
+
+
+class ExplainingLink(FakeLink):
+    """A link that, like SGLang's failure_exception(), can say why its sender failed."""
+
+    def failure_reason(self) -> str | None:
+        return "transfer engine returned -1" if self.status == KVPoll.Failed else None
+
+
+def test_a_sender_failure_carries_the_senders_reason_when_the_link_has_one() -> None:
+    bench = Bench.make()
+    bench.links[SUBJECT] = ExplainingLink(KVPoll.WaitingForInput)
+    subject = bench.queue.add(SUBJECT, bench.links[SUBJECT])
+    bench.step()
+    bench.links[SUBJECT].status = KVPoll.Failed
+    bench.step()
+    assert_failed_cleanly(bench, subject, SenderFailed)
+    assert str(subject.error).endswith("poll Failed in TRANSFERRING: transfer engine returned -1")
