@@ -112,7 +112,7 @@ class DeltaDropped(ReceiverRequest[EmbeddingPayload]):
     def learn_total(self, event: Any) -> None:
         super().learn_total(event)
         assert self.payload is not None
-        self.mrope_delta = self.payload.mrope_delta = 0
+        self.payload.mrope_delta = 0
 
 
 class WarmupTreatedAsReal(ReceiverRequest[EmbeddingPayload]):

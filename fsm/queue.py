@@ -79,11 +79,11 @@ class ReceiverQueue(Generic[PayloadT]):
         """One iteration; returns the requests that ended in it (SUCCESS ones are held until released)."""
         polled = [r for r in self._live.values() if r.state not in self._wiring.spec.terminal]
         reduced = self._ranks.min_reduce([_poll(r) for r in polled])
-        for request, value in zip(polled, reduced, strict=True):
-            request.on_poll(value)
         now = self._clock.now()
-        for request in polled:
-            if request.state not in self._wiring.spec.terminal:
+        terminal = self._wiring.spec.terminal
+        for request, value in zip(polled, reduced, strict=True):
+            request.on_poll(value)  # a status that arrived in time wins over the deadline
+            if request.state not in terminal:
                 request.check_deadline(now)
         self._allocate()
         return self._collect()
@@ -95,13 +95,13 @@ class ReceiverQueue(Generic[PayloadT]):
                 request.fire("warmup_admitted")  # needs no blocks, so it neither waits nor blocks others
                 continue
             wanted = request.tokens_wanted
+            blocks_needed = -(-wanted // allocator.block_size)
             if request.takes_partial_grants:
                 # Several rounds are possible: take what is free now, at least one block.
                 wanted = min(wanted, allocator.free_count * allocator.block_size)
                 if wanted == 0:
                     return
-            elif -(-wanted // allocator.block_size) > allocator.num_blocks:
-                blocks_needed = -(-wanted // allocator.block_size)
+            elif blocks_needed > allocator.num_blocks:
                 request.fire(
                     "fail",
                     error=PoolTooSmall(

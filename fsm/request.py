@@ -88,7 +88,6 @@ class ReceiverRequest(Generic[PayloadT]):
         self.blocks: tuple[int, ...] = ()
         self.first_block: int | None = None
         self.total_tokens: int | None = None
-        self.mrope_delta = 0
         self.checksum: int | None = None
         self.landed = 0
         self.payload: PayloadT | None = None
@@ -194,7 +193,6 @@ class ReceiverRequest(Generic[PayloadT]):
                 f"aux[0] of block {self.first_block} is {total}, outside 1..{self._wiring.config.max_total_tokens}",
             )
         self.total_tokens = total
-        self.mrope_delta = aux.mrope_delta
         self.checksum = aux.checksum
         self.payload = self._wiring.buffers.new_payload(total, aux.mrope_delta)
 
