@@ -16,7 +16,7 @@ import torch
 
 from epd_receiver.fsm import AuxRow
 
-from .payload import EmbeddingPayload
+from .payload import EmbeddingPayload, PayloadArena
 
 AUX_INTS = 16  # [0] = T, [1] = M-RoPE delta, [2..15] spare: RDMA moves at least 64 bytes
 CHECKSUM_FLAG, CHECKSUM = 2, 3  # spare slots: [2] = 1 when [3] holds a CRC32 of the payload
@@ -41,6 +41,7 @@ class TorchBlockBuffers:
         deepstack_layers: int = 0,
         *,
         pin_memory: bool = False,
+        arena: PayloadArena | None = None,
     ) -> None:
         if min(num_blocks, block_size, hidden_size) <= 0 or deepstack_layers < 0:
             raise ValueError("num_blocks, block_size and hidden_size must be positive")
@@ -48,6 +49,9 @@ class TorchBlockBuffers:
         self._block_size = block_size
         self.hidden_size = hidden_size
         self.deepstack_layers = deepstack_layers
+        if arena is not None and (arena.hidden_size, arena.deepstack_layers) != (hidden_size, deepstack_layers):
+            raise ValueError("the payload arena's hidden size and deepstack layers must match the pool's")
+        self.arena = arena
         n, b, h = num_blocks, block_size, hidden_size
 
         def zeros(*shape: int, dtype: torch.dtype) -> torch.Tensor:
@@ -88,7 +92,15 @@ class TorchBlockBuffers:
         return payload.crc32()
 
     def new_payload(self, total_tokens: int, mrope_delta: int) -> EmbeddingPayload:
+        """From the arena when there is one (warm memory, valid until recycled), else freshly allocated."""
+        if self.arena is not None:
+            return self.arena.take(total_tokens, mrope_delta)
         return EmbeddingPayload.empty(total_tokens, self.hidden_size, self.deepstack_layers, mrope_delta)
+
+    def recycle(self, payload: EmbeddingPayload) -> None:
+        """The caller is done with ``payload``: its storage may back the next one (no-op without an arena)."""
+        if self.arena is not None:
+            self.arena.give_back(payload)
 
     def gather(self, blocks: Sequence[int], tokens: int, into: EmbeddingPayload, at: int) -> None:
         """Copy straight into the caller's output: whole blocks in one indexed copy each, then the tail."""
