@@ -18,6 +18,7 @@ from rich.table import Table
 from epd_receiver.fsm import ReceiverRequest, load_spec
 from epd_receiver.fsm.diagram import mermaid, sync_generated
 
+from .bench import GOALS, BenchConfig, run_bench
 from .quint import SIMULATION_SAMPLES, SIMULATION_STEPS, QuintMissing, check_all
 from .scenario import ScenarioError, load_scenario, replay
 from .simulate import Workload, simulate
@@ -47,6 +48,20 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--json", action="store_true", help="print the summary as JSON")
     sim.add_argument("--no-progress", action="store_true")
 
+    bench = commands.add_parser("bench", help="measure the controller against its performance goals")
+    defaults = BenchConfig()
+    bench.add_argument("--in-flight", type=int, default=defaults.in_flight, help="requests polled per iteration")
+    bench.add_argument("--poll-iterations", type=int, default=defaults.poll_iterations)
+    bench.add_argument("--lifecycles", type=int, default=defaults.lifecycles, help="requests for transition_us")
+    bench.add_argument("--hidden-size", type=int, default=defaults.hidden_size)
+    bench.add_argument("--total-tokens", type=int, default=defaults.total_tokens, help="T of the resumed payload")
+    bench.add_argument("--default-alloc", type=int, default=defaults.default_tokens, help="D: tokens in A0")
+    bench.add_argument("--block-sizes", type=int, nargs="+", default=list(defaults.block_sizes))
+    bench.add_argument("--repeats", type=int, default=defaults.repeats, help="runs per figure; the best is kept")
+    bench.add_argument("--fuzz-steps", type=int, default=defaults.fuzz_steps)
+    bench.add_argument("--json", action="store_true", help="print every figure as JSON")
+    bench.add_argument("--check", action="store_true", help="exit 1 when a goal is missed")
+
     rep = commands.add_parser("replay", help="replay an exact event schedule and report as JSON")
     rep.add_argument("scenario", type=Path)
     rep.add_argument("--variant", choices=sorted(VARIANTS), help="replay against a catalogued bug variant")
@@ -71,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "simulate":
         return _simulate(args)
+    if args.command == "bench":
+        return _bench(args)
     if args.command == "replay":
         return _replay(args)
     if args.command == "variants":
@@ -174,6 +191,43 @@ def _summary_table(summary: dict[str, Any]) -> Table:
     table.add_row("config", ", ".join(f"{k}={v}" for k, v in summary["config"].items()))
     table.add_row("violations", "\n".join(summary["violations"]) or "none")
     return table
+
+
+def _bench(args: argparse.Namespace) -> int:
+    config = BenchConfig(
+        in_flight=args.in_flight,
+        poll_iterations=args.poll_iterations,
+        lifecycles=args.lifecycles,
+        hidden_size=args.hidden_size,
+        total_tokens=args.total_tokens,
+        default_tokens=args.default_alloc,
+        block_sizes=tuple(args.block_sizes),
+        repeats=args.repeats,
+        fuzz_steps=args.fuzz_steps,
+    )
+    result = run_bench(config)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        console = Console()
+        for table in _bench_tables(result):
+            console.print(table)
+    missed = [key for key, verdict in result["goals"].items() if not verdict["met"]]
+    return 1 if args.check and missed else 0
+
+
+def _bench_tables(result: dict[str, Any]) -> list[Table]:
+    goals = Table("figure", "value", "goal", "met", title="epd-receiver bench")
+    for key in [*GOALS, "poll_iteration_us", "poll_iteration_original_us", "fuzz_steps_per_s"]:
+        verdict = result["goals"].get(key)
+        met = "" if verdict is None else ("yes" if verdict["met"] else "NO")
+        goals.add_row(key.replace("_", " "), str(result[key]), verdict["goal"] if verdict else "", met)
+    goals.add_row("machine", ", ".join(f"{k}={v}" for k, v in result["machine"].items()), "", "")
+    cases = result["assembly_by_block_size"]
+    assembly = Table("assembly", *(f"B={case['block_size']}" for case in cases), title="resumed payload assembly")
+    for key in [k for k in cases[0] if k != "block_size"]:
+        assembly.add_row(key.replace("_", " "), *(str(case[key]) for case in cases))
+    return [goals, assembly]
 
 
 def _replay(args: argparse.Namespace) -> int:
