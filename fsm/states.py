@@ -6,6 +6,10 @@ from enum import Enum
 
 
 class State(Enum):
+    # Members are singletons compared by identity, so identity hashing agrees with equality; Enum's own
+    # __hash__ is a Python-level call, and every poll of every request looks its state up in a dict.
+    __hash__ = object.__hash__
+
     BOOTSTRAPPING = "BOOTSTRAPPING"
     WAITING_FOR_INPUT = "WAITING_FOR_INPUT"
     TRANSFERRING = "TRANSFERRING"
