@@ -53,6 +53,7 @@ class BenchConfig:
     repeats: int = 5
     fuzz_steps: int = 1000
     seed: int = 0
+    threads: int | None = None  # torch's intra-op threads for the bench; None keeps torch's default
 
 
 TINY = BenchConfig(
@@ -420,7 +421,21 @@ def fuzz_rate(steps: int, seed: int = 0) -> float | None:
 
 
 def run_bench(config: BenchConfig = BenchConfig()) -> dict[str, Any]:
-    """Every figure, the worst case over the block sizes as the headline, and each goal's verdict."""
+    """Every figure, the worst case over the block sizes as the headline, and each goal's verdict.
+
+    ``threads`` matters on a small shared machine: a multi-threaded copy waits at its barrier for a thread
+    that a neighbour's process has preempted, and indexed copies suffer more from it than a plain one.
+    """
+    threads = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    try:
+        return _run_bench(config)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_bench(config: BenchConfig) -> dict[str, Any]:
     result: dict[str, Any] = {}
     result |= poll_overhead(config)
     result |= transitions(config)

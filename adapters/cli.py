@@ -45,6 +45,13 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--progress-share", type=float, default=0.0, help="share of senders reporting progress (rounds possible)"
     )
+    sim.add_argument(
+        "--transport",
+        choices=("inprocess", "mooncake"),
+        default="inprocess",
+        help="mooncake: an Encode process writes into every rank's pool with Mooncake over loopback tcp",
+    )
+    sim.add_argument("--ranks", type=int, default=1, help="tensor-parallel rank processes (gloo); needs mooncake")
     sim.add_argument("--json", action="store_true", help="print the summary as JSON")
     sim.add_argument("--no-progress", action="store_true")
 
@@ -59,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--block-sizes", type=int, nargs="+", default=list(defaults.block_sizes))
     bench.add_argument("--repeats", type=int, default=defaults.repeats, help="runs per figure; the best is kept")
     bench.add_argument("--fuzz-steps", type=int, default=defaults.fuzz_steps)
+    bench.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
     bench.add_argument("--json", action="store_true", help="print every figure as JSON")
     bench.add_argument("--check", action="store_true", help="exit 1 when a goal is missed")
 
@@ -147,6 +155,14 @@ def _simulate(args: argparse.Namespace) -> int:
         abort_rate=args.abort_rate,
         progress_share=args.progress_share,
     )
+    if args.transport == "mooncake":
+        from .distributed import simulate_distributed  # pyzmq and the transfer engine are needed only here
+
+        summary = simulate_distributed(config, workload, args.ranks)
+        return _report(args, summary)
+    if args.ranks != 1:
+        print("epd-receiver simulate: --ranks other than 1 needs --transport mooncake", file=sys.stderr)
+        return 2
     console = Console(stderr=True)
     with Progress(
         TextColumn("receiving"),
@@ -158,6 +174,10 @@ def _simulate(args: argparse.Namespace) -> int:
     ) as bar:
         task = bar.add_task("requests", total=args.requests)
         summary = simulate(config, workload, progress=lambda n: bar.advance(task, n))
+    return _report(args, summary)
+
+
+def _report(args: argparse.Namespace, summary: dict[str, Any]) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -188,6 +208,13 @@ def _summary_table(summary: dict[str, Any]) -> Table:
         "payload_gb_per_s",
     ):
         table.add_row(key.replace("_", " "), str(summary[key]))
+    for key in ("ranks", "verified_on_every_rank"):
+        if key in summary:
+            table.add_row(key.replace("_", " "), str(summary[key]))
+    transfer = summary.get("transfer", {})
+    for key in ("bytes", "gb_per_s", "raw_gb_per_s"):
+        if key in transfer:
+            table.add_row(f"transfer {key.replace('_', ' ')}", str(transfer[key]))
     table.add_row("config", ", ".join(f"{k}={v}" for k, v in summary["config"].items()))
     table.add_row("violations", "\n".join(summary["violations"]) or "none")
     return table
@@ -204,6 +231,7 @@ def _bench(args: argparse.Namespace) -> int:
         block_sizes=tuple(args.block_sizes),
         repeats=args.repeats,
         fuzz_steps=args.fuzz_steps,
+        threads=args.threads,
     )
     result = run_bench(config)
     if args.json:
