@@ -1,0 +1,134 @@
+"""The real transport end to end: two rank processes over gloo, one Encode process, Mooncake over loopback tcp.
+
+The processes start once for the module (a Python process with torch costs seconds) and every test runs
+a workload on them; the fault test kills the Encode process and the next use starts a fresh one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from epd_receiver.adapters.encode_server import Destination, coalesce, write_entries
+from epd_receiver.adapters.mooncake import Geometry, mooncake_missing
+from epd_receiver.adapters.simulate import Workload
+from epd_receiver.adapters.world import WorldConfig
+
+MISSING = mooncake_missing()
+if MISSING and os.environ.get("EPD_REQUIRE_MOONCAKE"):
+    raise RuntimeError(f"EPD_REQUIRE_MOONCAKE is set but {MISSING}")
+
+B, H = 16, 64
+FAST = {name: 2.0 for name in ("bootstrap", "admission", "transfer", "blocks", "resume")}
+
+
+def world(**timeouts: float | None) -> WorldConfig:
+    return WorldConfig(block_size=B, num_blocks=64, default_alloc_tokens=128, hidden_size=H, timeouts=timeouts)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[object]:
+    if MISSING:
+        pytest.skip(MISSING)
+    from epd_receiver.adapters.distributed import Cluster
+
+    with Cluster(2) as started:
+        yield started
+
+
+# ---- the write arithmetic, without processes ---------------------------------------------------------
+
+
+def _pool(base: int) -> Destination:
+    # item lens as TorchBlockBuffers has them for B=16, H=64: embeddings, ids, M-RoPE, aux
+    return Destination(
+        "s",
+        (base, base + 10**6, base + 2 * 10**6, base + 3 * 10**6),
+        (B * H * 2, B * 4, 3 * B * 4, 64),
+        Geometry(64, B, H, 0),
+    )
+
+
+def test_each_buffer_moves_the_bytes_of_the_tokens_a_block_holds() -> None:
+    source, target = _pool(0), _pool(10**8)
+    entries = list(write_entries(source, target, [(0, 5, B), (1, 9, 3)], with_aux=True))
+    lengths = [length for _, _, length in entries]
+    assert lengths == [B * H * 2, 3 * H * 2, B * 4, 3 * 4, 3 * B * 4, 3 * 3 * 4, 64]  # aux once, first pair
+    embeddings_of_second = entries[1]
+    assert embeddings_of_second[0] == 1 * B * H * 2 and embeddings_of_second[1] == 10**8 + 9 * B * H * 2
+
+
+def test_a_resume_writes_no_aux_row() -> None:
+    entries = list(write_entries(_pool(0), _pool(10**8), [(0, 7, B)], with_aux=False))
+    assert len(entries) == 3
+
+
+def test_rows_that_continue_each_other_on_both_sides_become_one_entry() -> None:
+    entries = write_entries(_pool(0), _pool(10**8), [(0, 4, B), (1, 5, B), (2, 9, B)], with_aux=False)
+    _, _, lengths = coalesce(entries)
+    assert len(lengths) == 6  # rows 4 and 5 merge in each of three buffers; row 9 stands alone
+    assert sum(lengths) == 3 * (B * H * 2 + B * 4 + 3 * B * 4)
+
+
+# ---- end to end ------------------------------------------------------------------------------------
+
+
+def test_loopback_two_ranks_every_payload_verified_on_every_rank(cluster) -> None:  # type: ignore[no-untyped-def]
+    workload = Workload(requests=24, seed=3, fail_rate=0.1, abort_rate=0.1, progress_share=0.3)
+    summary = cluster.run(world(), workload, checksum=True)
+    assert summary["violations"] == []
+    assert summary["unfinished"] == 0 and summary["leaked_blocks"] == 0
+    assert summary["succeeded"] > 10 and summary["verified"] == summary["succeeded"]
+    assert summary["verified_on_every_rank"] and summary["ranks"] == 2
+    assert summary["resumed"] > 0
+    assert set(summary["causes"]) <= {"aborted", "sender_failed"}
+    assert summary["fenced_blocks"] == [0, 0]  # every fence lifted: the sender acknowledged each abort
+    transfer = summary["transfer"]
+    assert transfer["bytes"] > 0 and transfer["failed_writes"] == 0
+    assert transfer["raw_bytes"] == transfer["bytes"] and transfer["raw_rc"] == 0
+
+
+def test_a_pool_smaller_than_the_payload_fills_in_rounds(cluster) -> None:  # type: ignore[no-untyped-def]
+    from epd_receiver.adapters.distributed import Arrival
+
+    config = WorldConfig(block_size=B, num_blocks=8, default_alloc_tokens=64, hidden_size=H)
+    summary = cluster.run(config, Workload(seed=5), [Arrival(0, 8 * B * 3 + 5, progress=True), Arrival(1, 40)])
+    assert summary["violations"] == [] and summary["verified"] == 2
+    assert summary["resume_rounds"] >= 3
+
+
+def test_a_transfer_error_fails_that_request_with_the_engine_s_answer(cluster) -> None:  # type: ignore[no-untyped-def]
+    from epd_receiver.adapters.distributed import Arrival
+    from epd_receiver.adapters.encode_server import TRANSFER_ERROR_ON_RESUME
+
+    arrivals = [Arrival(0, 400, fault=TRANSFER_ERROR_ON_RESUME), Arrival(1, 300), Arrival(2, 50)]
+    summary = cluster.run(world(), Workload(seed=7), arrivals)
+    assert summary["violations"] == []
+    assert summary["succeeded"] == summary["verified"] == 2
+    assert summary["causes"] == {"sender_failed": 1}
+    assert any("batch_transfer_sync_write returned -1" in error for error in summary["errors"][0])
+    assert summary["transfer"]["failed_writes"] == 2  # one per rank
+
+
+def test_encode_process_killed_mid_resume_times_out_everywhere(cluster) -> None:  # type: ignore[no-untyped-def]
+    """Small requests land first; the Encode process dies halfway through the first resume chunk."""
+    from epd_receiver.adapters.distributed import Arrival
+
+    arrivals = [Arrival(room, 40 + room) for room in range(4)] + [Arrival(room, 500 + room) for room in range(4, 8)]
+    cluster.ensure_encode().arm_kill(resumes=1)
+    config = world(
+        **{f"{name}_timeout_s": s for name, s in FAST.items()}, drain_timeout_s=None
+    )  # fences wait for a sender that will never answer
+    summary = cluster.run(config, Workload(seed=11, arrivals_per_step=8), arrivals, settle_s=0.5, bench=False)
+    assert not cluster.encode.alive
+    assert summary["violations"] == []  # every rank ended every room alike; no block owned at the end
+    assert summary["succeeded"] == summary["verified"] == 4
+    assert summary["causes"] == {"timeout": 4}
+    assert summary["leaked_blocks"] == 0
+    for rank in summary["per_rank"]:
+        # Blocks the dead sender was writing stay fenced, attributed to the rooms that timed out.
+        assert rank["fenced_blocks"] > 0 and set(rank["fenced_rooms"]) <= {4, 5, 6, 7}
+    again = cluster.run(world(), Workload(requests=6, seed=12))  # a fresh Encode process
+    assert again["violations"] == [] and again["verified"] == again["succeeded"] > 0
