@@ -94,6 +94,7 @@ class ReceiverProtocol(RuleBasedStateMachine):
         default_blocks=st.integers(1, 6),
         hidden_size=st.sampled_from([2, 4, 8]),
         deepstack=st.integers(0, 2),
+        async_abort=st.booleans(),
         data=st.data(),
     )
     def a_pool(
@@ -103,6 +104,7 @@ class ReceiverProtocol(RuleBasedStateMachine):
         default_blocks: int,
         hidden_size: int,
         deepstack: int,
+        async_abort: bool,
         data: st.DataObject,
     ) -> None:
         config = WorldConfig(
@@ -112,6 +114,7 @@ class ReceiverProtocol(RuleBasedStateMachine):
             hidden_size=hidden_size,
             deepstack=deepstack,
             max_total_tokens=MAX_TOTAL,
+            async_abort=async_abort,
         )
         variant = type(self).variant
         self.world = World(
@@ -146,7 +149,13 @@ class ReceiverProtocol(RuleBasedStateMachine):
         return [r for r in self._requests() if r.state not in (State.SUCCESS, State.FAILED)]
 
     def _with_pending_chunk(self) -> list[int]:
-        return [r.room for r in self._live() if self.world.sender.pending(r.room) is not None]
+        """Rooms the sender still has a chunk for, whatever the receiver thinks of them: after an abort the
+        sender may land one more chunk before it acts on the abort."""
+        sender = self.world.sender
+        return [room for room in sorted(sender.rooms()) if sender.pending(room) is not None]
+
+    def _with_abort_queued(self) -> list[int]:
+        return [room for room in sorted(self.world.sender.rooms()) if self.world.sender.abort_queued(room)]
 
     def _with_history(self) -> list[int]:
         return [r.room for r in self._live() if self.world.sender.published(r.room)]
@@ -167,6 +176,12 @@ class ReceiverProtocol(RuleBasedStateMachine):
     def the_sender_lands_a_chunk(self, data: st.DataObject, partial: int | None) -> None:
         """A whole chunk lands and its status is published, or only some blocks land (still in flight)."""
         self.world.deliver(data.draw(st.sampled_from(self._with_pending_chunk()), label="room"), blocks=partial)
+
+    @precondition(lambda self: bool(self._with_abort_queued()))
+    @rule(data=st.data())
+    def the_sender_acts_on_an_abort(self, data: st.DataObject) -> None:
+        """The abort message reaches the sender: it drops its pending chunk and acknowledges."""
+        self.world.stop(data.draw(st.sampled_from(self._with_abort_queued()), label="room"))
 
     @rule(iterations=st.integers(1, 3))
     def the_world_moves_on(self, iterations: int) -> None:

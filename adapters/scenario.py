@@ -77,12 +77,13 @@ EVENTS: dict[str, Callable[[World, Any], object]] = {
     "drain": lambda world, patience: world.drain(int(patience or 3)),
     "advance": lambda world, seconds: world.advance(float(seconds)),
     "kill": lambda world, room: world.kill(int(room)),
+    "stop": lambda world, room: world.stop(int(room)),
     "backwards": lambda world, room: world.go_backwards(int(room)),
     "arrive": _arrive,
 }
 
 
-ROOM_EVENTS = frozenset({"deliver", "fail", "abort", "release", "late", "corrupt", "kill", "backwards"})
+ROOM_EVENTS = frozenset({"deliver", "fail", "abort", "release", "late", "corrupt", "kill", "stop", "backwards"})
 
 
 def load_scenario(path: Path) -> dict[str, Any]:

@@ -134,6 +134,8 @@ class _Room:
     progress: bool = False
     misreport: KVPoll | None = None  # a faulty sender's next poll answer, below what it already reported
     dead: bool = False
+    abort_queued: bool = False  # the receiver's abort arrived and the sender has not acted on it yet
+    stopped: bool = False  # the sender acted on an abort: no more writes, and it says so when asked
     failure: str | None = None
     messages: list[Message] = field(default_factory=list)
     published: list[KVPoll] = field(default_factory=list)
@@ -141,9 +143,19 @@ class _Room:
 
 class InProcessSender:
     def __init__(
-        self, buffers: TorchBlockBuffers, *, seed: int = 0, bank_rows: int = 4096, block_size: int | None = None
+        self,
+        buffers: TorchBlockBuffers,
+        *,
+        seed: int = 0,
+        bank_rows: int = 4096,
+        block_size: int | None = None,
+        async_abort: bool = False,
     ) -> None:
         self.buffers = buffers
+        # A real sender learns of an abort by a message and may be mid-write when it does: with
+        # ``async_abort`` the abort only queues, and the pending chunk can still land until ``act_on_abort``.
+        self.async_abort = async_abort
+        self.writes: list[tuple[Room, int]] = []  # (room, block) of every row written, in order
         # The Encode side's own configured B (in SGLang each side reads it from its own environment).
         self.block_size = block_size or buffers.block_size
         self.bank = EmbeddingBank(buffers.hidden_size, buffers.deepstack_layers, rows=bank_rows, seed=seed)
@@ -249,8 +261,28 @@ class InProcessSender:
 
     def on_abort(self, room: Room) -> None:
         state = self._rooms.get(room)
-        if state is not None:
-            state.pending = None
+        if state is None:
+            return
+        state.abort_queued = True
+        if not self.async_abort:
+            self.act_on_abort(room)
+
+    def act_on_abort(self, room: Room) -> bool:
+        """The sender processes a queued abort: it drops the pending chunk and acknowledges; False if none."""
+        state = self._rooms.get(room)
+        if state is None or not state.abort_queued or state.stopped:
+            return False
+        state.pending = None
+        state.stopped = True
+        return True
+
+    def abort_acknowledged(self, room: Room) -> bool:
+        state = self._rooms.get(room)
+        return state is not None and state.stopped and not state.dead
+
+    def abort_queued(self, room: Room) -> bool:
+        state = self._rooms.get(room)
+        return state is not None and state.abort_queued and not state.stopped
 
     # ---- what the sender does --------------------------------------------------------------------
 
@@ -281,6 +313,7 @@ class InProcessSender:
             lo = start + i * b
             hi = min(lo + b, start + tokens, source.total_tokens)
             source.write_tokens(lo, hi, self.buffers.block_views(block, hi - lo))
+            self.writes.append((room, block))
         if chunk.with_aux:
             self.buffers.write_aux(chunk.blocks[0], source.total_tokens, source.mrope_delta, source.checksum)
         if landing < needed:
@@ -363,6 +396,9 @@ class SenderLink:
 
     def abort(self) -> None:
         self._sender.on_abort(self._room)
+
+    def abort_acknowledged(self) -> bool:
+        return self._sender.abort_acknowledged(self._room)
 
     def failure_reason(self) -> str | None:
         return self._sender.failure(self._room)

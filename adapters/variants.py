@@ -343,6 +343,24 @@ CATALOGUE = (
         frozenset({"I2", "I5"}),
     ),
     Variant(
+        "abort-frees-blocks-in-flight",
+        23,
+        "A request that fails while its sender may still write frees its blocks at once, so the late write "
+        "lands in a free block or in the request that is handed it next.",
+        overlay={
+            "transitions": [
+                {
+                    "trigger": "fail",
+                    "source": ["TRANSFERRING", "RESUMING"],
+                    "dest": "FAILED",
+                    "conditions": ["sender_may_write"],
+                    "remove": True,
+                }
+            ]
+        },
+        caught_by=frozenset({"I5", "I6"}),
+    ),
+    Variant(
         "hold-and-wait",
         24,
         "A0 is held while waiting for the remainder and freed only once it is granted: a full pool deadlocks.",
@@ -374,7 +392,6 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in CATALOGUE}
 PENDING: dict[int, str] = {
     4: "ranks disagree on T and S: needs tensor-parallel ranks",
     16: "resume fan-in race across ranks: needs tensor-parallel ranks",
-    23: "abort does not fence the sender: needs fencing",
 }
 
 

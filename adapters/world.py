@@ -2,8 +2,8 @@
 
 This is the bench that ``simulate``, ``replay`` and the stateful tests share. The judge never looks at
 the controller's reasoning: it knows what the sender was asked and wrote (its message log and sources),
-what the allocator says each block belongs to, and which reads reached the pool, and from those alone
-it decides whether invariants I1-I7 and I10 held.
+what the allocator says each block belongs to, which reads reached the pool and which rows the sender
+wrote, and from those alone it decides whether invariants I1-I8, I10 and I11 held.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ class WorldConfig:
     max_total_tokens: int = 1 << 24
     timeouts: dict[str, float | None] = field(default_factory=dict)  # ReceiverConfig *_timeout_s overrides
     sender_block_size: int | None = None  # the Encode side's B, when it is misconfigured to differ
+    async_abort: bool = False  # the sender may still land a chunk after an abort, until it acts on it
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> WorldConfig:
@@ -67,6 +68,7 @@ class WorldConfig:
             max_total_tokens=int(data.get("max_total_tokens", 1 << 24)),
             timeouts={k: None if v is None else float(v) for k, v in dict(data.get("timeouts", {})).items()},
             sender_block_size=None if data.get("sender_block_size") is None else int(data["sender_block_size"]),
+            async_abort=bool(data.get("async_abort", False)),
         )
 
     def receiver_config(self) -> ReceiverConfig:
@@ -130,7 +132,13 @@ class World:
         self.config = config
         self.pool = TorchBlockBuffers(config.num_blocks, config.block_size, config.hidden_size, config.deepstack)
         self.allocator = OwningBlockAllocator(config.num_blocks, config.block_size)
-        self.sender = InProcessSender(self.pool, seed=seed, bank_rows=bank_rows, block_size=config.sender_block_size)
+        self.sender = InProcessSender(
+            self.pool,
+            seed=seed,
+            bank_rows=bank_rows,
+            block_size=config.sender_block_size,
+            async_abort=config.async_abort,
+        )
         self.clock = ManualClock()
         self.receiver_config = config.receiver_config()
         self.queue: ReceiverQueue[EmbeddingPayload] = ReceiverQueue(
@@ -232,7 +240,15 @@ class World:
     def deliver(self, room: Room, blocks: int | None = None) -> bool:
         """The sender lands its pending chunk for ``room`` (only ``blocks`` of it, still in flight, if given)."""
         self._log({"deliver": room} if blocks is None else {"deliver": {"room": room, "blocks": blocks}})
-        return room in self.sender.rooms() and self.sender.deliver(room, blocks)
+        written = len(self.sender.writes)
+        landed = room in self.sender.rooms() and self.sender.deliver(room, blocks)
+        self._audit_writes(self.sender.writes[written:])
+        return landed
+
+    def stop(self, room: Room) -> bool:
+        """The sender acts on the abort it received for ``room``: it drops its pending chunk and says so."""
+        self._log({"stop": room})
+        return room in self.sender.rooms() and self.sender.act_on_abort(room)
 
     def fail(self, room: Room) -> None:
         self._log({"fail": room})
@@ -330,18 +346,21 @@ class World:
             for _ in range(max_iterations):
                 live = [r for r in self.queue if r.state not in (State.SUCCESS, State.FAILED)]
                 held = [r for r in self.queue if r.state is State.SUCCESS]
-                if not live and not held:
+                fenced = [r for r in self.queue if r.state is State.FAILED]
+                if not live and not held and not fenced:
                     break
                 if idle >= patience:
-                    if waits < max_waits and any(self._sender_dead(r.room) for r in live):
+                    if waits < max_waits and any(self._sender_dead(r.room) for r in live + fenced):
                         self.clock.advance(longest + 1)
                         waits, idle = waits + 1, 0
                         continue
                     self.violations.append(f"I8: no progress for {patience} fair iterations: {list(self.queue)}")
                     break
                 before = self._snapshot()
-                for request in live:
+                for request in live + fenced:
                     self.deliver(request.room)
+                for request in fenced:
+                    self.stop(request.room)
                 self.step()
                 for request in held:
                     self.release(request.room)
@@ -349,15 +368,16 @@ class World:
             else:
                 self.violations.append(f"I8: not done after {max_iterations} fair iterations: {list(self.queue)}")
             self._fair = False
-        if self.allocator.owned_count:
-            self.violations.append(f"I5: blocks leaked after drain: {self.allocator.owners()}")
+        if self.allocator.owned_count or self.allocator.fenced_count:
+            leaked = {"owned": self.allocator.owners(), "fenced": self.allocator.fences()}
+            self.violations.append(f"I5: blocks leaked after drain: {leaked}")
 
     def _sender_dead(self, room: Room) -> bool:
         return room in self.sender.rooms() and self.sender.is_dead(room)
 
     def _snapshot(self) -> tuple[object, ...]:
         return (
-            tuple((r.room, r.state, r.landed) for r in self.queue),
+            tuple((r.room, r.state, r.landed, r.fenced) for r in self.queue),
             self.allocator.free_count,
             tuple(self.sender.pending(room) for room in self.sender.rooms()),
         )
@@ -495,6 +515,15 @@ class World:
         if self.sender.status(owner) not in (KVPoll.Transferring, KVPoll.Success):
             self.violations.append(f"I1: room {owner} read before any chunk landed")
 
+    def _audit_writes(self, writes: Sequence[tuple[Room, int]]) -> None:
+        """The sender may write only into rows its room owns or fences: a write into a free row, or into
+        another request's, corrupts whoever is handed that row next (#23)."""
+        for room, block in writes:
+            kind, holder = self.allocator.holder(block)
+            if holder != room:
+                whose = kind if holder is None else f"{kind} by room {holder}"
+                self.violations.append(f"I5: the sender wrote room {room}'s data into block {block}, which is {whose}")
+
     def _owner_of(self, blocks: tuple[int, ...]) -> Room | None:
         owners = {room for room, held in self.allocator.owners().items() if set(blocks) & set(held)}
         if len(owners) != 1 or not set(blocks) <= set(self.allocator.owned_by(next(iter(owners)))):
@@ -523,8 +552,8 @@ class World:
     def _check_ownership(self) -> list[str]:
         found = []
         allocator = self.allocator
-        if allocator.free_count + allocator.owned_count != allocator.num_blocks:
-            found.append("I5: free + owned != pool size")
+        if allocator.free_count + allocator.owned_count + allocator.fenced_count != allocator.num_blocks:
+            found.append("I5: free + owned + fenced != pool size")
         if allocator.rejected_frees:
             found.append(f"I5: {allocator.rejected_frees} double or foreign frees")
         holders = {r.room: r for r in self.queue}
@@ -533,7 +562,14 @@ class World:
             request = holders.get(room)
             if request is None or request.state is State.FAILED or set(request.blocks) != set(blocks):
                 found.append(f"I5: blocks {list(blocks)} owned by room {room}, which holds {request!r}")
+        fences = allocator.fences()
+        for room, blocks in fences.items():
+            request = holders.get(room)
+            if request is None or request.state is not State.FAILED or set(request.fenced) != set(blocks):
+                found.append(f"I5: blocks {list(blocks)} fenced for room {room}, which holds {request!r}")
         for room, request in holders.items():
+            if request.fenced and room not in fences:
+                found.append(f"I5: room {room} fences {list(request.fenced)}, which the allocator does not")
             if request.warmup and (request.blocks or room in owners):
                 found.append(f"I11: warm-up room {room} holds blocks {list(request.blocks)}")
             if request.blocks and room not in owners:
@@ -573,6 +609,7 @@ class World:
             "pool": {
                 "free": self.allocator.free_count,
                 "owned": self.allocator.owned_count,
+                "fenced": self.allocator.fenced_count,
                 "double_frees": self.allocator.rejected_frees,
             },
             "violations": self.check(),

@@ -78,10 +78,11 @@ def timeouts_markdown(spec: ReceiverSpec) -> str:
     from .request import ReceiverConfig
 
     defaults = ReceiverConfig()
-    rows = ["| state | deadline (ReceiverConfig field) | default |", "|---|---|---|"]
-    for state, field in spec.timeouts.items():
-        value = getattr(defaults, field, None)
-        rows.append(f"| {state.name} | `{field}` | {'none' if value is None else f'{value:g} s'} |")
+    rows = ["| state | deadline (ReceiverConfig field) | default | when it passes |", "|---|---|---|---|"]
+    for state, timeout in spec.timeouts.items():
+        value = getattr(defaults, timeout.field, None)
+        then = f"fail: {timeout.cause}" if timeout.cause else f"`{timeout.event}`"
+        rows.append(f"| {state.name} | `{timeout.field}` | {'none' if value is None else f'{value:g} s'} | {then} |")
     return "\n".join(rows)
 
 

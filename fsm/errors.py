@@ -78,6 +78,12 @@ class Aborted(ReceiverError):
     cause = "aborted"
 
 
+class RankDisagreement(ReceiverError):
+    """The tensor-parallel ranks read different lengths or data for this request; all of them fail it."""
+
+    cause = "rank_disagreement"
+
+
 class ContractError(Exception):
     """Our own discipline was broken; never converted into a failed request."""
 
@@ -92,3 +98,7 @@ class OwnershipError(ContractError):
 
 class SpecError(ContractError):
     """spec/receiver.toml is inconsistent, or disagrees with the code."""
+
+
+class RankDivergence(ContractError):
+    """The ranks' queues are out of lockstep (different rooms polled, different allocator operations)."""

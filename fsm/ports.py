@@ -69,6 +69,17 @@ class BlockAllocator(Protocol):
         """Return blocks ``owner`` holds; raises OwnershipError on a double or foreign free."""
         ...
 
+    def fence(self, owner: Room, blocks: Sequence[int]) -> None:
+        """Take blocks ``owner`` holds out of its hands without freeing them: a sender may still write there.
+
+        A block is free, owned or fenced, never two of them (I5); OwnershipError as for ``free``.
+        """
+        ...
+
+    def unfence(self, owner: Room, blocks: Sequence[int]) -> None:
+        """The sender has stopped: blocks fenced for ``owner`` return to the free list."""
+        ...
+
     @property
     def free_count(self) -> int:
         """Blocks an allocation could take now."""
@@ -102,9 +113,26 @@ class ProgressLink(TransportLink, Protocol):
 
 
 class RankGroup(Protocol):
-    """Combines the polls of all tensor-parallel ranks so that every rank takes the same branch."""
+    """The tensor-parallel ranks of one server, each running its own queue over its own pool.
 
-    def min_reduce(self, values: list[int]) -> list[int]: ...
+    Every rank must take the same branch for every request, or their pools drift apart (#4, #16). These
+    are the only collectives the controller makes; every rank makes them in the same order, because
+    every rank sees the same reduced polls and the same spec.
+    """
+
+    @property
+    def size(self) -> int: ...
+
+    def min_reduce(self, rooms: Sequence[Room], values: Sequence[int]) -> list[int]:
+        """The element-wise MIN of every rank's polls of ``rooms``, one collective per iteration.
+
+        Raises RankDivergence when the ranks poll different rooms, or the same rooms in another order.
+        """
+        ...
+
+    def same(self, values: Sequence[int]) -> bool:
+        """True on every rank when every rank passed the same values; False on every rank otherwise."""
+        ...
 
 
 class Clock(Protocol):
@@ -116,8 +144,15 @@ class Clock(Protocol):
 class SingleRank:
     """The rank group of a server without tensor parallelism: the local polls are the reduced polls."""
 
-    def min_reduce(self, values: list[int]) -> list[int]:
-        return values
+    @property
+    def size(self) -> int:
+        return 1
+
+    def min_reduce(self, rooms: Sequence[Room], values: Sequence[int]) -> list[int]:
+        return list(values)
+
+    def same(self, values: Sequence[int]) -> bool:
+        return True
 
 
 class MonotonicClock:

@@ -3,7 +3,12 @@
 The queue is what a serving system calls once per scheduler iteration. It owns the one shared Machine,
 admits and retires models, and runs the allocation pass in which blocks are granted head-of-line, so
 that a request that cannot be served yet also holds back the ones behind it (SGLang's policy), with
-requests that already started (waiting for their remainder) ahead of new admissions.
+requests that already started (waiting for their remainder) ahead of new admissions. A failed request
+that still fences blocks stays polled, after the live ones, until its sender is known to have stopped.
+
+With tensor-parallel ranks every rank runs its own queue over its own pool; the ranks stay in lockstep
+because the only inputs that could differ between them, the polls and the deadlines, are reduced in one
+collective per iteration, and a fingerprint of their allocator operations is compared now and then.
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ from typing import Generic
 
 from transitions import Machine
 
-from .errors import Aborted, PoolTooSmall, Room
+from .errors import Aborted, PoolTooSmall, RankDivergence, Room
 from .kvpoll import KVPoll
+from .lockstep import LockstepAllocator
 from .machine import build_machine
 from .ports import BlockAllocator, BlockBuffers, Clock, MonotonicClock, PayloadT, RankGroup, SingleRank, TransportLink
 from .request import ReceiverConfig, ReceiverRequest, Wiring, deadlines, poll_table
@@ -41,18 +47,30 @@ class ReceiverQueue(Generic[PayloadT]):
         spec = spec or load_spec()
         config = config or ReceiverConfig()
         self._clock: Clock = clock or MonotonicClock()
-        self._wiring = Wiring(spec, poll_table(spec), buffers, allocator, config, self._clock, deadlines(spec, config))
+        self._ranks: RankGroup = ranks or SingleRank()
+        self._lockstep = LockstepAllocator(allocator) if self._ranks.size > 1 else None
+        self._wiring = Wiring(
+            spec,
+            poll_table(spec),
+            buffers,
+            self._lockstep or allocator,
+            config,
+            self._clock,
+            deadlines(spec, config),
+            self._ranks,
+        )
         self._machine: Machine = build_machine(spec, request_class)
         self._request_class = request_class
-        self._ranks: RankGroup = ranks or SingleRank()
         self._live: dict[Room, ReceiverRequest[PayloadT]] = {}
         self._held: dict[Room, ReceiverRequest[PayloadT]] = {}
+        self._fenced: dict[Room, ReceiverRequest[PayloadT]] = {}
+        self._iterations = 0
 
     # ---- admission and retirement ----------------------------------------------------------------
 
     def add(self, room: Room, link: TransportLink, *, warmup: bool = False) -> ReceiverRequest[PayloadT]:
         """Track a new request; a ``warmup`` one (a health check) takes no blocks and reads nothing."""
-        if room in self._live or room in self._held:
+        if room in self._live or room in self._held or room in self._fenced:
             raise ValueError(f"room {room} is already in the queue")
         request = self._request_class(room, link, self._wiring, warmup=warmup)
         self._machine.add_model(request)
@@ -77,16 +95,34 @@ class ReceiverQueue(Generic[PayloadT]):
 
     def step(self) -> list[ReceiverRequest[PayloadT]]:
         """One iteration; returns the requests that ended in it (SUCCESS ones are held until released)."""
-        polled = [r for r in self._live.values() if r.state not in self._wiring.spec.terminal]
-        reduced = self._ranks.min_reduce([_poll(r) for r in polled])
-        now = self._clock.now()
         terminal = self._wiring.spec.terminal
-        for request, value in zip(polled, reduced, strict=True):
-            request.on_poll(value)  # a status that arrived in time wins over the deadline
-            if request.state not in terminal:
-                request.check_deadline(now)
+        live = [r for r in self._live.values() if r.state not in terminal]
+        # then the fences: those of earlier iterations, then those of requests aborted since the last one
+        fencing = [*self._fenced.values(), *(r for r in self._live.values() if r.state in terminal and r.fenced)]
+        polled = live + fencing
+        now = self._clock.now()
+        # One collective for both inputs a rank could see differently: the polls, then "still in time".
+        local = [_poll(r) for r in polled] + [int(not r.past_deadline(now)) for r in polled]
+        reduced = self._ranks.min_reduce([r.room for r in polled], local)
+        polls, on_time = reduced[: len(polled)], reduced[len(polled) :]
+        for request, value, in_time in zip(polled, polls, on_time, strict=True):
+            state = request.state
+            request.on_poll(value)
+            if not in_time and request.state is state:  # a status that arrived in time wins
+                request.time_out()
         self._allocate()
+        self._iterations += 1
+        self._check_lockstep()
         return self._collect()
+
+    def _check_lockstep(self) -> None:
+        if self._lockstep is None or self._iterations % self._wiring.config.lockstep_every:
+            return
+        if not self._ranks.same([self._lockstep.digest]):
+            raise RankDivergence(
+                f"iteration {self._iterations}: the ranks' allocator operations differ "
+                f"(this rank's fingerprint {self._lockstep.digest:#010x})"
+            )
 
     def _allocate(self) -> None:
         allocator = self._wiring.allocator
@@ -124,8 +160,13 @@ class ReceiverQueue(Generic[PayloadT]):
             del self._live[request.room]
             if request.state is State.SUCCESS:
                 self._held[request.room] = request
+            elif request.fenced:
+                self._fenced[request.room] = request
             else:
                 self._machine.remove_model(request)
+        for request in [r for r in self._fenced.values() if not r.fenced]:
+            del self._fenced[request.room]
+            self._machine.remove_model(request)
         return finished
 
     # ---- views -----------------------------------------------------------------------------------
@@ -136,9 +177,15 @@ class ReceiverQueue(Generic[PayloadT]):
     def __iter__(self) -> Iterator[ReceiverRequest[PayloadT]]:
         yield from self._live.values()
         yield from self._held.values()
+        yield from self._fenced.values()
 
     def get(self, room: Room) -> ReceiverRequest[PayloadT] | None:
-        return self._live.get(room) or self._held.get(room)
+        return self._live.get(room) or self._held.get(room) or self._fenced.get(room)
+
+    @property
+    def fenced_rooms(self) -> tuple[Room, ...]:
+        """Failed requests whose blocks stay out of the pool until their sender is known to have stopped."""
+        return tuple(self._fenced)
 
     @property
     def spec(self) -> ReceiverSpec:

@@ -11,14 +11,25 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic
 
-from .errors import CorruptAux, IntegrityError, ReceiverError, Room, SizeMismatch, SpecError, TimedOut, TransportFailed
+from .errors import (
+    CorruptAux,
+    IntegrityError,
+    RankDisagreement,
+    ReceiverError,
+    Room,
+    SizeMismatch,
+    SpecError,
+    TransportFailed,
+)
 from .kvpoll import KVPoll
-from .ports import BlockAllocator, BlockBuffers, Clock, PayloadT, TransportLink
+from .ports import BlockAllocator, BlockBuffers, Clock, PayloadT, RankGroup, TransportLink
 from .spec import PollOutcome, ReceiverSpec
 from .states import State
 from .window import ReadWindow
 
 PollTable = Mapping[State, Mapping[int, PollOutcome]]
+# After either status the sender has stopped writing for the room: it has nothing left to send.
+_SENDER_DONE = frozenset({int(KVPoll.Failed), int(KVPoll.Success)})
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,11 +45,19 @@ class ReceiverConfig:
     transfer_timeout_s: float | None = 60.0
     blocks_timeout_s: float | None = None
     resume_timeout_s: float | None = 60.0
+    # How long a failed request fences blocks the sender may still write into, when the sender neither
+    # acknowledges the abort nor reports a terminal status: then it is presumed gone. None fences until
+    # the sender answers, which a dead sender never does.
+    drain_timeout_s: float | None = 30.0
+    # With several tensor-parallel ranks: compare the ranks' allocator fingerprints every this many
+    # iterations, and the assembled payloads' checksums at Success.
+    lockstep_every: int = 64
+    compare_payloads: bool = True
 
     def __post_init__(self) -> None:
-        if self.default_alloc_tokens <= 0 or self.max_total_tokens <= 0:
-            raise ValueError("default_alloc_tokens and max_total_tokens must be positive")
-        for name in ("bootstrap", "admission", "transfer", "blocks", "resume"):
+        if self.default_alloc_tokens <= 0 or self.max_total_tokens <= 0 or self.lockstep_every <= 0:
+            raise ValueError("default_alloc_tokens, max_total_tokens and lockstep_every must be positive")
+        for name in ("bootstrap", "admission", "transfer", "blocks", "resume", "drain"):
             value = getattr(self, f"{name}_timeout_s")
             if value is not None and value <= 0:
                 raise ValueError(f"{name}_timeout_s must be positive or None")
@@ -55,15 +74,16 @@ class Wiring(Generic[PayloadT]):
     config: ReceiverConfig
     clock: Clock
     deadlines: Mapping[State, float]
+    ranks: RankGroup
 
 
 def deadlines(spec: ReceiverSpec, config: ReceiverConfig) -> dict[State, float]:
     """The spec names which config field bounds each state; unset fields mean no deadline."""
     found = {}
-    for state, field in spec.timeouts.items():
-        if not hasattr(config, field):
-            raise SpecError(f"timeouts.{state.name}: ReceiverConfig has no field {field!r}")
-        value = getattr(config, field)
+    for state, timeout in spec.timeouts.items():
+        if not hasattr(config, timeout.field):
+            raise SpecError(f"timeouts.{state.name}: ReceiverConfig has no field {timeout.field!r}")
+        value = getattr(config, timeout.field)
         if value is not None:
             found[state] = float(value)
     return found
@@ -86,6 +106,8 @@ class ReceiverRequest(Generic[PayloadT]):
         self._wiring = wiring
         self._window: ReadWindow[PayloadT] = ReadWindow(wiring.buffers, room)
         self.blocks: tuple[int, ...] = ()
+        self.fenced: tuple[int, ...] = ()
+        self.last_poll = int(KVPoll.Bootstrapping)
         self.first_block: int | None = None
         self.total_tokens: int | None = None
         self.checksum: int | None = None
@@ -104,10 +126,13 @@ class ReceiverRequest(Generic[PayloadT]):
 
     def on_poll(self, value: int) -> None:
         """Apply one reduced poll value; the spec's no-op cells return before any trigger is called."""
+        self.last_poll = value
         table = self._wiring.polls.get(self.state)
         if table is None:
             return
-        outcome = table.get(value, self._wiring.spec.unknown_poll)
+        outcome = table.get(value)
+        if outcome is None:
+            outcome = self._wiring.spec.unknown_poll_in(self.state)
         if outcome.event is None or (outcome.guard is not None and not getattr(self, outcome.guard)()):
             return
         if outcome.cause is not None:
@@ -125,11 +150,21 @@ class ReceiverRequest(Generic[PayloadT]):
         except ReceiverError as error:
             self.trigger(self._wiring.spec.on_error, error=error)
 
-    def check_deadline(self, now: float) -> None:
-        """Fail with TimedOut when this request has stayed in its state past the spec's deadline."""
+    def past_deadline(self, now: float) -> bool:
         limit = self._wiring.deadlines.get(self.state)
-        if limit is not None and now - self.entered_at > limit:
-            self.fire("fail", error=TimedOut(self.room, f"{self.state.name} for more than {limit:g} s"))
+        return limit is not None and now - self.entered_at > limit
+
+    def time_out(self) -> None:
+        """The deadline of the current state passed: fire what the spec's [timeouts] names for it."""
+        timeout = self._wiring.spec.timeouts.get(self.state)
+        if timeout is None:
+            return
+        if timeout.cause is None:
+            self.fire(timeout.event)
+            return
+        limit = self._wiring.deadlines[self.state]
+        error_type = self._wiring.spec.causes[timeout.cause]
+        self.fire(timeout.event, error=error_type(self.room, f"{self.state.name} for more than {limit:g} s"))
 
     def stamp_entry(self, event: Any) -> None:
         """After every state change: deadlines count from here."""
@@ -144,6 +179,23 @@ class ReceiverRequest(Generic[PayloadT]):
 
     def is_warmup(self, event: Any = None) -> bool:
         return self.warmup
+
+    def sender_may_write(self, event: Any = None) -> bool:
+        """An init or resume went out for the blocks held and no status since says the sender is done."""
+        return bool(self.blocks) and self.last_poll not in _SENDER_DONE
+
+    def holds_fence(self, event: Any = None) -> bool:
+        return bool(self.fenced)
+
+    def abort_acknowledged(self, event: Any = None) -> bool:
+        """The sender confirmed the abort, when the link can say so (optional, best effort)."""
+        acknowledged = getattr(self.link, "abort_acknowledged", None)
+        if acknowledged is None:
+            return False
+        try:
+            return bool(acknowledged())
+        except Exception:
+            return False
 
     def sender_progressed(self, event: Any = None) -> bool:
         """A whole round landed and the payload is not complete yet (the last round ends with Success)."""
@@ -196,6 +248,21 @@ class ReceiverRequest(Generic[PayloadT]):
         self.checksum = aux.checksum
         self.payload = self._wiring.buffers.new_payload(total, aux.mrope_delta)
 
+    def agree_across_ranks(self, event: Any) -> None:
+        """Every rank must have read the same T and checksum into an allocation of the same size (#4)."""
+        seen = [self._total(), self.capacity, -1 if self.checksum is None else self.checksum]
+        if not self._wiring.ranks.same(seen):
+            raise RankDisagreement(self.room, f"the ranks differ on (T, S, checksum); this rank read {seen}")
+
+    def agree_on_payload(self, event: Any) -> None:
+        """With several ranks, every rank must hold bit-identical data; one checksum each, compared."""
+        ranks = self._wiring.ranks
+        if ranks.size == 1 or not self._wiring.config.compare_payloads:
+            return
+        assert self.payload is not None
+        if not ranks.same([self._wiring.buffers.checksum(self.payload)]):
+            raise RankDisagreement(self.room, "the ranks assembled different payloads")
+
     def expect_remainder(self, event: Any) -> None:
         if self._total() <= self.capacity:
             raise SizeMismatch(
@@ -238,6 +305,16 @@ class ReceiverRequest(Generic[PayloadT]):
         if self.blocks:
             blocks, self.blocks = self.blocks, ()
             self._wiring.allocator.free(self.room, blocks)
+
+    def fence_blocks(self, event: Any) -> None:
+        """Keep blocks the sender may still write out of the free list until it is known to have stopped."""
+        blocks, self.blocks = self.blocks, ()
+        self._wiring.allocator.fence(self.room, blocks)
+        self.fenced = blocks
+
+    def lift_fence(self, event: Any) -> None:
+        fenced, self.fenced = self.fenced, ()
+        self._wiring.allocator.unfence(self.room, fenced)
 
     def send_resume(self, event: Any) -> None:
         with self._transport("resume"):

@@ -50,6 +50,15 @@ class PollOutcome:
 
 
 @dataclass(frozen=True, slots=True)
+class TimeoutSpec:
+    """A state's deadline: the ReceiverConfig field that bounds it and the event fired when it passes."""
+
+    field: str
+    event: str
+    cause: str | None = None  # set when the event is the error event: the request fails with this cause
+
+
+@dataclass(frozen=True, slots=True)
 class ReceiverSpec:
     initial: State
     terminal: frozenset[State]
@@ -59,14 +68,19 @@ class ReceiverSpec:
     transitions: tuple[TransitionSpec, ...]
     polls: Mapping[State, Mapping[KVPoll, PollOutcome]]
     unknown_poll: PollOutcome
+    unknown_polls: Mapping[State, PollOutcome]
     causes: Mapping[str, type[errors.ReceiverError]]
     actions: Mapping[str, str]
     guards: Mapping[str, str]
-    timeouts: Mapping[State, str]
+    timeouts: Mapping[State, TimeoutSpec]
     raw: Mapping[str, Any]
 
     def transitions_from(self, state: State) -> tuple[TransitionSpec, ...]:
         return tuple(t for t in self.transitions if state in t.sources)
+
+    def unknown_poll_in(self, state: State) -> PollOutcome:
+        """What a value outside KVPoll does in ``state``: the state's own rule, else the global one."""
+        return self.unknown_polls.get(state, self.unknown_poll)
 
 
 def default_spec_text() -> str:
@@ -143,8 +157,14 @@ def _parse(raw: Mapping[str, Any]) -> ReceiverSpec:
         _state(name, "polls"): {
             _kvpoll(value, f"polls.{name}"): _outcome(outcome, f"polls.{name}.{value}", causes, on_error)
             for value, outcome in table.items()
+            if value != "unknown"
         }
         for name, table in polls_raw.items()
+    }
+    unknown_polls = {
+        _state(name, "polls"): _outcome(table["unknown"], f"polls.{name}.unknown", causes, on_error)
+        for name, table in polls_raw.items()
+        if "unknown" in table
     }
     spec = ReceiverSpec(
         initial=_state(machine["initial"], "machine.initial"),
@@ -155,10 +175,13 @@ def _parse(raw: Mapping[str, Any]) -> ReceiverSpec:
         transitions=transitions,
         polls=polls,
         unknown_poll=unknown,
+        unknown_polls=unknown_polls,
         causes=causes,
         actions=actions,
         guards=guards,
-        timeouts={_state(name, "timeouts"): field for name, field in raw.get("timeouts", {}).items()},
+        timeouts={
+            _state(name, "timeouts"): _timeout(body, name, on_error) for name, body in raw.get("timeouts", {}).items()
+        },
         raw=raw,
     )
     _check_polls(spec)
@@ -190,6 +213,15 @@ def _transition(
         conditions=tuple(body.get("conditions", [])),
         unless=tuple(body.get("unless", [])),
     )
+
+
+def _timeout(body: str | Mapping[str, str], state: str, on_error: str) -> TimeoutSpec:
+    """A plain field name fails the request with the cause `timeout`; a table names another event."""
+    if isinstance(body, str):
+        return TimeoutSpec(field=body, event=on_error, cause="timeout")
+    if set(body) != {"field", "event"}:
+        raise SpecError(f'timeouts.{state}: a field name, or {{ field = "...", event = "..." }}')
+    return TimeoutSpec(field=body["field"], event=body["event"])
 
 
 def _causes(table: Mapping[str, str]) -> dict[str, type[errors.ReceiverError]]:
@@ -224,25 +256,37 @@ def _outcome(text: str, where: str, causes: Mapping[str, type[errors.ReceiverErr
 
 
 def _check_polls(spec: ReceiverSpec) -> None:
-    """Every polled state answers every KVPoll value, with an event the state can take."""
+    """Every polled state answers every KVPoll value with an event the state can take.
+
+    A terminal state is polled only to learn that the sender stopped writing into blocks the request
+    still fences, so its poll table and its deadline may fire internal transitions only: nothing can
+    leave a terminal state.
+    """
     for state in State:
         table = spec.polls.get(state)
-        if state in spec.terminal:
-            if table:
-                raise SpecError(f"polls.{state.name}: terminal states are not polled")
+        if table is None and state in spec.terminal:
             continue
         if table is None or set(table) != set(KVPoll):
             raise SpecError(f"polls.{state.name}: must map every KVPoll value")
-        triggers = {t.trigger for t in spec.transitions_from(state)}
         for value, outcome in table.items():
-            if outcome.event is not None and outcome.event not in triggers:
-                raise SpecError(f"polls.{state.name}.{value.name}: no transition for {outcome.event!r}")
+            _check_fires(spec, state, outcome.event, f"polls.{state.name}.{value.name}")
             if outcome.guard is not None and outcome.guard not in spec.guards:
                 raise SpecError(f"polls.{state.name}.{value.name}: guard {outcome.guard!r} not declared under [guards]")
-    for state in spec.timeouts:
-        if state in spec.terminal:
-            raise SpecError(f"timeouts.{state.name}: a terminal state has no deadline")
-    if spec.timeouts and "timeout" not in spec.causes:
+        if state in spec.terminal and spec.unknown_poll_in(state).event is not None:
+            raise SpecError(f"polls.{state.name}.unknown: a terminal state can only ignore an unknown status")
+    for state, timeout in spec.timeouts.items():
+        _check_fires(spec, state, timeout.event, f"timeouts.{state.name}")
+    if any(t.cause for t in spec.timeouts.values()) and "timeout" not in spec.causes:
         raise SpecError("timeouts need a `timeout` entry under [causes]")
     if spec.unknown_poll.cause is None:
         raise SpecError("polls.unknown must be 'fail:CAUSE': an unknown status is never harmless")
+
+
+def _check_fires(spec: ReceiverSpec, state: State, event: str | None, where: str) -> None:
+    if event is None:
+        return
+    takes = [t for t in spec.transitions_from(state) if t.trigger == event]
+    if not takes:
+        raise SpecError(f"{where}: no transition for {event!r}")
+    if state in spec.terminal and not all(t.internal for t in takes):
+        raise SpecError(f"{where}: {event!r} would leave the terminal state {state.name}")

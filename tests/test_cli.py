@@ -138,7 +138,7 @@ def test_replay_release_returns_every_block(tmp_path: Path, capsys: pytest.Captu
 
     assert code == 0
     assert report["requests"]["1"]["state"] == "SUCCESS"
-    assert report["pool"] == {"free": 160, "owned": 0, "double_frees": 0}
+    assert report["pool"] == {"free": 160, "owned": 0, "fenced": 0, "double_frees": 0}
     assert report["violations"] == []
 
 

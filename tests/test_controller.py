@@ -98,6 +98,7 @@ class FakeAllocator:
         self._block_size = block_size
         self.free_list: list[int] = list(range(num_blocks))
         self.owner: dict[int, Room] = {}
+        self.fenced: dict[int, Room] = {}
         self.allocs: list[tuple[Room, tuple[int, ...]]] = []
         self.frees: list[tuple[Room, tuple[int, ...]]] = []
 
@@ -125,12 +126,28 @@ class FakeAllocator:
         return blocks
 
     def free(self, owner: Room, blocks: Sequence[int]) -> None:
-        if len(set(blocks)) != len(blocks) or any(self.owner.get(b) != owner for b in blocks):
-            raise OwnershipError(f"room {owner} frees {list(blocks)}; owners: {[self.owner.get(b) for b in blocks]}")
-        for block in blocks:
-            del self.owner[block]
+        self._take(self.owner, owner, blocks)
         self.free_list.extend(blocks)
         self.frees.append((owner, tuple(blocks)))
+
+    def fence(self, owner: Room, blocks: Sequence[int]) -> None:
+        self._take(self.owner, owner, blocks)
+        self.fenced.update(dict.fromkeys(blocks, owner))
+
+    def unfence(self, owner: Room, blocks: Sequence[int]) -> None:
+        self._take(self.fenced, owner, blocks)
+        self.free_list.extend(blocks)
+        self.frees.append((owner, tuple(blocks)))
+
+    @staticmethod
+    def _take(holders: dict[int, Room], owner: Room, blocks: Sequence[int]) -> None:
+        if len(set(blocks)) != len(blocks) or any(holders.get(b) != owner for b in blocks):
+            raise OwnershipError(f"room {owner} gives back {list(blocks)}; holders: {[holders.get(b) for b in blocks]}")
+        for block in blocks:
+            del holders[block]
+
+    def fenced_by(self, owner: Room) -> tuple[int, ...]:
+        return tuple(sorted(b for b, o in self.fenced.items() if o == owner))
 
     def owned_by(self, owner: Room) -> tuple[int, ...]:
         return tuple(sorted(b for b, o in self.owner.items() if o == owner))
@@ -154,6 +171,7 @@ class FakeLink:
         self.inits: list[tuple[tuple[int, ...], int]] = []
         self.resumes: list[tuple[tuple[int, ...], int, int]] = []
         self.aborts = 0
+        self.acknowledged = False
 
     def poll(self) -> int:
         return self.status
@@ -166,6 +184,9 @@ class FakeLink:
 
     def abort(self) -> None:
         self.aborts += 1
+
+    def abort_acknowledged(self) -> bool:
+        return self.acknowledged
 
     def sent(self) -> tuple[int, int, int]:
         return len(self.inits), len(self.resumes), self.aborts
@@ -229,9 +250,15 @@ def assert_failed_cleanly(bench: Bench, request: ReceiverRequest[FakePayload], e
     assert f"room {room}" in str(request.error)
     assert request.blocks == ()
     assert bench.allocator.owned_by(room) == ()
-    assert bench.allocator.blocks_freed_by(room) == bench.allocator.blocks_allocated_to(room)  # each once
     assert bench.links[room].aborts == 1
-    assert bench.queue.get(room) is None  # retired by the step that ended it
+    if request.fenced:  # the sender may still be writing: nothing returns to the pool until it stops
+        assert bench.allocator.fenced_by(room) == tuple(sorted(request.fenced))
+        assert bench.queue.get(room) is request and room in bench.queue.fenced_rooms
+        bench.links[room].status = int(KVPoll.Failed)  # a terminal status: the sender has stopped
+        bench.step()
+        assert request.fenced == () and bench.allocator.fenced_by(room) == ()
+    assert bench.allocator.blocks_freed_by(room) == bench.allocator.blocks_allocated_to(room)  # each once
+    assert bench.queue.get(room) is None  # retired by the step that ended it (or lifted its fence)
 
 
 # ---- the no-resume path -----------------------------------------------------------------------------
@@ -488,7 +515,7 @@ def expected_dest(state: State, event: str) -> State:
     return state if transition.internal else transition.dest
 
 
-POLL_CELLS = [(state, value) for state, table in SPEC.polls.items() for value in table]
+POLL_CELLS = [(state, value) for state, table in SPEC.polls.items() if state not in SPEC.terminal for value in table]
 
 
 def test_poll_cells_cover_every_non_terminal_state_and_value() -> None:
@@ -739,6 +766,128 @@ def test_abort_of_a_finished_or_unknown_request_does_nothing() -> None:
     assert bench.links[1].aborts == 0
 
 
+# ---- fencing (#23) ------------------------------------------------------------------------------------
+
+WRITING = [State.TRANSFERRING, State.RESUMING]  # an init or resume is out: the sender may be writing
+
+
+def aborted_while_writing(state: State, clock: Any = None, **timeouts: float | None) -> tuple[Bench, Any]:
+    bench = bench_with_subject_in(state, clock=clock, **timeouts)
+    subject = bench.queue.get(SUBJECT)
+    assert subject is not None
+    held = subject.blocks
+    assert bench.queue.abort(SUBJECT)
+    assert subject.fenced == held and subject.blocks == ()
+    assert bench.allocator.fenced_by(SUBJECT) == tuple(sorted(held))
+    assert not set(held) & set(bench.allocator.free_list)
+    assert bench.links[SUBJECT].aborts == 1  # the sender is told at once
+    return bench, subject
+
+
+@pytest.mark.parametrize("state", WRITING, ids=lambda s: s.name)
+@pytest.mark.parametrize("stop", [KVPoll.Failed, KVPoll.Success], ids=lambda s: s.name)
+def test_blocks_of_a_request_failed_mid_write_stay_fenced_until_a_terminal_status(state: State, stop: KVPoll) -> None:
+    bench, subject = aborted_while_writing(state)
+    fenced = subject.fenced
+    bench.land(BYSTANDER, D, KVPoll.Success)
+    newcomer = bench.add(3)
+    for status in (KVPoll.WaitingForInput, KVPoll.Transferring, KVPoll.Bootstrapping, 7):
+        bench.links[SUBJECT].status = int(status)  # still writing, or nonsense: the fence holds
+        bench.step()
+        assert subject.fenced == fenced and bench.queue.get(SUBJECT) is subject
+    bench.queue.release(BYSTANDER)  # the bystander's blocks come back, the fenced ones do not
+    bench.step()
+    assert not set(newcomer.blocks) & set(fenced)
+
+    bench.links[SUBJECT].status = int(stop)
+    bench.step()
+
+    assert subject.fenced == () and subject.state is State.FAILED and type(subject.error) is Aborted
+    assert bench.allocator.fenced_by(SUBJECT) == () and bench.allocator.owned_by(SUBJECT) == ()
+    assert bench.allocator.blocks_freed_by(SUBJECT) == bench.allocator.blocks_allocated_to(SUBJECT)
+    assert bench.queue.get(SUBJECT) is None and SUBJECT not in bench.queue.fenced_rooms
+    assert bench.links[SUBJECT].aborts == 1
+
+
+@pytest.mark.parametrize("state", WRITING, ids=lambda s: s.name)
+def test_an_acknowledged_abort_lifts_the_fence(state: State) -> None:
+    bench, subject = aborted_while_writing(state)
+    bench.links[SUBJECT].status = int(KVPoll.Transferring)
+    bench.step()
+    assert subject.fenced != ()
+
+    bench.links[SUBJECT].acknowledged = True
+    bench.step()
+
+    assert subject.fenced == () and bench.queue.get(SUBJECT) is None
+
+
+@pytest.mark.parametrize("state", WRITING, ids=lambda s: s.name)
+def test_a_silent_sender_is_presumed_gone_after_the_drain_deadline(state: State) -> None:
+    clock = FakeClock()
+    bench, subject = aborted_while_writing(state, clock, drain_timeout_s=5.0)
+    bench.links[SUBJECT].status = int(KVPoll.Transferring)
+    clock.t += 5.0
+    bench.step()
+    assert subject.fenced != ()  # not past it yet
+
+    clock.t += 0.5
+    bench.step()
+
+    assert subject.fenced == () and bench.queue.get(SUBJECT) is None
+    assert bench.allocator.blocks_freed_by(SUBJECT) == bench.allocator.blocks_allocated_to(SUBJECT)
+    assert type(subject.error) is Aborted  # the drain changes the pool, not the outcome
+
+
+def test_without_a_drain_deadline_a_silent_sender_keeps_its_fence() -> None:
+    clock = FakeClock()
+    bench, subject = aborted_while_writing(State.TRANSFERRING, clock, drain_timeout_s=None)
+    clock.t += 1e9
+    bench.step(3)
+    assert subject.fenced != ()
+
+
+@pytest.mark.parametrize("state", [s for s in NON_TERMINAL if s not in WRITING], ids=lambda s: s.name)
+def test_a_request_that_holds_nothing_the_sender_writes_is_retired_at_once(state: State) -> None:
+    bench = bench_with_subject_in(state)
+    bench.queue.abort(SUBJECT)
+    bench.step()
+    assert bench.queue.get(SUBJECT) is None and bench.allocator.fenced == {}
+
+
+@pytest.mark.parametrize("state", WRITING, ids=lambda s: s.name)
+def test_a_sender_that_reported_failed_has_stopped_so_nothing_is_fenced(state: State) -> None:
+    bench = bench_with_subject_in(state)
+    subject = bench.queue.get(SUBJECT)
+    assert subject is not None
+    bench.links[SUBJECT].status = int(KVPoll.Failed)
+    bench.step()
+    assert subject.state is State.FAILED and subject.fenced == () and bench.allocator.fenced == {}
+    assert bench.queue.get(SUBJECT) is None
+
+
+def test_bad_data_behind_a_success_frees_at_once_the_sender_is_done() -> None:
+    bench, subject, _ = subject_lands(D + 1, KVPoll.Success)  # T beyond A0, yet Success
+    assert type(subject.error) is SizeMismatch
+    assert subject.fenced == () and bench.allocator.fenced == {} and bench.queue.get(SUBJECT) is None
+
+
+def test_bad_data_behind_a_transferring_is_fenced_the_sender_may_still_write() -> None:
+    bench, subject, _ = subject_lands(0, KVPoll.Transferring)
+    assert type(subject.error) is CorruptAux
+    assert subject.fenced == (0, 1) and bench.queue.get(SUBJECT) is subject
+
+
+def test_a_fenced_room_cannot_be_added_again_until_its_fence_lifts() -> None:
+    bench, _ = aborted_while_writing(State.TRANSFERRING)
+    bench.step()
+    with pytest.raises(ValueError, match="already in the queue"):
+        bench.queue.add(SUBJECT, FakeLink())
+    bench.links[SUBJECT].status = int(KVPoll.Failed)
+    bench.step()
+    bench.add(SUBJECT)
+
+
 # ---- the read discipline (I1, I2) --------------------------------------------------------------------
 
 
@@ -898,7 +1047,8 @@ DEADLINES = {
 
 
 def test_every_waiting_state_has_a_deadline_in_the_spec() -> None:
-    assert dict(SPEC.timeouts) == DEADLINES
+    assert {state: t.field for state, t in SPEC.timeouts.items() if t.cause == "timeout"} == DEADLINES
+    assert SPEC.timeouts[State.FAILED].event == "drain_expired"  # a fence ends, the request stays FAILED
 
 
 @pytest.mark.parametrize("state", list(DEADLINES), ids=[s.name for s in DEADLINES])

@@ -42,7 +42,7 @@ def test_seed_case_reads_the_pool_exactly_twice_and_assembles_the_whole_payload(
     room = report["requests"]["1"]
     assert (room["state"], room["reads"], room["resumes"], room["verified"]) == ("SUCCESS", 2, 1, True)
     assert report["violations"] == []
-    assert report["pool"] == {"free": 128, "owned": 0, "double_frees": 0}
+    assert report["pool"] == {"free": 128, "owned": 0, "fenced": 0, "double_frees": 0}
 
 
 def test_a_block_size_that_differs_between_the_sides_fails_naming_the_cause() -> None:

@@ -118,8 +118,23 @@ def test_every_non_terminal_state_maps_all_five_kvpoll_values(spec: ReceiverSpec
             assert outcome.cause in spec.causes
 
 
-def test_terminal_states_have_no_poll_table(spec: ReceiverSpec) -> None:
-    assert not set(spec.polls) & spec.terminal
+def test_only_failed_is_polled_among_terminal_states_and_only_to_lift_its_fence(spec: ReceiverSpec) -> None:
+    assert set(spec.polls) & spec.terminal == {State.FAILED}
+    internal = {t.trigger for t in spec.transitions_from(State.FAILED) if t.internal and t.dest is State.FAILED}
+    assert {o.event for o in spec.polls[State.FAILED].values()} == {"sender_stopped"} <= internal
+    assert spec.unknown_poll_in(State.FAILED).is_noop
+    assert spec.unknown_poll_in(State.RESUMING) == spec.unknown_poll
+
+
+def test_a_terminal_poll_table_that_could_leave_the_state_is_refused() -> None:
+    overlay = {"polls": {"SUCCESS": {v.name: "noop" for v in KVPoll} | {"Failed": "fail:sender_failed"}}}
+    with pytest.raises(SpecError, match="would leave the terminal state SUCCESS"):
+        load_spec(overlay={**overlay, "transitions": [{"trigger": "fail", "source": "SUCCESS", "dest": "FAILED"}]})
+
+
+def test_a_terminal_state_must_ignore_unknown_statuses() -> None:
+    with pytest.raises(SpecError, match="can only ignore an unknown status"):
+        load_spec(overlay={"polls": {"FAILED": {"unknown": "fail:unknown_status"}}})
 
 
 def test_every_poll_failure_cause_maps_to_a_receiver_error(spec: ReceiverSpec) -> None:
@@ -246,9 +261,9 @@ def test_removing_the_transition_a_poll_event_needs_is_refused() -> None:
         load_spec(overlay=overlay)
 
 
-def test_a_terminal_state_with_a_poll_table_is_refused() -> None:
+def test_a_terminal_poll_table_inherits_no_failing_unknown_rule() -> None:
     overlay = {"polls": {"SUCCESS": {v.name: "noop" for v in KVPoll}}}
-    with pytest.raises(SpecError, match="terminal states are not polled"):
+    with pytest.raises(SpecError, match="can only ignore an unknown status"):
         load_spec(overlay=overlay)
 
 
@@ -388,9 +403,14 @@ def test_an_undeclared_guard_in_unless_is_refused() -> None:
         load_spec(overlay=overlay)
 
 
-def test_a_deadline_on_a_terminal_state_is_refused() -> None:
-    with pytest.raises(SpecError, match="terminal state has no deadline"):
+def test_a_deadline_that_would_fail_a_terminal_state_is_refused() -> None:
+    with pytest.raises(SpecError, match="no transition for 'fail'"):
         load_spec(overlay={"timeouts": {"SUCCESS": "transfer_timeout_s"}})
+
+
+def test_a_deadline_table_names_a_field_and_an_event() -> None:
+    with pytest.raises(SpecError, match="field"):
+        load_spec(overlay={"timeouts": {"RESUMING": {"event": "fail"}}})
 
 
 def test_deadlines_need_a_timeout_cause() -> None:
