@@ -132,3 +132,10 @@ def test_encode_process_killed_mid_resume_times_out_everywhere(cluster) -> None:
         assert rank["fenced_blocks"] > 0 and set(rank["fenced_rooms"]) <= {4, 5, 6, 7}
     again = cluster.run(world(), Workload(requests=6, seed=12))  # a fresh Encode process
     assert again["violations"] == [] and again["verified"] == again["succeeded"] > 0
+
+
+def test_several_ranks_need_the_real_transport(capsys: pytest.CaptureFixture[str]) -> None:
+    from epd_receiver.adapters.cli import main
+
+    assert main(["simulate", "--ranks", "2", "--requests", "1"]) == 2
+    assert "--transport mooncake" in capsys.readouterr().err
