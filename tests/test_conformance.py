@@ -21,7 +21,8 @@ from epd_receiver.adapters.variants import VARIANTS
 TRACES = 1000
 MODEL = spec_dir() / "receiver.qnt"
 # Behaviours the traces must reach, so that agreement covers deadlines, rounds, warm-ups, integrity and
-# every way a fence ends.
+# fences. (The model's live senders act on every abort before the drain deadline, so only a run test of
+# the model reaches a fence that the drain deadline ends.)
 EXERCISED = {
     "failed: timeout",
     "failed: integrity",
@@ -37,7 +38,6 @@ EXERCISED = {
     "chunk landed in a fence",
     "fence lifted by a terminal status",
     "fence lifted by an ack",
-    "fence lifted by the drain deadline",
 }
 
 
