@@ -265,6 +265,7 @@ def _replay(args: argparse.Namespace) -> int:
             load_scenario(args.scenario),
             spec=variant.spec() if variant else None,
             request_class=variant.request_class if variant else ReceiverRequest,
+            rig=variant.rig if variant else None,
         )
     except ScenarioError as error:
         print(f"epd-receiver replay: {error}", file=sys.stderr)

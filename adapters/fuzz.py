@@ -30,6 +30,7 @@ from hypothesis.stateful import (
 
 from epd_receiver.fsm import ReceiverRequest, State
 
+from .replicas import ReplicaWorld
 from .variants import Variant
 from .world import World, WorldConfig
 
@@ -116,17 +117,20 @@ class ReceiverProtocol(RuleBasedStateMachine):
             max_total_tokens=MAX_TOTAL,
             async_abort=async_abort,
         )
+        self.world = self.bench(config, seed=num_blocks)
+        type(self).last_world = self.world
+        for _ in range(data.draw(st.integers(1, 3), label="arrivals")):
+            self.a_request_arrives_now(data)
+
+    def bench(self, config: WorldConfig, seed: int) -> World:
         variant = type(self).variant
-        self.world = World(
+        return World(
             config,
-            seed=num_blocks,
+            seed=seed,
             bank_rows=31,
             spec=variant.spec() if variant else None,
             request_class=variant.request_class if variant else ReceiverRequest,
         )
-        type(self).last_world = self.world
-        for _ in range(data.draw(st.integers(1, 3), label="arrivals")):
-            self.a_request_arrives_now(data)
 
     def a_request_arrives_now(self, data: st.DataObject) -> None:
         config = self.world.config
@@ -253,11 +257,66 @@ class ReceiverProtocol(RuleBasedStateMachine):
         assert self.world.allocator.free_count == self.world.config.num_blocks
 
 
-def protocol_for(variant: Variant | None) -> type[ReceiverProtocol]:
-    if variant is None:
-        return ReceiverProtocol
-    name = "Protocol_" + re.sub(r"\W", "_", variant.name)
-    return type(name, (ReceiverProtocol,), {"variant": variant, "last_world": None})
+class MultiRankProtocol(ReceiverProtocol):
+    """The same protocol on tensor-parallel ranks, each with its own pool, kept in lockstep by the
+    controller's collectives; statuses, clocks and aux rows may differ between ranks, as they do."""
+
+    world: ReplicaWorld  # type: ignore[assignment]
+    ranks: ClassVar[int] = 2
+
+    def bench(self, config: WorldConfig, seed: int) -> ReplicaWorld:  # type: ignore[override]
+        variant = type(self).variant
+        world = ReplicaWorld(
+            config,
+            type(self).ranks,
+            seed=seed,
+            bank_rows=31,
+            spec=variant.spec() if variant else None,
+            request_class=variant.request_class if variant else ReceiverRequest,
+        )
+        if variant is not None and variant.rig is not None:
+            variant.rig(world)
+        return world
+
+    def _rank(self, data: st.DataObject) -> list[int]:
+        return [data.draw(st.integers(0, type(self).ranks - 1), label="rank")]
+
+    @precondition(lambda self: bool(self._with_pending_chunk()))
+    @rule(data=st.data())
+    def one_rank_sees_a_chunk_first(self, data: st.DataObject) -> None:
+        """The chunk lands and its status reaches one rank; the others see it at a later landing."""
+        room = data.draw(st.sampled_from(self._with_pending_chunk()), label="room")
+        self.world.deliver(room, ranks=self._rank(data))
+
+    def _first_chunk_unread(self) -> list[int]:
+        """Rooms whose first chunk landed on every rank and is not read yet."""
+        return [r.room for r in self._live() if all(w.first_chunk_unread(r.room) for w in self.world.ranks)]
+
+    @precondition(lambda self: bool(self._first_chunk_unread()))
+    @rule(data=st.data(), value=st.sampled_from([0, 1, -1, MAX_TOTAL + 1]))
+    def one_rank_reads_another_aux(self, data: st.DataObject, value: int) -> None:
+        """One rank finds another T in its A0[0] (#4: some ranks read aux 0)."""
+        room = data.draw(st.sampled_from(self._first_chunk_unread()), label="room")
+        self.world.corrupt_aux(room, value, ranks=self._rank(data))
+
+    @precondition(lambda self: bool(self._live()))
+    @rule(data=st.data())
+    def one_rank_gets_bad_data(self, data: st.DataObject) -> None:
+        """A value flips in a landed chunk on one rank only (checksummed rooms): the ranks must not part."""
+        room = data.draw(st.sampled_from([r.room for r in self._live()]), label="room")
+        self.world.corrupt_data(room, ranks=self._rank(data))
+
+    @rule(data=st.data(), seconds=st.sampled_from([5.0, 61.0]))
+    def one_rank_clock_runs_ahead(self, data: st.DataObject, seconds: float) -> None:
+        self.world.advance(seconds, ranks=self._rank(data))
+
+
+def protocol_for(variant: Variant | None, ranks: int = 1) -> type[ReceiverProtocol]:
+    base = ReceiverProtocol if ranks == 1 else MultiRankProtocol
+    if variant is None and ranks == 1:
+        return base
+    name = "Protocol_" + re.sub(r"\W", "_", variant.name if variant else "ranks") + f"_{ranks}"
+    return type(name, (base,), {"variant": variant, "last_world": None, "ranks": ranks})
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,13 +334,13 @@ class Catch:
 
 def catch_label(violation: str) -> str:
     """``I3``, or the guard's error type, from the judge's first violation message."""
-    head = violation.split(":", 1)[0].strip()
+    head = re.sub(r"^rank \d+: ", "", violation).split(":", 1)[0].strip()
     return head if re.fullmatch(r"I\d+|\w+Error|\w+Window", head) else "exception"
 
 
 def hunt(variant: Variant, options: settings | None = None) -> Catch:
     """Fuzz ``variant`` until it breaks an invariant; report what caught it and the shrunk schedule."""
-    protocol = protocol_for(variant)
+    protocol = protocol_for(variant, variant.ranks)
     started = time.perf_counter()
     try:
         run_state_machine_as_test(protocol, settings=options)

@@ -14,14 +14,17 @@ from typing import Any
 from epd_receiver.fsm import KVPoll, ReceiverRequest, ReceiverSpec
 
 from .payload import EmbeddingPayload
+from .replicas import ReplicaWorld
 from .world import World, WorldConfig
+
+Bench = Any  # a World, or a ReplicaWorld of several ranks: the same vocabulary
 
 
 class ScenarioError(ValueError):
     """The scenario file itself is malformed (not a protocol failure)."""
 
 
-def _arrive(world: World, request: Mapping[str, Any]) -> None:
+def _arrive(world: Bench, request: Mapping[str, Any]) -> None:
     try:
         room, total = int(request["room"]), int(request["total_tokens"])
     except (KeyError, TypeError, ValueError) as error:
@@ -46,36 +49,53 @@ def _room_and(argument: Any, key: str) -> tuple[int, Any]:
     return int(argument), None
 
 
-def _deliver(world: World, argument: Any) -> None:
+def _on_ranks(argument: Any) -> dict[str, Any]:
+    """With simulated ranks, an event may reach only some of them: ``"ranks": [0]``."""
+    if isinstance(argument, dict) and argument.get("ranks") is not None:
+        return {"ranks": [int(r) for r in argument["ranks"]]}
+    return {}
+
+
+def _deliver(world: Bench, argument: Any) -> None:
     room, blocks = _room_and(argument, "blocks")
-    world.deliver(room, None if blocks is None else int(blocks))
+    world.deliver(room, None if blocks is None else int(blocks), **_on_ranks(argument))
 
 
-def _late(world: World, argument: Any) -> None:
+def _late(world: Bench, argument: Any) -> None:
     room, status = _room_and(argument, "status")
-    world.late_status(room, None if status is None else KVPoll(int(status)))
+    world.late_status(room, None if status is None else KVPoll(int(status)), **_on_ranks(argument))
 
 
-def _corrupt(world: World, argument: Any) -> None:
+def _fail(world: Bench, argument: Any) -> None:
+    room, _ = _room_and(argument, "room")
+    world.fail(room, **_on_ranks(argument))
+
+
+def _advance(world: Bench, argument: Any) -> None:
+    seconds = argument["seconds"] if isinstance(argument, dict) else argument
+    world.advance(float(seconds), **_on_ranks(argument))
+
+
+def _corrupt(world: Bench, argument: Any) -> None:
     field = argument.get("field", "total_tokens")
     if field == "total_tokens":
-        world.corrupt_aux(int(argument["room"]), int(argument["value"]))
+        world.corrupt_aux(int(argument["room"]), int(argument["value"]), **_on_ranks(argument))
     elif field == "embeddings":
-        world.corrupt_data(int(argument["room"]))
+        world.corrupt_data(int(argument["room"]), **_on_ranks(argument))
     else:
         raise ScenarioError(f"corrupt: the field is 'total_tokens' or 'embeddings', not {field!r}")
 
 
-EVENTS: dict[str, Callable[[World, Any], object]] = {
+EVENTS: dict[str, Callable[[Bench, Any], object]] = {
     "step": lambda world, count: world.step(int(count)),
     "deliver": _deliver,
-    "fail": lambda world, room: world.fail(int(room)),
+    "fail": _fail,
     "abort": lambda world, room: world.abort(int(room)),
     "release": lambda world, room: world.release(int(room)),
     "late": _late,
     "corrupt": _corrupt,
     "drain": lambda world, patience: world.drain(int(patience or 3)),
-    "advance": lambda world, seconds: world.advance(float(seconds)),
+    "advance": _advance,
     "kill": lambda world, room: world.kill(int(room)),
     "stop": lambda world, room: world.stop(int(room)),
     "backwards": lambda world, room: world.go_backwards(int(room)),
@@ -101,16 +121,21 @@ def replay(
     *,
     spec: ReceiverSpec | None = None,
     request_class: type[ReceiverRequest[EmbeddingPayload]] = ReceiverRequest,
+    rig: Callable[[Any], object] | None = None,
 ) -> dict[str, Any]:
+    """Replay on one rank, or on ``"ranks": N`` simulated ranks; ``rig`` changes the bench (a sender bug)."""
     try:
         config = WorldConfig.from_json(scenario["config"])
-        world = World(
-            config,
-            seed=int(scenario.get("seed", 0)),
-            bank_rows=int(scenario.get("bank_rows", 257)),
-            spec=spec,
-            request_class=request_class,
-        )
+        options: dict[str, Any] = {
+            "seed": int(scenario.get("seed", 0)),
+            "bank_rows": int(scenario.get("bank_rows", 257)),
+            "spec": spec,
+            "request_class": request_class,
+        }
+        ranks = int(scenario.get("ranks", 1))
+        world: Bench = World(config, **options) if ranks == 1 else ReplicaWorld(config, ranks, **options)
+        if rig is not None:
+            rig(world)
         for request in scenario.get("requests", []):
             _arrive(world, request)
     except (KeyError, TypeError, ValueError) as error:

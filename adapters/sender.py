@@ -259,6 +259,13 @@ class InProcessSender:
             state.sent_tokens = sent_tokens
             state.pending = Chunk(tuple(blocks), sent_tokens, allocated_tokens)
 
+    def aim(self, room: Room, blocks: Sequence[int], sent_tokens: int, allocated_tokens: int) -> None:
+        """The sender decides by itself to write tokens from ``sent_tokens`` into ``blocks`` (a faulty
+        Encode side that does not wait for this receiver's own message)."""
+        state = self._rooms[room]
+        state.sent_tokens = sent_tokens
+        state.pending = Chunk(tuple(blocks), sent_tokens, allocated_tokens)
+
     def on_abort(self, room: Room) -> None:
         state = self._rooms.get(room)
         if state is None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from typing import Any
 from epd_receiver.fsm import ReceiverRequest, ReceiverSpec, load_spec
 
 from .payload import EmbeddingPayload
+from .replicas import EagerFanIn
 
 Request = ReceiverRequest[EmbeddingPayload]
 
@@ -32,6 +33,8 @@ class Variant:
     request_class: type[Request] = ReceiverRequest
     overlay: Mapping[str, Any] = field(default_factory=dict)
     caught_by: frozenset[str] = frozenset()  # the invariants or guards expected to speak first
+    ranks: int = 1  # a bug between tensor-parallel ranks is hunted on that many simulated ranks
+    rig: Callable[[Any], object] | None = None  # a change to the bench (a sender bug), not to the controller
 
     def spec(self) -> ReceiverSpec:
         return _spec(self.name)
@@ -109,8 +112,8 @@ class AuxView(ReceiverRequest[EmbeddingPayload]):
 class DeltaDropped(ReceiverRequest[EmbeddingPayload]):
     """#18: the payload is built without the M-RoPE delta (the original then treated it as text-only)."""
 
-    def learn_total(self, event: Any) -> None:
-        super().learn_total(event)
+    def check_total(self, event: Any) -> None:
+        super().check_total(event)
         assert self.payload is not None
         self.payload.mrope_delta = 0
 
@@ -152,6 +155,48 @@ def _merge(*overlays: Mapping[str, Any]) -> dict[str, Any]:
 REHANDLE_TRANSFERRING = {"polls": {"RESUMING": {"Transferring": "first_chunk_landed"}}}
 
 CATALOGUE = (
+    Variant(
+        "ranks-decide-alone",
+        4,
+        "Each tensor-parallel rank decides from its own aux row: a rank that read another T (or 0) takes "
+        "another branch than its peers, and their pools drift apart.",
+        overlay={
+            "transitions": [
+                {
+                    "trigger": "first_chunk_landed",
+                    "source": "TRANSFERRING",
+                    "dest": "WAITING_FOR_BLOCKS",
+                    "unless": ["is_warmup"],
+                    "reads": ["aux", "data"],
+                    "actions": [
+                        "learn_total",
+                        "check_total",
+                        "expect_remainder",
+                        "expect_landed",
+                        "gather_landed",
+                        "free_blocks",
+                    ],
+                },
+                {
+                    "trigger": "payload_landed",
+                    "source": "TRANSFERRING",
+                    "dest": "SUCCESS",
+                    "unless": ["is_warmup"],
+                    "reads": ["aux", "data"],
+                    "actions": [
+                        "learn_total",
+                        "check_total",
+                        "expect_no_remainder",
+                        "expect_landed",
+                        "gather_landed",
+                        "verify_checksum",
+                    ],
+                },
+            ]
+        },
+        caught_by=frozenset({"I9"}),
+        ranks=2,
+    ),
     Variant(
         "init-requested-tokens",
         2,
@@ -220,7 +265,7 @@ CATALOGUE = (
                 ]
             },
         ),
-        frozenset({"I1", "I4", "I5", "I6"}),
+        frozenset({"I1", "I4", "I5", "I6", "I8"}),  # or stuck: a round it thinks it already resumed
     ),
     Variant(
         "seed-reads-resume-blocks",
@@ -259,7 +304,13 @@ CATALOGUE = (
                         "source": "TRANSFERRING",
                         "dest": "WAITING_FOR_BLOCKS",
                         "reads": ["aux", "data"],
-                        "actions": ["learn_total", "expect_remainder", "gather_landed", "free_but_keep_record"],
+                        "actions": [
+                            "learn_total",
+                            "check_total",
+                            "expect_remainder",
+                            "gather_landed",
+                            "free_but_keep_record",
+                        ],
                     }
                 ]
             },
@@ -282,6 +333,7 @@ CATALOGUE = (
                         "reads": ["aux", "data"],
                         "actions": [
                             "learn_total",
+                            "check_total",
                             "expect_remainder",
                             "gather_landed",
                             "free_blocks",
@@ -292,6 +344,15 @@ CATALOGUE = (
             },
         ),
         frozenset({"I8", "I5"}),  # stuck, or reading a "round" of no blocks when the sender reports progress
+    ),
+    Variant(
+        "resume-fan-in-race",
+        16,
+        "The Encode side starts a resume chunk for every rank on the first rank's resume, aimed at the blocks "
+        "the other ranks named before (already freed), and drops their own resumes.",
+        rig=EagerFanIn,
+        caught_by=frozenset({"I5", "I1", "I6", "I9"}),
+        ranks=2,
     ),
     Variant(
         "aux-aliases-pool",
@@ -371,7 +432,7 @@ CATALOGUE = (
                     "source": "TRANSFERRING",
                     "dest": "WAITING_FOR_BLOCKS",
                     "reads": ["aux", "data"],
-                    "actions": ["learn_total", "expect_remainder", "gather_landed"],
+                    "actions": ["learn_total", "check_total", "expect_remainder", "gather_landed"],
                 },
                 {
                     "trigger": "blocks_granted",
@@ -389,10 +450,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in CATALOGUE}
 
 # Catalogued receiver bugs whose variants need a feature this version does not have yet; each is added
 # by the work that builds the feature, and must then be caught like the others.
-PENDING: dict[int, str] = {
-    4: "ranks disagree on T and S: needs tensor-parallel ranks",
-    16: "resume fan-in race across ranks: needs tensor-parallel ranks",
-}
+PENDING: dict[int, str] = {}
 
 
 # ---- minimal failing schedules -------------------------------------------------------------------------

@@ -12,11 +12,12 @@ import contextlib
 import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from epd_receiver.fsm import (
     AuxRow,
     KVPoll,
+    RankGroup,
     ReceiverConfig,
     ReceiverError,
     ReceiverQueue,
@@ -32,7 +33,7 @@ from .allocator import OwningBlockAllocator
 from .buffers import TorchBlockBuffers
 from .clock import ManualClock
 from .payload import EmbeddingPayload
-from .sender import InProcessSender, SenderLink, WarmupLink
+from .sender import InProcessSender, WarmupLink
 
 STATE_ORDER = {
     State.BOOTSTRAPPING: 0,
@@ -128,6 +129,8 @@ class World:
         bank_rows: int = 4096,
         spec: ReceiverSpec | None = None,
         request_class: type[ReceiverRequest[EmbeddingPayload]] = ReceiverRequest,
+        ranks: RankGroup | None = None,
+        record: bool = True,
     ) -> None:
         self.config = config
         self.pool = TorchBlockBuffers(config.num_blocks, config.block_size, config.hidden_size, config.deepstack)
@@ -148,6 +151,7 @@ class World:
             spec=spec,
             request_class=request_class,
             clock=self.clock,
+            ranks=ranks,
         )
         self._deadlines = deadlines(self.queue.spec, self.receiver_config)
         self._entered: dict[Room, float] = {}
@@ -158,8 +162,9 @@ class World:
         self.outcomes: dict[Room, Outcome] = {}
         self.violations: list[str] = []
         self.log: list[dict[str, Any]] = []
-        self._recording = True
+        self._recording = record
         self._expect_failure: set[Room] = set()
+        self._abort_heard: dict[Room, float] = {}  # when the sender got each abort it has not acted on
 
     # ---- the vocabulary of scenarios (each call is logged as the replay event that repeats it) -----
 
@@ -176,20 +181,21 @@ class World:
         a ``warmup`` request is a health check whose stand-in sender writes nothing (I11); with ``checksum``
         the sender writes a CRC32 of the payload into A0[0]'s spare aux slots."""
         if warmup:
-            self._log({"arrive": {"room": room, "total_tokens": total_tokens, "warmup": True}})
             request = self.queue.add(room, WarmupLink(), warmup=True)
-            self.outcomes[room] = Outcome(room, total_tokens, [request.state], warmup=True)
-            self._entered[room] = self.clock.now()
-            return request
-        link: SenderLink = self.sender.add_room(room, total_tokens, mrope_delta, progress=progress, checksum=checksum)
-        request = self.queue.add(room, link)
-        self.outcomes[room] = Outcome(room, total_tokens, [request.state])
+        else:
+            link = self.sender.add_room(room, total_tokens, mrope_delta, progress=progress, checksum=checksum)
+            request = self.queue.add(room, link)
+        self.outcomes[room] = Outcome(room, total_tokens, [request.state], warmup=warmup)
         self._entered[room] = self.clock.now()
-        delta = self.sender.source(room).mrope_delta
-        arrival = {"room": room, "total_tokens": total_tokens, "mrope_delta": delta}
-        flags = {"progress": progress, "checksum": checksum}
-        self._log({"arrive": arrival | {name: True for name, on in flags.items() if on}})
+        self._log(self.log_of_arrival(room, total_tokens, progress=progress, warmup=warmup, checksum=checksum))
         return request
+
+    def log_of_arrival(self, room: Room, total_tokens: int, **flags: Any) -> dict[str, Any]:
+        """The replay event of an arrival, with the delta the sender drew so that a replay draws no other."""
+        arrival: dict[str, Any] = {"room": room, "total_tokens": total_tokens}
+        if not flags.get("warmup"):
+            arrival["mrope_delta"] = self.sender.source(room).mrope_delta
+        return {"arrive": arrival | {name: True for name, on in flags.items() if on and name != "mrope_delta"}}
 
     def step(self, iterations: int = 1) -> list[ReceiverRequest[EmbeddingPayload]]:
         self._log({"step": iterations})
@@ -208,9 +214,21 @@ class World:
         return finished
 
     def advance(self, seconds: float) -> None:
-        """Time passes on the receiver's clock (deadlines are judged at the next iteration)."""
+        """Time passes on the receiver's clock (deadlines are judged at the next iteration).
+
+        A sender that learns of aborts late still acts on each within the drain deadline: that is the
+        contract that lets the receiver reuse fenced blocks once the deadline has passed.
+        """
         self._log({"advance": seconds})
+        for room in self.sender.rooms():
+            if self.sender.abort_queued(room):
+                self._abort_heard.setdefault(room, self.clock.now())
         self.clock.advance(seconds)
+        drain = self.receiver_config.drain_timeout_s
+        for room, heard in list(self._abort_heard.items()):
+            if drain is not None and self.clock.now() - heard >= drain:
+                self.sender.act_on_abort(room)
+                del self._abort_heard[room]
 
     def go_backwards(self, room: Room) -> bool:
         """The sender answers the next poll with a status below one the receiver has already seen."""
@@ -292,19 +310,23 @@ class World:
     def corrupt_aux(self, room: Room, value: int) -> bool:
         """Overwrite T in the aux row of A0[0] after the first chunk landed and before it is read."""
         self._log({"corrupt": {"room": room, "field": "total_tokens", "value": value}})
-        messages = self.sender.room_messages(room) if room in self.sender.rooms() else []
-        request = self.queue.get(room)
-        if (
-            request is None
-            or not messages
-            or request.state is not State.TRANSFERRING
-            or self.sender.pending(room) is not None
-            or self.sender.status(room) not in (KVPoll.Transferring, KVPoll.Success)
-        ):
+        if not self.first_chunk_unread(room):
             return False
-        self.pool.aux[messages[0].blocks[0], 0] = value
+        self.pool.aux[self.sender.room_messages(room)[0].blocks[0], 0] = value
         self._expect_failure.add(room)
         return True
+
+    def first_chunk_unread(self, room: Room) -> bool:
+        """The first chunk has landed and its status is out, and the receiver has not read it yet."""
+        request = self.queue.get(room)
+        return (
+            request is not None
+            and request.state is State.TRANSFERRING
+            and room in self.sender.rooms()
+            and bool(self.sender.room_messages(room))
+            and self.sender.pending(room) is None
+            and self.sender.status(room) in (KVPoll.Transferring, KVPoll.Success)
+        )
 
     def corrupt_data(self, room: Room) -> bool:
         """Flip one embedding value in a chunk that landed and has not been read yet (checksummed rooms only).
@@ -330,57 +352,61 @@ class World:
     # ---- driving everything to an end -------------------------------------------------------------
 
     def drain(self, patience: int = 3, max_waits: int = 8, max_iterations: int = 2000) -> None:
-        """Let the sender land everything and the caller release everything; nothing may be left over.
-
-        Under this fair schedule every request with a live sender must end without a timeout (I8);
-        ``patience`` iterations without any change mean it never will, and so do ``max_iterations``
-        with changes that lead nowhere (a livelock). Requests whose sender died can only end by their
-        deadline, so then the clock is moved past it (at most ``max_waits`` times).
-        """
+        """Let the sender land everything and the caller release everything; nothing may be left over."""
         self._log({"drain": patience})
-        longest = max(self._deadlines.values(), default=0.0)
-        waits = 0
+        with self.fairly():
+            run_fairly(self, patience, max_waits, max_iterations)
+        self.check_leaks()
+
+    # ---- the pieces of a fair schedule (shared with the replicas of several ranks) ----------------
+
+    @contextlib.contextmanager
+    def fairly(self) -> Iterator[None]:
+        """Unlogged, and judged as fair: under it a request with a live sender must not time out (I8)."""
         with self._quietly():
             self._fair = True
-            idle = 0
-            for _ in range(max_iterations):
-                live = [r for r in self.queue if r.state not in (State.SUCCESS, State.FAILED)]
-                held = [r for r in self.queue if r.state is State.SUCCESS]
-                fenced = [r for r in self.queue if r.state is State.FAILED]
-                if not live and not held and not fenced:
-                    break
-                if idle >= patience:
-                    if waits < max_waits and any(self._sender_dead(r.room) for r in live + fenced):
-                        self.clock.advance(longest + 1)
-                        waits, idle = waits + 1, 0
-                        continue
-                    self.violations.append(f"I8: no progress for {patience} fair iterations: {list(self.queue)}")
-                    break
-                before = self._snapshot()
-                for request in live + fenced:
-                    self.deliver(request.room)
-                for request in fenced:
-                    self.stop(request.room)
-                self.step()
-                for request in held:
-                    self.release(request.room)
-                idle = idle + 1 if self._snapshot() == before else 0
-            else:
-                self.violations.append(f"I8: not done after {max_iterations} fair iterations: {list(self.queue)}")
-            self._fair = False
+            try:
+                yield
+            finally:
+                self._fair = False
+
+    def unfinished(self) -> list[ReceiverRequest[EmbeddingPayload]]:
+        """Requests that are live, held for the caller, or fencing blocks."""
+        return list(self.queue)
+
+    def sender_round(self) -> None:
+        """The sender lands every pending chunk and acts on every abort it received."""
+        for request in self.unfinished():
+            if request.state is not State.SUCCESS:
+                self.deliver(request.room)
+            if request.state is State.FAILED:
+                self.stop(request.room)
+
+    def caller_round(self, held: Sequence[ReceiverRequest[EmbeddingPayload]]) -> None:
+        for request in held:
+            self.release(request.room)
+
+    def wait_out_dead_senders(self) -> bool:
+        """Move the clock past every deadline when a silent sender is what holds a request up."""
+        if not any(self._sender_dead(r.room) for r in self.unfinished() if r.state is not State.SUCCESS):
+            return False
+        self.clock.advance(max(self._deadlines.values(), default=0.0) + 1)
+        return True
+
+    def check_leaks(self) -> None:
         if self.allocator.owned_count or self.allocator.fenced_count:
             leaked = {"owned": self.allocator.owners(), "fenced": self.allocator.fences()}
             self.violations.append(f"I5: blocks leaked after drain: {leaked}")
 
-    def _sender_dead(self, room: Room) -> bool:
-        return room in self.sender.rooms() and self.sender.is_dead(room)
-
-    def _snapshot(self) -> tuple[object, ...]:
+    def snapshot(self) -> tuple[object, ...]:
         return (
             tuple((r.room, r.state, r.landed, r.fenced) for r in self.queue),
             self.allocator.free_count,
             tuple(self.sender.pending(room) for room in self.sender.rooms()),
         )
+
+    def _sender_dead(self, room: Room) -> bool:
+        return room in self.sender.rooms() and self.sender.is_dead(room)
 
     # ---- the event log ---------------------------------------------------------------------------
 
@@ -448,14 +474,22 @@ class World:
             seen.append(request.state)
 
     def _judge_deadlines(self) -> None:
-        """After an iteration no live request may have stayed in its state longer than its deadline (I8)."""
-        now = self.clock.now()
+        """After an iteration no request may have stayed in its state longer than its deadline (I8).
+
+        A fence's deadline is due when every rank's clock has passed it, which one rank cannot see: with
+        several ranks the replicas judge it (``ReplicaWorld``).
+        """
         for request in self.queue:
             limit = self._deadlines.get(request.state)
-            if limit is not None and now - self._entered[request.room] > limit:
+            if request.state is State.FAILED and self.queue.rank_count > 1:
+                continue
+            if limit is not None and self.overstayed(request.room, limit):
                 self.violations.append(
                     f"I8: room {request.room} stayed {request.state.name} past its {limit:g} s deadline"
                 )
+
+    def overstayed(self, room: Room, limit: float) -> bool:
+        return self.clock.now() - self._entered[room] > limit
 
     def _judge_end(self, request: ReceiverRequest[EmbeddingPayload]) -> None:
         outcome = self.outcomes[request.room]
@@ -614,3 +648,49 @@ class World:
             },
             "violations": self.check(),
         }
+
+
+class FairlyDriven(Protocol):
+    """What a fair schedule needs of a bench: one World, or the replicas of several ranks."""
+
+    violations: list[str]
+
+    def unfinished(self) -> list[ReceiverRequest[EmbeddingPayload]]: ...
+
+    def sender_round(self) -> None: ...
+
+    def step(self, iterations: int = 1) -> list[ReceiverRequest[EmbeddingPayload]]: ...
+
+    def caller_round(self, held: Sequence[ReceiverRequest[EmbeddingPayload]]) -> None: ...
+
+    def wait_out_dead_senders(self) -> bool: ...
+
+    def snapshot(self) -> tuple[object, ...]: ...
+
+
+def run_fairly(bench: FairlyDriven, patience: int = 3, max_waits: int = 8, max_iterations: int = 2000) -> None:
+    """Run to an end: the sender lands everything, the scheduler polls, the caller releases everything.
+
+    Under this fair schedule every request with a live sender must end without a timeout (I8);
+    ``patience`` iterations without any change mean it never will, and so do ``max_iterations`` with
+    changes that lead nowhere (a livelock). Requests whose sender died can only end by their deadline,
+    so then the clock is moved past it (at most ``max_waits`` times).
+    """
+    waits = idle = 0
+    for _ in range(max_iterations):
+        unfinished = bench.unfinished()
+        if not unfinished:
+            return
+        if idle >= patience:
+            if waits < max_waits and bench.wait_out_dead_senders():
+                waits, idle = waits + 1, 0
+                continue
+            bench.violations.append(f"I8: no progress for {patience} fair iterations: {unfinished}")
+            return
+        before = bench.snapshot()
+        held = [r for r in unfinished if r.state is State.SUCCESS]
+        bench.sender_round()
+        bench.step()
+        bench.caller_round(held)
+        idle = idle + 1 if bench.snapshot() == before else 0
+    bench.violations.append(f"I8: not done after {max_iterations} fair iterations: {bench.unfinished()}")

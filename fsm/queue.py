@@ -101,15 +101,21 @@ class ReceiverQueue(Generic[PayloadT]):
         fencing = [*self._fenced.values(), *(r for r in self._live.values() if r.state in terminal and r.fenced)]
         polled = live + fencing
         now = self._clock.now()
-        # One collective for both inputs a rank could see differently: the polls, then "still in time".
-        local = [_poll(r) for r in polled] + [int(not r.past_deadline(now)) for r in polled]
+        # One collective for every input a rank could see differently: the polls, whether each deadline
+        # has passed (MIN of "in time": on any rank; MIN of "past": on every rank), the landed counts of
+        # senders that report progress, and whether this rank's sender is done.
+        n = len(polled)
+        seen = [_poll(r) for r in polled]
+        past = [int(r.past_deadline(now)) for r in polled]
+        local = seen + [1 - p for p in past] + past + [r.local_landed() for r in polled]
+        local += [int(r.local_sender_done(value)) for r, value in zip(polled, seen, strict=True)]
         reduced = self._ranks.min_reduce([r.room for r in polled], local)
-        polls, on_time = reduced[: len(polled)], reduced[len(polled) :]
-        for request, value, in_time in zip(polled, polls, on_time, strict=True):
+        columns = [reduced[i * n : (i + 1) * n] for i in range(5)]
+        for request, value, in_time, everywhere, count, stopped in zip(polled, *columns, strict=True):
             state = request.state
-            request.on_poll(value)
-            if not in_time and request.state is state:  # a status that arrived in time wins
-                request.time_out()
+            request.on_poll(value, count, bool(stopped))
+            if request.state is state:  # a status that arrived in time wins
+                request.check_deadline(passed_somewhere=not in_time, passed_everywhere=bool(everywhere))
         self._allocate()
         self._iterations += 1
         self._check_lockstep()
@@ -181,6 +187,10 @@ class ReceiverQueue(Generic[PayloadT]):
 
     def get(self, room: Room) -> ReceiverRequest[PayloadT] | None:
         return self._live.get(room) or self._held.get(room) or self._fenced.get(room)
+
+    @property
+    def rank_count(self) -> int:
+        return self._ranks.size
 
     @property
     def fenced_rooms(self) -> tuple[Room, ...]:

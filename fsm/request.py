@@ -108,9 +108,12 @@ class ReceiverRequest(Generic[PayloadT]):
         self.blocks: tuple[int, ...] = ()
         self.fenced: tuple[int, ...] = ()
         self.last_poll = int(KVPoll.Bootstrapping)
+        self.reported_landed = 0  # the sender's landed count as of the last poll (reduced over ranks)
+        self.senders_done = False  # every rank's sender has said it writes no more (reduced over ranks)
         self.first_block: int | None = None
         self.total_tokens: int | None = None
         self.checksum: int | None = None
+        self._mrope_delta = 0
         self.landed = 0
         self.payload: PayloadT | None = None
         self.reads = 0
@@ -124,9 +127,19 @@ class ReceiverRequest(Generic[PayloadT]):
 
     # ---- driving ---------------------------------------------------------------------------------
 
-    def on_poll(self, value: int) -> None:
-        """Apply one reduced poll value; the spec's no-op cells return before any trigger is called."""
+    def local_landed(self) -> int:
+        """This rank's view of the sender's landed count (0 without progress), read once per iteration."""
+        return 0 if self._landed_tokens is None else self._landed_tokens()
+
+    def local_sender_done(self, value: int) -> bool:
+        """This rank's sender will write no more: it reported a terminal status, or acknowledged our abort."""
+        return value in _SENDER_DONE or (self.state in self._wiring.spec.terminal and self._abort_acknowledged())
+
+    def on_poll(self, value: int, landed: int = 0, senders_done: bool | None = None) -> None:
+        """Apply one reduced poll, landed count and done flag; the spec's no-op cells return before any trigger."""
         self.last_poll = value
+        self.reported_landed = landed
+        self.senders_done = value in _SENDER_DONE if senders_done is None else senders_done
         table = self._wiring.polls.get(self.state)
         if table is None:
             return
@@ -154,10 +167,14 @@ class ReceiverRequest(Generic[PayloadT]):
         limit = self._wiring.deadlines.get(self.state)
         return limit is not None and now - self.entered_at > limit
 
-    def time_out(self) -> None:
-        """The deadline of the current state passed: fire what the spec's [timeouts] names for it."""
+    def check_deadline(self, *, passed_somewhere: bool, passed_everywhere: bool) -> None:
+        """Fire what the spec's [timeouts] names for the current state once its deadline has passed.
+
+        A deadline that fails the request is taken as soon as any rank's clock says so: failing early is
+        safe. One that lifts a fence waits until every rank's clock says so: reusing blocks early is not.
+        """
         timeout = self._wiring.spec.timeouts.get(self.state)
-        if timeout is None:
+        if timeout is None or not (passed_somewhere if timeout.cause else passed_everywhere):
             return
         if timeout.cause is None:
             self.fire(timeout.event)
@@ -181,13 +198,17 @@ class ReceiverRequest(Generic[PayloadT]):
         return self.warmup
 
     def sender_may_write(self, event: Any = None) -> bool:
-        """An init or resume went out for the blocks held and no status since says the sender is done."""
-        return bool(self.blocks) and self.last_poll not in _SENDER_DONE
+        """An init or resume went out for the blocks held, and not every rank's sender has said it is done."""
+        return bool(self.blocks) and not self.senders_done
 
     def holds_fence(self, event: Any = None) -> bool:
         return bool(self.fenced)
 
-    def abort_acknowledged(self, event: Any = None) -> bool:
+    def senders_stopped(self, event: Any = None) -> bool:
+        """Every rank's sender reported a terminal status or acknowledged the abort, as of this poll."""
+        return self.senders_done
+
+    def _abort_acknowledged(self) -> bool:
         """The sender confirmed the abort, when the link can say so (optional, best effort)."""
         acknowledged = getattr(self.link, "abort_acknowledged", None)
         if acknowledged is None:
@@ -201,7 +222,7 @@ class ReceiverRequest(Generic[PayloadT]):
         """A whole round landed and the payload is not complete yet (the last round ends with Success)."""
         if self._landed_tokens is None or self.total_tokens is None:
             return False
-        return self.landed + self.capacity <= self._landed_tokens() < self.total_tokens
+        return self.landed + self.capacity <= self.reported_landed < self.total_tokens
 
     @property
     def tokens_wanted(self) -> int:
@@ -236,22 +257,26 @@ class ReceiverRequest(Generic[PayloadT]):
             self.link.init(self.blocks, self.capacity)
 
     def learn_total(self, event: Any) -> None:
+        """Read A0[0]'s aux row, by value, once; nothing is judged yet, so every rank reaches the agreement."""
         assert self.first_block is not None
         aux = self._window.read_aux(self.first_block)
-        total = aux.total_tokens
+        self.total_tokens, self.checksum, self._mrope_delta = aux.total_tokens, aux.checksum, aux.mrope_delta
+
+    def check_total(self, event: Any) -> None:
+        total = self._total()
         if not 0 < total <= self._wiring.config.max_total_tokens:
+            self.total_tokens = None  # an impossible T is never kept, nor anything derived from it
             raise CorruptAux(
                 self.room,
                 f"aux[0] of block {self.first_block} is {total}, outside 1..{self._wiring.config.max_total_tokens}",
             )
-        self.total_tokens = total
-        self.checksum = aux.checksum
-        self.payload = self._wiring.buffers.new_payload(total, aux.mrope_delta)
+        self.payload = self._wiring.buffers.new_payload(total, self._mrope_delta)
 
     def agree_across_ranks(self, event: Any) -> None:
         """Every rank must have read the same T and checksum into an allocation of the same size (#4)."""
         seen = [self._total(), self.capacity, -1 if self.checksum is None else self.checksum]
         if not self._wiring.ranks.same(seen):
+            self.total_tokens = None  # a T the ranks do not share is kept by none of them
             raise RankDisagreement(self.room, f"the ranks differ on (T, S, checksum); this rank read {seen}")
 
     def agree_on_payload(self, event: Any) -> None:
@@ -278,7 +303,7 @@ class ReceiverRequest(Generic[PayloadT]):
     def expect_landed(self, event: Any) -> None:
         if self._landed_tokens is None:
             return
-        reported = self._landed_tokens()
+        reported = self.reported_landed
         holds = self.landed + min(self._total() - self.landed, self.capacity)
         if reported != holds:
             raise SizeMismatch(

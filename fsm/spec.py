@@ -272,8 +272,11 @@ def _check_polls(spec: ReceiverSpec) -> None:
             _check_fires(spec, state, outcome.event, f"polls.{state.name}.{value.name}")
             if outcome.guard is not None and outcome.guard not in spec.guards:
                 raise SpecError(f"polls.{state.name}.{value.name}: guard {outcome.guard!r} not declared under [guards]")
-        if state in spec.terminal and spec.unknown_poll_in(state).event is not None:
-            raise SpecError(f"polls.{state.name}.unknown: a terminal state can only ignore an unknown status")
+        if state in spec.terminal:
+            unknown = spec.unknown_poll_in(state)
+            if unknown.cause is not None:
+                raise SpecError(f"polls.{state.name}.unknown: a terminal state cannot fail on an unknown status")
+            _check_fires(spec, state, unknown.event, f"polls.{state.name}.unknown")
     for state, timeout in spec.timeouts.items():
         _check_fires(spec, state, timeout.event, f"timeouts.{state.name}")
     if any(t.cause for t in spec.timeouts.values()) and "timeout" not in spec.causes:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from epd_receiver.adapters.fuzz import Catch, hunt
+from epd_receiver.adapters.fuzz import Catch, catch_label, hunt
 from epd_receiver.adapters.scenario import replay
 from epd_receiver.adapters.variants import CATALOGUE, PENDING, VARIANTS, Variant, scenario_path, variants_markdown
 
@@ -45,11 +45,11 @@ def test_recorded_minimal_schedule_breaks_the_variant_and_not_the_controller(var
     scenario = json.loads(scenario_path(BUGS, variant).read_text(encoding="utf-8"))
     assert scenario["variant"] == variant.name and scenario["bug"] == variant.bug
 
-    broken = replay(scenario, spec=variant.spec(), request_class=variant.request_class)
+    broken = replay(scenario, spec=variant.spec(), request_class=variant.request_class, rig=variant.rig)
     clean = replay(scenario)
 
     assert broken["violations"], "the recorded schedule no longer reproduces the bug"
-    assert any(v.startswith(scenario["caught_by"]) for v in broken["violations"]), broken["violations"]
+    assert any(catch_label(v) == scenario["caught_by"] for v in broken["violations"]), broken["violations"]
     assert clean["violations"] == []
 
 
@@ -61,11 +61,12 @@ def test_catalogue_covers_the_receiver_side_bugs() -> None:
 
 
 def test_variants_are_deviations_applied_from_outside() -> None:
-    """No variant adds a switch to the product: each changes the spec by overlay or replaces one action."""
+    """No variant adds a switch to the product: each changes the spec by overlay, replaces one action, or
+    (for a sender bug) rigs the bench's sender."""
     from epd_receiver.fsm import ReceiverRequest
 
     for variant in CATALOGUE:
-        assert variant.overlay or variant.request_class is not ReceiverRequest, variant.name
+        assert variant.overlay or variant.request_class is not ReceiverRequest or variant.rig, variant.name
         assert variant.spec() is not None  # the overlay yields a spec the loader accepts
 
 
