@@ -6,8 +6,10 @@ command uses the TypeScript backend, which needs nothing from the network.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -15,6 +17,7 @@ from pathlib import Path
 SIMULATION_SAMPLES = 3000
 SIMULATION_STEPS = 30
 INVARIANT = "invariants"
+TRACE_SEED = 0x1ACE
 
 
 class QuintMissing(RuntimeError):
@@ -81,25 +84,39 @@ def check_all(
     return results
 
 
-def generate_traces(out: Path, count: int, steps: int = 25, directory: Path | None = None) -> list[Path]:
-    """``count`` random traces as ITF JSON with the action and picks of every step (``--mbt``)."""
+def generate_traces(
+    out: Path, count: int, steps: int = 25, directory: Path | None = None, jobs: int | None = None
+) -> list[Path]:
+    """``count`` random traces as ITF JSON with the action and picks of every step (``--mbt``).
+
+    A Quint process uses one core, so the traces are shared out over ``jobs`` processes (one per core,
+    at most two by default), each with a seed of its own.
+    """
     directory = directory or spec_dir()
     out.mkdir(parents=True, exist_ok=True)
-    outcome = _run(
-        [
-            "run",
-            "--backend=typescript",
-            "--mbt",
-            f"--max-samples={count}",
-            f"--n-traces={count}",
-            f"--max-steps={steps}",
-            f"--invariant={INVARIANT}",
-            "--seed=0x1ace",
-            f"--out-itf={out.resolve()}/trace_{{seq}}.itf.json",
-            "receiver.qnt",
-        ],
-        directory,
-    )
-    if outcome.returncode != 0:
-        raise RuntimeError(f"{outcome.command} failed:\n{outcome.output}")
+    jobs = max(1, min(count, jobs or min(2, os.cpu_count() or 1)))
+    shares = [count // jobs + (job < count % jobs) for job in range(jobs)]
+
+    def generate(job: int) -> Outcome:
+        return _run(
+            [
+                "run",
+                "--backend=typescript",
+                "--mbt",
+                f"--max-samples={shares[job]}",
+                f"--n-traces={shares[job]}",
+                f"--max-steps={steps}",
+                f"--invariant={INVARIANT}",
+                f"--seed={TRACE_SEED + job:#x}",
+                f"--out-itf={out.resolve()}/trace_{job}_{{seq}}.itf.json",
+                "receiver.qnt",
+            ],
+            directory,
+        )
+
+    with ThreadPoolExecutor(jobs) as pool:
+        outcomes = list(pool.map(generate, range(jobs)))
+    for outcome in outcomes:
+        if outcome.returncode != 0:
+            raise RuntimeError(f"{outcome.command} failed:\n{outcome.output}")
     return sorted(out.glob("trace_*.itf.json"))

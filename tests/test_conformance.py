@@ -1,8 +1,9 @@
 """The Quint model and the controller cannot drift: model traces replayed through the real controller.
 
 Over a thousand random traces of spec/receiver.qnt are generated with their actions and picks, applied
-one by one to a World, and compared after every step (states, blocks held, cached totals, the free list
-in order, the judge's verdict). A controller that differs in one transition must make this fail.
+one by one to a World, and compared after every step (states, blocks held and fenced, cached totals,
+landed counts, failure causes, the free list in order, the fenced rooms in order, the clock, the judge's
+verdict). A controller that differs in one transition must make this fail.
 Quint needs Node and `npm ci` in spec/; without them these tests skip, unless EPD_REQUIRE_QUINT is set
 (as in CI), in which case they fail.
 """
