@@ -99,12 +99,30 @@ class ReceiverQueue(Generic[PayloadT]):
         live = [r for r in self._live.values() if r.state not in terminal]
         # then the fences: those of earlier iterations, then those of requests aborted since the last one
         fencing = [*self._fenced.values(), *(r for r in self._live.values() if r.state in terminal and r.fenced)]
-        polled = live + fencing
+        if self._ranks.size == 1:
+            self._dispatch_local(live + fencing)
+        else:
+            self._dispatch_reduced(live + fencing)
+        self._allocate()
+        self._iterations += 1
+        self._check_lockstep()
+        return self._collect()
+
+    def _dispatch_local(self, polled: list[ReceiverRequest[PayloadT]]) -> None:
+        """One rank: what it observes is what a reduce over one rank would return, so no lists are built."""
         now = self._clock.now()
-        # One collective for every input a rank could see differently: the polls, whether each deadline
-        # has passed (MIN of "in time": on any rank; MIN of "past": on every rank), the landed counts of
-        # senders that report progress, and whether this rank's sender is done.
+        for request in polled:
+            state = request.state
+            request.on_local_poll(_poll(request))
+            if now > request.deadline_at and request.state is state:  # a status that arrived in time wins
+                request.check_deadline(passed_somewhere=True, passed_everywhere=True)
+
+    def _dispatch_reduced(self, polled: list[ReceiverRequest[PayloadT]]) -> None:
+        """Several ranks: one collective for every input a rank could see differently, namely the polls,
+        whether each deadline passed (MIN of "in time": on any rank; MIN of "past": on every rank), the
+        landed counts of senders that report progress, and whether this rank's sender is done."""
         n = len(polled)
+        now = self._clock.now()
         seen = [_poll(r) for r in polled]
         past = [int(r.past_deadline(now)) for r in polled]
         local = seen + [1 - p for p in past] + past + [r.local_landed() for r in polled]
@@ -114,12 +132,8 @@ class ReceiverQueue(Generic[PayloadT]):
         for request, value, in_time, everywhere, count, stopped in zip(polled, *columns, strict=True):
             state = request.state
             request.on_poll(value, count, bool(stopped))
-            if request.state is state:  # a status that arrived in time wins
-                request.check_deadline(passed_somewhere=not in_time, passed_everywhere=bool(everywhere))
-        self._allocate()
-        self._iterations += 1
-        self._check_lockstep()
-        return self._collect()
+            if not in_time and request.state is state:  # a status that arrived in time wins
+                request.check_deadline(passed_somewhere=True, passed_everywhere=bool(everywhere))
 
     def _check_lockstep(self) -> None:
         if self._lockstep is None or self._iterations % self._wiring.config.lockstep_every:

@@ -7,6 +7,7 @@ the spec names, and raises a typed ReceiverError when the world hands it somethi
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic
@@ -120,6 +121,7 @@ class ReceiverRequest(Generic[PayloadT]):
         self.resumes = 0
         self.error: ReceiverError | None = None
         self.entered_at = wiring.clock.now()
+        self.deadline_at = self._deadline_after(self.entered_at, wiring.spec.initial)
         self._landed_tokens: Callable[[], int] | None = getattr(link, "landed_tokens", None)
 
     def __repr__(self) -> str:
@@ -134,6 +136,10 @@ class ReceiverRequest(Generic[PayloadT]):
     def local_sender_done(self, value: int) -> bool:
         """This rank's sender will write no more: it reported a terminal status, or acknowledged our abort."""
         return value in _SENDER_DONE or (self.state in self._wiring.spec.terminal and self._abort_acknowledged())
+
+    def on_local_poll(self, value: int) -> None:
+        """A rank alone: its own observations are the reduced ones."""
+        self.on_poll(value, self.local_landed(), self.local_sender_done(value))
 
     def on_poll(self, value: int, landed: int = 0, senders_done: bool | None = None) -> None:
         """Apply one reduced poll, landed count and done flag; the spec's no-op cells return before any trigger."""
@@ -164,8 +170,11 @@ class ReceiverRequest(Generic[PayloadT]):
             self.trigger(self._wiring.spec.on_error, error=error)
 
     def past_deadline(self, now: float) -> bool:
-        limit = self._wiring.deadlines.get(self.state)
-        return limit is not None and now - self.entered_at > limit
+        return now > self.deadline_at
+
+    def _deadline_after(self, entered: float, state: State) -> float:
+        limit = self._wiring.deadlines.get(state)
+        return math.inf if limit is None else entered + limit
 
     def check_deadline(self, *, passed_somewhere: bool, passed_everywhere: bool) -> None:
         """Fire what the spec's [timeouts] names for the current state once its deadline has passed.
@@ -184,8 +193,9 @@ class ReceiverRequest(Generic[PayloadT]):
         self.fire(timeout.event, error=error_type(self.room, f"{self.state.name} for more than {limit:g} s"))
 
     def stamp_entry(self, event: Any) -> None:
-        """After every state change: deadlines count from here."""
+        """After every state change: deadlines count from here (kept absolute: the poll loop compares only)."""
         self.entered_at = self._wiring.clock.now()
+        self.deadline_at = self._deadline_after(self.entered_at, self.state)
 
     @property
     def takes_partial_grants(self) -> bool:
