@@ -236,8 +236,9 @@ class InProcessSender:
         return list(self._rooms)
 
     def writing_blocks(self) -> set[int]:
-        """Blocks a pending chunk will write: nobody may read them before the status says they landed."""
-        return {b for r in self._rooms.values() if r.pending for b in r.pending.blocks}
+        """Blocks a pending chunk will write: nobody may read them before the status says they landed.
+        A dead sender's chunk will never land, so it writes nothing."""
+        return {b for r in self._rooms.values() if r.pending and not r.dead for b in r.pending.blocks}
 
     def forget(self, room: Room) -> None:
         del self._rooms[room]

@@ -14,6 +14,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import torch
+
 from epd_receiver.fsm import (
     AuxRow,
     KVPoll,
@@ -164,7 +166,8 @@ class World:
         self.log: list[dict[str, Any]] = []
         self._recording = record
         self._expect_failure: set[Room] = set()
-        self._abort_heard: dict[Room, float] = {}  # when the sender got each abort it has not acted on
+        self._abort_heard: dict[Room, float] = {}
+        self._corrupted: set[tuple[Room, int]] = set()  # when the sender got each abort it has not acted on
 
     # ---- the vocabulary of scenarios (each call is logged as the replay event that repeats it) -----
 
@@ -345,7 +348,11 @@ class World:
         ):
             return False
         block = self.sender.room_messages(room)[-1].blocks[0]
-        self.pool.embeddings[block, 0] = -self.pool.embeddings[block, 0] - 1
+        if (room, block) in self._corrupted:
+            return False  # a second flip of the same value would undo the first
+        self._corrupted.add((room, block))
+        bits = self.pool.embeddings[block, :1].view(torch.int16)
+        bits ^= 1  # the lowest mantissa bit: a different value whatever the value was
         self._expect_failure.add(room)
         return True
 

@@ -148,7 +148,7 @@ class ReceiverQueue(Generic[PayloadT]):
         allocator = self._wiring.allocator
         for request in self._waiting():
             if request.is_warmup():
-                request.fire("warmup_admitted")  # needs no blocks, so it neither waits nor blocks others
+                request.fire("warmup_admitted")  # needs no blocks, so it never holds back those behind it
                 continue
             wanted = request.tokens_wanted
             blocks_needed = -(-wanted // allocator.block_size)
