@@ -481,7 +481,7 @@ def variants_markdown(directory: Path) -> str:
         "| bug | variant (trigger) | caught by | shrunk steps | minimal schedule |",
         "|---|---|---|---|---|",
     ]
-    for variant in CATALOGUE:
+    for variant in sorted(CATALOGUE, key=lambda v: v.bug):
         path = scenario_path(directory, variant)
         recorded = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
         schedule = f"`bugs/{path.name}`" if recorded else "not recorded"
