@@ -56,8 +56,8 @@ def simulate(config: WorldConfig, workload: Workload, progress: Callable[[int], 
                 world.arrive(next_room, total, progress=rng.random() < workload.progress_share)
                 next_room += 1
         live = [r for r in world.queue if r.state not in (State.SUCCESS, State.FAILED)]
-        if next_room == workload.requests and not live:
-            break
+        if next_room == workload.requests and not live and not world.queue.fenced_rooms:
+            break  # done, and no failed request still fences blocks its sender might write
         for request in live:
             if request.room in doomed and request.state is State.RESUMING:
                 world.fail(request.room)
@@ -83,8 +83,10 @@ def summarize(world: World, iterations: int, tokens: int, elapsed: float) -> dic
     ended = succeeded + failed
     bytes_per_token = world.config.hidden_size * 2 * (1 + world.config.deepstack) + 4 + 12
     violations = world.check()
-    if world.allocator.owned_count:
-        violations.append(f"I5: {world.allocator.owned_count} blocks still owned at the end")
+    if world.allocator.owned_count or world.allocator.fenced_count:
+        violations.append(
+            f"I5: {world.allocator.owned_count} blocks still owned, {world.allocator.fenced_count} fenced at the end"
+        )
     return {
         "requests": len(outcomes),
         "succeeded": len(succeeded),
@@ -96,6 +98,7 @@ def summarize(world: World, iterations: int, tokens: int, elapsed: float) -> dic
         "mean_reads_per_request": round(sum(o.reads for o in ended) / max(1, len(ended)), 3),
         "max_reads_per_request": max((o.reads for o in ended), default=0),
         "leaked_blocks": world.allocator.owned_count,
+        "fenced_blocks": world.allocator.fenced_count,
         "iterations": iterations,
         "tokens": tokens,
         "seconds": round(elapsed, 3),
