@@ -31,7 +31,6 @@ from epd_receiver.fsm import KVPoll, Room
 from .buffers import TorchBlockBuffers
 
 PROTOCOL, METADATA, HOST = "tcp", "P2PHANDSHAKE", "127.0.0.1"
-_TERMINAL = (int(KVPoll.Success), int(KVPoll.Failed))
 
 
 class MooncakeMissing(RuntimeError):
@@ -276,18 +275,8 @@ class MooncakeLink:
         self.room = room
 
     def poll(self) -> int:
-        """The sender's status; once aborted, Success as soon as the sender has stopped writing for the room.
-
-        An aborted room has no status left to learn but one: whether its sender stopped. Reporting that as
-        Success (and, until then, nothing above Transferring) lets the ranks' MIN say it for all of them at
-        once: the fences of every rank lift in the same iteration, when every rank's sender has stopped.
-        A sender's acknowledgement reaches each rank at its own moment, so a guard that read it locally
-        would let the ranks' pools drift apart.
-        """
-        view = self._receiver.view(self.room)
-        if not view.abort_sent:
-            return view.status
-        return int(KVPoll.Success) if self.stopped() else min(view.status, int(KVPoll.Transferring))
+        """The status the sender last published for the room (what this rank has heard of it)."""
+        return self._receiver.view(self.room).status
 
     def init(self, blocks: Sequence[int], allocated_tokens: int) -> None:
         self._receiver._send(
@@ -318,10 +307,10 @@ class MooncakeLink:
             view.abort_sent = True
             self._receiver._send({"op": "abort", "room": self.room})
 
-    def stopped(self) -> bool:
-        """The sender will not write for this room again: it acknowledged the abort, or it is done."""
-        view = self._receiver.view(self.room)
-        return view.abort_acked or view.status in _TERMINAL
+    def abort_acknowledged(self) -> bool:
+        """The sender answered our abort: it will not write for this room again. Each rank hears it at its
+        own moment; the controller reduces it across ranks before it lifts a fence."""
+        return self._receiver.view(self.room).abort_acked
 
     def failure_reason(self) -> str | None:
         return self._receiver.view(self.room).reason
