@@ -26,6 +26,8 @@ from epd_receiver.fsm import (
     OwnershipError,
     PoolTooSmall,
     ProtocolViolation,
+    RankDisagreement,
+    RankDivergence,
     ReadOutsideWindow,
     ReceiverConfig,
     ReceiverError,
@@ -215,12 +217,13 @@ class Bench:
         default_alloc: int = D,
         max_total: int = MAX_T,
         clock: Any = None,
-        **timeouts: float | None,
+        ranks: Any = None,
+        **timeouts: Any,
     ) -> Bench:
         buffers = FakeBuffers(block_size)
         allocator = FakeAllocator(num_blocks, block_size)
-        config = ReceiverConfig(default_alloc_tokens=default_alloc, max_total_tokens=max_total, **timeouts)  # type: ignore[arg-type]
-        queue: ReceiverQueue[FakePayload] = ReceiverQueue(buffers, allocator, config, clock=clock)
+        config = ReceiverConfig(default_alloc_tokens=default_alloc, max_total_tokens=max_total, **timeouts)
+        queue: ReceiverQueue[FakePayload] = ReceiverQueue(buffers, allocator, config, clock=clock, ranks=ranks)
         return cls(buffers, allocator, queue)
 
     def add(self, room: Room, status: int = KVPoll.WaitingForInput) -> ReceiverRequest[FakePayload]:
@@ -1347,3 +1350,88 @@ def test_a_sender_failure_carries_the_senders_reason_when_the_link_has_one() -> 
     bench.step()
     assert_failed_cleanly(bench, subject, SenderFailed)
     assert str(subject.error).endswith("poll Failed in TRANSFERRING: transfer engine returned -1")
+
+
+# ---- tensor-parallel ranks (the controller's side; the ranks themselves are simulated in test_stateful) ---
+
+
+class PeerRank:
+    """A RankGroup of two whose other rank is scripted: its polls, deadline flags and answers to ``same``."""
+
+    size = 2
+
+    def __init__(self) -> None:
+        self.peer_polls: dict[Room, int] = {}
+        self.peer_disagrees = False
+        self.calls: list[str] = []
+
+    def min_reduce(self, rooms: Sequence[Room], values: Sequence[int]) -> list[int]:
+        self.calls.append("min_reduce")
+        n = len(rooms)
+        peer = list(values)
+        for i, room in enumerate(rooms):
+            peer[i] = self.peer_polls.get(room, values[i])
+        return [min(a, b) for a, b in zip(values, peer, strict=True)] if n else []
+
+    def same(self, values: Sequence[int]) -> bool:
+        self.calls.append("same")
+        return not self.peer_disagrees
+
+
+def test_a_status_only_one_rank_has_seen_does_not_move_any_rank() -> None:
+    peer = PeerRank()
+    bench = Bench.make(ranks=peer)
+    request = bench.add(1)
+    bench.step()
+    peer.peer_polls[1] = int(KVPoll.WaitingForInput)  # the other rank has not heard of the chunk yet
+    bench.land(1, D, KVPoll.Success)
+
+    bench.step(3)
+    assert request.state is State.TRANSFERRING and bench.buffers.aux_reads == []
+
+    del peer.peer_polls[1]
+    bench.step()
+    assert request.state is State.SUCCESS
+    assert peer.calls.count("min_reduce") == 5  # one collective per iteration, whatever the number of requests
+
+
+def test_ranks_that_read_different_totals_fail_the_request_on_every_rank() -> None:
+    peer = PeerRank()
+    bench = Bench.make(ranks=peer)
+    request = bench.add(1)
+    bench.step()
+    peer.peer_disagrees = True
+    bench.land(1, D + 3 * B, KVPoll.Transferring)
+
+    bench.step()
+
+    assert request.state is State.FAILED and type(request.error) is RankDisagreement
+    assert request.total_tokens is None and request.reads == 0  # nothing judged or read before agreeing
+    assert request.fenced == (0, 1)  # the sender reported Transferring: it may still write
+
+
+def test_a_rank_whose_allocator_drifted_is_found_by_the_lockstep_fingerprint() -> None:
+    peer = PeerRank()
+    bench = Bench.make(ranks=peer, lockstep_every=4)
+    bench.add(1)
+    bench.step(3)
+    peer.peer_disagrees = True
+    with pytest.raises(RankDivergence, match="allocator operations differ"):
+        bench.step()
+
+
+def test_the_lockstep_fingerprint_folds_every_operation_in_order() -> None:
+    from epd_receiver.fsm.lockstep import LockstepAllocator
+
+    def run(operations: list[str]) -> int:
+        lockstep = LockstepAllocator(FakeAllocator(8, B))
+        for operation in operations:
+            blocks = lockstep.alloc(1, B) if operation == "alloc" else None
+            if operation == "free":
+                lockstep.free(1, lockstep.inner.owned_by(1)[:1])  # type: ignore[attr-defined]
+            assert blocks is None or len(blocks) == 1
+        return lockstep.digest
+
+    assert run(["alloc", "alloc", "free"]) == run(["alloc", "alloc", "free"])
+    assert run(["alloc", "alloc", "free"]) != run(["alloc", "free", "alloc"])
+    assert run(["alloc"]) != run([])
