@@ -7,8 +7,9 @@ requests that already started (waiting for their remainder) ahead of new admissi
 that still fences blocks stays polled, after the live ones, until its sender is known to have stopped.
 
 With tensor-parallel ranks every rank runs its own queue over its own pool; the ranks stay in lockstep
-because the only inputs that could differ between them, the polls and the deadlines, are reduced in one
-collective per iteration, and a fingerprint of their allocator operations is compared now and then.
+because every input that could differ between them (the polls, the deadlines, the senders' progress and
+whether each sender is done) is reduced in one collective per iteration, what they read is compared
+before it is judged, and a fingerprint of their allocator operations is compared now and then.
 """
 
 from __future__ import annotations
