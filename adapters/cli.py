@@ -208,7 +208,7 @@ def _summary_table(summary: dict[str, Any]) -> Table:
         "payload_gb_per_s",
     ):
         table.add_row(key.replace("_", " "), str(summary[key]))
-    for key in ("ranks", "verified_on_every_rank"):
+    for key in ("fenced_blocks", "ranks", "verified_on_every_rank"):
         if key in summary:
             table.add_row(key.replace("_", " "), str(summary[key]))
     transfer = summary.get("transfer", {})
