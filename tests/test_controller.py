@@ -1362,16 +1362,26 @@ class PeerRank:
 
     def __init__(self) -> None:
         self.peer_polls: dict[Room, int] = {}
+        self.peer_late: set[Room] = set()  # rooms whose deadline has passed on the other rank's clock
+        self.peer_early: set[Room] = set()  # rooms whose deadline has not passed on the other rank's clock
+        self.peer_writing: set[Room] = set()  # rooms whose sender has not stopped on the other rank
         self.peer_disagrees = False
         self.calls: list[str] = []
 
     def min_reduce(self, rooms: Sequence[Room], values: Sequence[int]) -> list[int]:
+        """The queue's columns, each one value per room: poll, in time, past, landed, sender done."""
         self.calls.append("min_reduce")
         n = len(rooms)
         peer = list(values)
         for i, room in enumerate(rooms):
             peer[i] = self.peer_polls.get(room, values[i])
-        return [min(a, b) for a, b in zip(values, peer, strict=True)] if n else []
+            if room in self.peer_late:
+                peer[n + i], peer[2 * n + i] = 0, 1
+            if room in self.peer_early:
+                peer[n + i], peer[2 * n + i] = 1, 0
+            if room in self.peer_writing:
+                peer[4 * n + i] = 0
+        return [min(a, b) for a, b in zip(values, peer, strict=True)]
 
     def same(self, values: Sequence[int]) -> bool:
         self.calls.append("same")
@@ -1435,3 +1445,86 @@ def test_the_lockstep_fingerprint_folds_every_operation_in_order() -> None:
     assert run(["alloc", "alloc", "free"]) == run(["alloc", "alloc", "free"])
     assert run(["alloc", "alloc", "free"]) != run(["alloc", "free", "alloc"])
     assert run(["alloc"]) != run([])
+
+
+def test_a_deadline_that_passed_on_one_rank_fails_the_request_on_every_rank() -> None:
+    peer = PeerRank()
+    bench = Bench.make(ranks=peer, clock=FakeClock())
+    request = bench.add(1)
+    bench.step()
+    peer.peer_late.add(1)  # only the other rank's clock is past the transfer deadline
+
+    bench.step()
+
+    assert request.state is State.FAILED and type(request.error) is TimedOut
+    assert request.fenced == (0, 1)
+
+
+def test_a_fence_outlives_one_rank_s_sender_and_one_rank_s_clock() -> None:
+    clock = FakeClock()
+    peer = PeerRank()
+    bench = Bench.make(ranks=peer, clock=clock, drain_timeout_s=5.0)
+    request = bench.add(1)
+    bench.step()
+    bench.queue.abort(1)
+    peer.peer_writing.add(1)
+    bench.links[1].status = int(KVPoll.Failed)  # this rank's sender stopped; the other rank's did not
+    bench.step(2)
+    assert request.fenced == (0, 1)
+
+    clock.t += 6.0  # this rank's clock is past the drain deadline; the other rank's is not
+    peer.peer_early.add(1)
+    bench.step()
+    assert request.fenced == (0, 1)
+
+    peer.peer_early.clear()  # now every clock is past it: the other rank's sender is presumed gone
+    bench.step()
+    assert request.fenced == () and bench.queue.get(1) is None
+
+
+def test_a_fence_lifts_when_every_rank_sender_has_stopped() -> None:
+    peer = PeerRank()
+    bench = Bench.make(ranks=peer)
+    request = bench.add(1)
+    bench.step()
+    bench.queue.abort(1)
+    peer.peer_writing.add(1)
+    bench.links[1].acknowledged = True
+    bench.step()
+    assert request.fenced == (0, 1)
+
+    peer.peer_writing.clear()
+    bench.step()
+    assert request.fenced == () and bench.queue.get(1) is None
+
+
+def test_ranks_that_assembled_different_payloads_fail_the_request_on_every_rank() -> None:
+    peer = PeerRank()
+    bench = Bench.make(ranks=peer)
+    request = bench.add(1)
+    bench.step()
+    bench.land(1, D, KVPoll.Success)
+    answers = iter([True, False])  # the same (T, S, checksum) ... but not the same payload
+    peer.same = lambda values: next(answers)  # type: ignore[method-assign]
+
+    bench.step()
+
+    assert request.state is State.FAILED and type(request.error) is RankDisagreement
+    assert "different payloads" in str(request.error)
+    assert request.fenced == () and bench.queue.get(1) is None  # the sender said Success: it is done
+
+
+def test_the_lockstep_fingerprint_covers_fences() -> None:
+    from epd_receiver.fsm.lockstep import LockstepAllocator
+
+    digests = []
+    for unfence in (False, True):
+        lockstep = LockstepAllocator(FakeAllocator(8, B))
+        blocks = lockstep.alloc(1, 2 * B)
+        assert blocks is not None
+        lockstep.fence(1, blocks)
+        if unfence:
+            lockstep.unfence(1, blocks)
+        digests.append(lockstep.digest)
+        assert lockstep.free_count == 6 + 2 * unfence and lockstep.num_blocks == 8 and lockstep.block_size == B
+    assert digests[0] != digests[1]
