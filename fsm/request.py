@@ -108,7 +108,6 @@ class ReceiverRequest(Generic[PayloadT]):
         self._window: ReadWindow[PayloadT] = ReadWindow(wiring.buffers, room)
         self.blocks: tuple[int, ...] = ()
         self.fenced: tuple[int, ...] = ()
-        self.last_poll = int(KVPoll.Bootstrapping)
         self.reported_landed = 0  # the sender's landed count as of the last poll (reduced over ranks)
         self.senders_done = False  # every rank's sender has said it writes no more (reduced over ranks)
         self.first_block: int | None = None
@@ -143,7 +142,6 @@ class ReceiverRequest(Generic[PayloadT]):
 
     def on_poll(self, value: int, landed: int = 0, senders_done: bool | None = None) -> None:
         """Apply one reduced poll, landed count and done flag; the spec's no-op cells return before any trigger."""
-        self.last_poll = value
         self.reported_landed = landed
         self.senders_done = value in _SENDER_DONE if senders_done is None else senders_done
         table = self._wiring.polls.get(self.state)
