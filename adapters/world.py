@@ -166,8 +166,8 @@ class World:
         self.log: list[dict[str, Any]] = []
         self._recording = record
         self._expect_failure: set[Room] = set()
-        self._abort_heard: dict[Room, float] = {}
-        self._corrupted: set[tuple[Room, int]] = set()  # when the sender got each abort it has not acted on
+        self._abort_heard: dict[Room, float] = {}  # when the sender got each abort it has not acted on
+        self._corrupted: set[tuple[Room, int]] = set()  # (room, block) of every data corruption so far
 
     # ---- the vocabulary of scenarios (each call is logged as the replay event that repeats it) -----
 
@@ -198,7 +198,7 @@ class World:
         arrival: dict[str, Any] = {"room": room, "total_tokens": total_tokens}
         if not flags.get("warmup"):
             arrival["mrope_delta"] = self.sender.source(room).mrope_delta
-        return {"arrive": arrival | {name: True for name, on in flags.items() if on and name != "mrope_delta"}}
+        return {"arrive": arrival | {name: True for name, on in flags.items() if on}}
 
     def step(self, iterations: int = 1) -> list[ReceiverRequest[EmbeddingPayload]]:
         self._log({"step": iterations})

@@ -116,7 +116,7 @@ class ReceiverQueue(Generic[PayloadT]):
             state = request.state
             request.on_local_poll(_poll(request))
             if now > request.deadline_at and request.state is state:  # a status that arrived in time wins
-                request.check_deadline(passed_somewhere=True, passed_everywhere=True)
+                request.deadline_passed(everywhere=True)
 
     def _dispatch_reduced(self, polled: list[ReceiverRequest[PayloadT]]) -> None:
         """Several ranks: one collective for every input a rank could see differently, namely the polls,
@@ -125,7 +125,7 @@ class ReceiverQueue(Generic[PayloadT]):
         n = len(polled)
         now = self._clock.now()
         seen = [_poll(r) for r in polled]
-        past = [int(r.past_deadline(now)) for r in polled]
+        past = [int(now > r.deadline_at) for r in polled]
         local = seen + [1 - p for p in past] + past + [r.local_landed() for r in polled]
         local += [int(r.local_sender_done(value)) for r, value in zip(polled, seen, strict=True)]
         reduced = self._ranks.min_reduce([r.room for r in polled], local)
@@ -134,7 +134,7 @@ class ReceiverQueue(Generic[PayloadT]):
             state = request.state
             request.on_poll(value, count, bool(stopped))
             if not in_time and request.state is state:  # a status that arrived in time wins
-                request.check_deadline(passed_somewhere=True, passed_everywhere=bool(everywhere))
+                request.deadline_passed(everywhere=bool(everywhere))
 
     def _check_lockstep(self) -> None:
         if self._lockstep is None or self._iterations % self._wiring.config.lockstep_every:

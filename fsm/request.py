@@ -119,8 +119,7 @@ class ReceiverRequest(Generic[PayloadT]):
         self.reads = 0
         self.resumes = 0
         self.error: ReceiverError | None = None
-        self.entered_at = wiring.clock.now()
-        self.deadline_at = self._deadline_after(self.entered_at, wiring.spec.initial)
+        self.deadline_at = self._deadline_from_now(wiring.spec.initial)
         self._landed_tokens: Callable[[], int] | None = getattr(link, "landed_tokens", None)
 
     def __repr__(self) -> str:
@@ -140,10 +139,10 @@ class ReceiverRequest(Generic[PayloadT]):
         """A rank alone: its own observations are the reduced ones."""
         self.on_poll(value, self.local_landed(), self.local_sender_done(value))
 
-    def on_poll(self, value: int, landed: int = 0, senders_done: bool | None = None) -> None:
+    def on_poll(self, value: int, landed: int, senders_done: bool) -> None:
         """Apply one reduced poll, landed count and done flag; the spec's no-op cells return before any trigger."""
         self.reported_landed = landed
-        self.senders_done = value in _SENDER_DONE if senders_done is None else senders_done
+        self.senders_done = senders_done
         table = self._wiring.polls.get(self.state)
         if table is None:
             return
@@ -167,21 +166,20 @@ class ReceiverRequest(Generic[PayloadT]):
         except ReceiverError as error:
             self.trigger(self._wiring.spec.on_error, error=error)
 
-    def past_deadline(self, now: float) -> bool:
-        return now > self.deadline_at
-
-    def _deadline_after(self, entered: float, state: State) -> float:
+    def _deadline_from_now(self, state: State) -> float:
+        """Kept absolute, so that the poll loop only compares it with the time."""
         limit = self._wiring.deadlines.get(state)
-        return math.inf if limit is None else entered + limit
+        return math.inf if limit is None else self._wiring.clock.now() + limit
 
-    def check_deadline(self, *, passed_somewhere: bool, passed_everywhere: bool) -> None:
-        """Fire what the spec's [timeouts] names for the current state once its deadline has passed.
+    def deadline_passed(self, *, everywhere: bool) -> None:
+        """The current state's deadline passed on some rank's clock (``everywhere``: on every rank's).
 
-        A deadline that fails the request is taken as soon as any rank's clock says so: failing early is
-        safe. One that lifts a fence waits until every rank's clock says so: reusing blocks early is not.
+        Fire what the spec's [timeouts] names for it. A deadline that fails the request is taken as soon as
+        any rank's clock says so: failing early is safe. One that lifts a fence waits until every rank's
+        clock says so: reusing blocks early is not.
         """
         timeout = self._wiring.spec.timeouts.get(self.state)
-        if timeout is None or not (passed_somewhere if timeout.cause else passed_everywhere):
+        if timeout is None or (timeout.cause is None and not everywhere):
             return
         if timeout.cause is None:
             self.fire(timeout.event)
@@ -191,9 +189,8 @@ class ReceiverRequest(Generic[PayloadT]):
         self.fire(timeout.event, error=error_type(self.room, f"{self.state.name} for more than {limit:g} s"))
 
     def stamp_entry(self, event: Any) -> None:
-        """After every state change: deadlines count from here (kept absolute: the poll loop compares only)."""
-        self.entered_at = self._wiring.clock.now()
-        self.deadline_at = self._deadline_after(self.entered_at, self.state)
+        """After every state change: deadlines count from here."""
+        self.deadline_at = self._deadline_from_now(self.state)
 
     @property
     def takes_partial_grants(self) -> bool:
