@@ -1388,11 +1388,17 @@ class PeerRank:
         return not self.peer_disagrees
 
 
-def test_a_status_only_one_rank_has_seen_does_not_move_any_rank() -> None:
+def two_ranks_transferring(**options: Any) -> tuple[PeerRank, Bench, ReceiverRequest[FakePayload]]:
+    """Room 1 on this rank of two, its init sent (A0 = blocks 0 and 1); the other rank is scripted."""
     peer = PeerRank()
-    bench = Bench.make(ranks=peer)
+    bench = Bench.make(ranks=peer, **options)
     request = bench.add(1)
     bench.step()
+    return peer, bench, request
+
+
+def test_a_status_only_one_rank_has_seen_does_not_move_any_rank() -> None:
+    peer, bench, request = two_ranks_transferring()
     peer.peer_polls[1] = int(KVPoll.WaitingForInput)  # the other rank has not heard of the chunk yet
     bench.land(1, D, KVPoll.Success)
 
@@ -1406,10 +1412,7 @@ def test_a_status_only_one_rank_has_seen_does_not_move_any_rank() -> None:
 
 
 def test_ranks_that_read_different_totals_fail_the_request_on_every_rank() -> None:
-    peer = PeerRank()
-    bench = Bench.make(ranks=peer)
-    request = bench.add(1)
-    bench.step()
+    peer, bench, request = two_ranks_transferring()
     peer.peer_disagrees = True
     bench.land(1, D + 3 * B, KVPoll.Transferring)
 
@@ -1421,10 +1424,8 @@ def test_ranks_that_read_different_totals_fail_the_request_on_every_rank() -> No
 
 
 def test_a_rank_whose_allocator_drifted_is_found_by_the_lockstep_fingerprint() -> None:
-    peer = PeerRank()
-    bench = Bench.make(ranks=peer, lockstep_every=4)
-    bench.add(1)
-    bench.step(3)
+    peer, bench, _ = two_ranks_transferring(lockstep_every=4)
+    bench.step(2)
     peer.peer_disagrees = True
     with pytest.raises(RankDivergence, match="allocator operations differ"):
         bench.step()
@@ -1448,10 +1449,7 @@ def test_the_lockstep_fingerprint_folds_every_operation_in_order() -> None:
 
 
 def test_a_deadline_that_passed_on_one_rank_fails_the_request_on_every_rank() -> None:
-    peer = PeerRank()
-    bench = Bench.make(ranks=peer, clock=FakeClock())
-    request = bench.add(1)
-    bench.step()
+    peer, bench, request = two_ranks_transferring(clock=FakeClock())
     peer.peer_late.add(1)  # only the other rank's clock is past the transfer deadline
 
     bench.step()
@@ -1462,10 +1460,7 @@ def test_a_deadline_that_passed_on_one_rank_fails_the_request_on_every_rank() ->
 
 def test_a_fence_outlives_one_rank_s_sender_and_one_rank_s_clock() -> None:
     clock = FakeClock()
-    peer = PeerRank()
-    bench = Bench.make(ranks=peer, clock=clock, drain_timeout_s=5.0)
-    request = bench.add(1)
-    bench.step()
+    peer, bench, request = two_ranks_transferring(clock=clock, drain_timeout_s=5.0)
     bench.queue.abort(1)
     peer.peer_writing.add(1)
     bench.links[1].status = int(KVPoll.Failed)  # this rank's sender stopped; the other rank's did not
@@ -1483,10 +1478,7 @@ def test_a_fence_outlives_one_rank_s_sender_and_one_rank_s_clock() -> None:
 
 
 def test_a_fence_lifts_when_every_rank_sender_has_stopped() -> None:
-    peer = PeerRank()
-    bench = Bench.make(ranks=peer)
-    request = bench.add(1)
-    bench.step()
+    peer, bench, request = two_ranks_transferring()
     bench.queue.abort(1)
     peer.peer_writing.add(1)
     bench.links[1].acknowledged = True
@@ -1499,10 +1491,7 @@ def test_a_fence_lifts_when_every_rank_sender_has_stopped() -> None:
 
 
 def test_ranks_that_assembled_different_payloads_fail_the_request_on_every_rank() -> None:
-    peer = PeerRank()
-    bench = Bench.make(ranks=peer)
-    request = bench.add(1)
-    bench.step()
+    peer, bench, request = two_ranks_transferring()
     bench.land(1, D, KVPoll.Success)
     answers = iter([True, False])  # the same (T, S, checksum) ... but not the same payload
     peer.same = lambda values: next(answers)  # type: ignore[method-assign]
