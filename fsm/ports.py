@@ -124,7 +124,10 @@ class RankGroup(Protocol):
     def size(self) -> int: ...
 
     def min_reduce(self, rooms: Sequence[Room], values: Sequence[int]) -> list[int]:
-        """The element-wise MIN of every rank's polls of ``rooms``, one collective per iteration.
+        """The element-wise MIN of the values every rank passed, one collective per iteration.
+
+        The queue passes several columns of one value per room (polls, deadline flags, landed counts,
+        "sender done"), so ``values`` is a multiple of ``rooms`` long.
 
         Raises RankDivergence when the ranks poll different rooms, or the same rooms in another order.
         """
