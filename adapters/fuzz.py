@@ -96,6 +96,7 @@ class ReceiverProtocol(RuleBasedStateMachine):
         hidden_size=st.sampled_from([2, 4, 8]),
         deepstack=st.integers(0, 2),
         async_abort=st.booleans(),
+        local_conclusion=st.booleans(),
         data=st.data(),
     )
     def a_pool(
@@ -106,6 +107,7 @@ class ReceiverProtocol(RuleBasedStateMachine):
         hidden_size: int,
         deepstack: int,
         async_abort: bool,
+        local_conclusion: bool,
         data: st.DataObject,
     ) -> None:
         config = WorldConfig(
@@ -116,6 +118,7 @@ class ReceiverProtocol(RuleBasedStateMachine):
             deepstack=deepstack,
             max_total_tokens=MAX_TOTAL,
             async_abort=async_abort,
+            local_conclusion=local_conclusion,
         )
         self.world = self.bench(config, seed=num_blocks)
         type(self).last_world = self.world

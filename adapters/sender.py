@@ -21,6 +21,7 @@ from .buffers import BlockView, TorchBlockBuffers
 from .payload import EmbeddingPayload, crc32
 
 VOCAB = 151_936
+_TERMINAL = (KVPoll.Failed, KVPoll.Success)
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,6 +289,12 @@ class InProcessSender:
         state = self._rooms.get(room)
         return state is not None and state.stopped and not state.dead
 
+    def writes_stopped(self, room: Room) -> bool:
+        """What the receiver's end may take as evidence: a terminal status this sender published, or its
+        acknowledgement of an abort. A misreported poll answer is no evidence."""
+        state = self._rooms.get(room)
+        return state is not None and (state.status in _TERMINAL or self.abort_acknowledged(room))
+
     def abort_queued(self, room: Room) -> bool:
         state = self._rooms.get(room)
         return state is not None and state.abort_queued and not state.stopped
@@ -405,8 +412,8 @@ class SenderLink:
     def abort(self) -> None:
         self._sender.on_abort(self._room)
 
-    def abort_acknowledged(self) -> bool:
-        return self._sender.abort_acknowledged(self._room)
+    def writes_stopped(self) -> bool:
+        return self._sender.writes_stopped(self._room)
 
     def failure_reason(self) -> str | None:
         return self._sender.failure(self._room)
@@ -440,3 +447,6 @@ class WarmupLink:
 
     def abort(self) -> None:
         pass
+
+    def writes_stopped(self) -> bool:
+        return True  # it never writes

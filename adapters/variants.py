@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from epd_receiver.fsm import ReceiverRequest, ReceiverSpec, load_spec
+from epd_receiver.fsm import KVPoll, ReceiverRequest, ReceiverSpec, load_spec
 
 from .payload import EmbeddingPayload
 from .replicas import EagerFanIn
@@ -132,6 +132,20 @@ class StaleAuxTrusted(ReceiverRequest[EmbeddingPayload]):
         total = self._wiring.buffers.read_aux(self.blocks[0]).total_tokens
         if total:
             self.total_tokens = total
+
+
+class OwnFailedAsEvidence(ReceiverRequest[EmbeddingPayload]):
+    """#23 through the link: a Failed or Success that ``poll()`` returns is taken as proof that the sender
+    stopped writing, although SGLang's receiver returns Failed after our own abort, the sender unaware."""
+
+    _seen: int | None = None
+
+    def local_poll(self) -> int:
+        self._seen = super().local_poll()
+        return self._seen
+
+    def local_writes_stopped(self) -> bool:
+        return self._seen in (KVPoll.Failed, KVPoll.Success) or super().local_writes_stopped()
 
 
 # ---- the catalogue -----------------------------------------------------------------------------------
@@ -419,6 +433,14 @@ CATALOGUE = (
                 }
             ]
         },
+        caught_by=frozenset({"I5", "I6"}),
+    ),
+    Variant(
+        "fence-lifted-by-own-failed",
+        23,
+        "A Failed that the link reports of its own accord (SGLang's receiver after a local abort or timeout) "
+        "is taken as the sender's, so the fence lifts while the late write is still on its way.",
+        OwnFailedAsEvidence,
         caught_by=frozenset({"I5", "I6"}),
     ),
     Variant(

@@ -34,6 +34,7 @@ from epd_receiver.fsm.request import deadlines
 from .allocator import OwningBlockAllocator
 from .buffers import TorchBlockBuffers
 from .clock import ManualClock
+from .concluding import LocallyConcludingLink, concluding
 from .payload import EmbeddingPayload
 from .sender import InProcessSender, WarmupLink
 
@@ -59,6 +60,9 @@ class WorldConfig:
     timeouts: dict[str, float | None] = field(default_factory=dict)  # ReceiverConfig *_timeout_s overrides
     sender_block_size: int | None = None  # the Encode side's B, when it is misconfigured to differ
     async_abort: bool = False  # the sender may still land a chunk after an abort, until it acts on it
+    # Links conclude locally, as SGLang's receiver: an abort turns poll() to Failed and never reaches the
+    # sender, which lands what it had in flight; terminal statuses latch.
+    local_conclusion: bool = False
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> WorldConfig:
@@ -72,6 +76,7 @@ class WorldConfig:
             timeouts={k: None if v is None else float(v) for k, v in dict(data.get("timeouts", {})).items()},
             sender_block_size=None if data.get("sender_block_size") is None else int(data["sender_block_size"]),
             async_abort=bool(data.get("async_abort", False)),
+            local_conclusion=bool(data.get("local_conclusion", False)),
         )
 
     def receiver_config(self) -> ReceiverConfig:
@@ -167,6 +172,7 @@ class World:
         self._recording = record
         self._expect_failure: set[Room] = set()
         self._abort_heard: dict[Room, float] = {}  # when the sender got each abort it has not acted on
+        self._concluding: dict[Room, LocallyConcludingLink] = {}  # links that conclude locally, by room
         self._corrupted: set[tuple[Room, int]] = set()  # (room, block) of every data corruption so far
 
     # ---- the vocabulary of scenarios (each call is logged as the replay event that repeats it) -----
@@ -187,6 +193,8 @@ class World:
             request = self.queue.add(room, WarmupLink(), warmup=True)
         else:
             link = self.sender.add_room(room, total_tokens, mrope_delta, progress=progress, checksum=checksum)
+            if self.config.local_conclusion:
+                link = self._concluding.setdefault(room, concluding(link))  # type: ignore[assignment]
             request = self.queue.add(room, link)
         self.outcomes[room] = Outcome(room, total_tokens, [request.state], warmup=warmup)
         self._entered[room] = self.clock.now()
@@ -219,19 +227,28 @@ class World:
     def advance(self, seconds: float) -> None:
         """Time passes on the receiver's clock (deadlines are judged at the next iteration).
 
-        A sender that learns of aborts late still acts on each within the drain deadline: that is the
-        contract that lets the receiver reuse fenced blocks once the deadline has passed.
+        A sender that learns of aborts late still acts on each within the drain deadline, and a write in
+        flight when the receiver gave up (a sender that never hears of the abort) lands within it: that is
+        the contract that lets the receiver reuse fenced blocks once the deadline has passed.
         """
         self._log({"advance": seconds})
         for room in self.sender.rooms():
-            if self.sender.abort_queued(room):
+            if self.sender.abort_queued(room) or self._unheard_abort(room):
                 self._abort_heard.setdefault(room, self.clock.now())
         self.clock.advance(seconds)
         drain = self.receiver_config.drain_timeout_s
         for room, heard in list(self._abort_heard.items()):
             if drain is not None and self.clock.now() - heard >= drain:
+                if self._unheard_abort(room):
+                    with self._quietly():  # part of this advance: a replay repeats it by itself
+                        self.deliver(room)
                 self.sender.act_on_abort(room)
                 del self._abort_heard[room]
+
+    def _unheard_abort(self, room: Room) -> bool:
+        """This side gave up on ``room`` without the sender hearing of it, and a write is still in flight."""
+        link = self._concluding.get(room)
+        return link is not None and link.aborted and self.sender.pending(room) is not None
 
     def go_backwards(self, room: Room) -> bool:
         """The sender answers the next poll with a status below one the receiver has already seen."""
@@ -394,8 +411,9 @@ class World:
             self.release(request.room)
 
     def wait_out_dead_senders(self) -> bool:
-        """Move the clock past every deadline when a silent sender is what holds a request up."""
-        if not any(self._sender_dead(r.room) for r in self.unfinished() if r.state is not State.SUCCESS):
+        """Move the clock past every deadline when a silent sender is what holds a request up: a dead one,
+        or one that never heard of an abort and waits, idle, for a resume that will not come."""
+        if not any(self._sender_silent(r) for r in self.unfinished() if r.state is not State.SUCCESS):
             return False
         self.clock.advance(max(self._deadlines.values(), default=0.0) + 1)
         return True
@@ -414,6 +432,18 @@ class World:
 
     def _sender_dead(self, room: Room) -> bool:
         return room in self.sender.rooms() and self.sender.is_dead(room)
+
+    def _sender_silent(self, request: ReceiverRequest[EmbeddingPayload]) -> bool:
+        room = request.room
+        if self._sender_dead(room):
+            return True
+        link = self._concluding.get(room)
+        return (
+            request.state is State.FAILED
+            and link is not None
+            and not link.writes_stopped()
+            and self.sender.pending(room) is None
+        )
 
     # ---- the event log ---------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from .errors import (
     TimedOut,
     TransportFailed,
 )
-from .kvpoll import KVPoll
+from .kvpoll import LINK_ERROR, KVPoll
 from .ports import AuxRow, BlockAllocator, BlockBuffers, Clock, MonotonicClock, RankGroup, SingleRank, TransportLink
 from .queue import ReceiverQueue
 from .request import ReceiverConfig, ReceiverRequest
@@ -27,6 +27,7 @@ from .spec import ReceiverSpec, load_spec
 from .states import State
 
 __all__ = [
+    "LINK_ERROR",
     "Aborted",
     "AuxRow",
     "BlockAllocator",

@@ -13,3 +13,10 @@ class KVPoll(IntEnum):
     WaitingForInput = 2
     Transferring = 3
     Success = 4
+
+
+# Not a status: the value a rank contributes for a request whose link raised (in poll, init or resume). It
+# sits below every KVPoll value and below any 32-bit value a link could return (a garbled status stays a
+# garbled status), so the MIN reduce hands it to every rank and all of them fail the request together; the
+# spec's ``link_error`` entries say what it does in each state.
+LINK_ERROR = -(1 << 32)

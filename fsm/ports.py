@@ -87,7 +87,14 @@ class BlockAllocator(Protocol):
 
 
 class TransportLink(Protocol):
-    """One request's connection to its sender."""
+    """One request's connection to its sender (spec/RECEIVER.md, "The link contract").
+
+    Two questions are kept apart. ``poll()`` is the status as this side presents it, and a link may fold
+    its own conclusions into it (SGLang's receiver reports Failed after a local abort). ``writes_stopped()``
+    is evidence that the remote writer is done, and only that may return fenced blocks to the pool.
+    Any method may raise: the controller then fails the request with TransportFailed on every rank and
+    fences what it holds, since whether the sender stopped is unknown.
+    """
 
     def poll(self) -> int:
         """This rank's view of the sender's status, a KVPoll value (not necessarily a valid one)."""
@@ -99,6 +106,15 @@ class TransportLink(Protocol):
 
     def abort(self) -> None:
         """The request is over on this side: the sender must not start another write for it."""
+        ...
+
+    def writes_stopped(self) -> bool:
+        """Evidence that the sender writes no more into this room's blocks: a terminal status (Failed or
+        Success) the remote side reported, or the remote side's acknowledgement of our abort.
+
+        Never a conclusion this side reached (a local abort, a local deadline, a lost heartbeat); False
+        while unknown. Once True it stays True.
+        """
         ...
 
     # Optional, as SGLang's ``failure_exception()``: ``failure_reason() -> str | None`` says why the

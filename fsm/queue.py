@@ -20,7 +20,6 @@ from typing import Generic
 from transitions import Machine
 
 from .errors import Aborted, PoolTooSmall, RankDivergence, Room
-from .kvpoll import KVPoll
 from .lockstep import LockstepAllocator
 from .machine import build_machine
 from .ports import BlockAllocator, BlockBuffers, Clock, MonotonicClock, PayloadT, RankGroup, SingleRank, TransportLink
@@ -114,20 +113,22 @@ class ReceiverQueue(Generic[PayloadT]):
         now = self._clock.now()
         for request in polled:
             state = request.state
-            request.on_local_poll(_poll(request))
+            request.on_local_poll(request.local_poll())
             if now > request.deadline_at and request.state is state:  # a status that arrived in time wins
                 request.deadline_passed(everywhere=True)
 
     def _dispatch_reduced(self, polled: list[ReceiverRequest[PayloadT]]) -> None:
         """Several ranks: one collective for every input a rank could see differently, namely the polls,
         whether each deadline passed (MIN of "in time": on any rank; MIN of "past": on every rank), the
-        landed counts of senders that report progress, and whether this rank's sender is done."""
+        landed counts of senders that report progress, and whether this rank's link has evidence that its
+        sender is done. A link that raised contributes LINK_ERROR, below every status, so every rank fails
+        that request together."""
         n = len(polled)
         now = self._clock.now()
-        seen = [_poll(r) for r in polled]
+        seen = [r.local_poll() for r in polled]
         past = [int(now > r.deadline_at) for r in polled]
         local = seen + [1 - p for p in past] + past + [r.local_landed() for r in polled]
-        local += [int(r.local_sender_done(value)) for r, value in zip(polled, seen, strict=True)]
+        local += [int(r.local_writes_stopped()) for r in polled]
         reduced = self._ranks.min_reduce([r.room for r in polled], local)
         columns = [reduced[i * n : (i + 1) * n] for i in range(5)]
         for request, value, in_time, everywhere, count, stopped in zip(polled, *columns, strict=True):
@@ -215,11 +216,3 @@ class ReceiverQueue(Generic[PayloadT]):
     @property
     def spec(self) -> ReceiverSpec:
         return self._wiring.spec
-
-
-def _poll(request: ReceiverRequest[PayloadT]) -> int:
-    """A link whose poll raises has lost its sender: that request reads Failed, the others go on."""
-    try:
-        return request.link.poll()
-    except Exception:
-        return int(KVPoll.Failed)

@@ -20,17 +20,14 @@ from .errors import (
     Room,
     SizeMismatch,
     SpecError,
-    TransportFailed,
 )
-from .kvpoll import KVPoll
+from .kvpoll import LINK_ERROR, KVPoll
 from .ports import BlockAllocator, BlockBuffers, Clock, PayloadT, RankGroup, TransportLink
 from .spec import PollOutcome, ReceiverSpec
 from .states import State
 from .window import ReadWindow
 
 PollTable = Mapping[State, Mapping[int, PollOutcome]]
-# After either status the sender has stopped writing for the room: it has nothing left to send.
-_SENDER_DONE = frozenset({int(KVPoll.Failed), int(KVPoll.Success)})
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +106,10 @@ class ReceiverRequest(Generic[PayloadT]):
         self.blocks: tuple[int, ...] = ()
         self.fenced: tuple[int, ...] = ()
         self.reported_landed = 0  # the sender's landed count as of the last poll (reduced over ranks)
-        self.senders_done = False  # every rank's sender has said it writes no more (reduced over ranks)
+        # Every rank's link has evidence that its sender writes no more, reduced over ranks with the last
+        # poll; None with a single rank, whose own link is then asked when a guard needs the answer.
+        self.senders_done: bool | None = None
+        self.link_error: str | None = None  # what this rank's link raised, failed with at the next poll
         self.first_block: int | None = None
         self.total_tokens: int | None = None
         self.checksum: int | None = None
@@ -131,15 +131,27 @@ class ReceiverRequest(Generic[PayloadT]):
         """This rank's view of the sender's landed count (0 without progress), read once per iteration."""
         return 0 if self._landed_tokens is None else self._landed_tokens()
 
-    def local_sender_done(self, value: int) -> bool:
-        """This rank's sender will write no more: it reported a terminal status, or acknowledged our abort."""
-        return value in _SENDER_DONE or (self.state in self._wiring.spec.terminal and self._abort_acknowledged())
+    def local_poll(self) -> int:
+        """This rank's poll: LINK_ERROR once its link has raised, here or in init or resume."""
+        if self.link_error is None:
+            try:
+                return max(self.link.poll(), LINK_ERROR + 1)  # whatever a link returns, it is not a link error
+            except Exception as error:
+                self.link_error = f"poll raised {error!r}"
+        return LINK_ERROR
+
+    def local_writes_stopped(self) -> bool:
+        """This rank's link has evidence that the sender writes no more; a link that cannot say has none."""
+        try:
+            return bool(self.link.writes_stopped())
+        except Exception:
+            return False
 
     def on_local_poll(self, value: int) -> None:
-        """A rank alone: its own observations are the reduced ones."""
-        self.on_poll(value, self.local_landed(), self.local_sender_done(value))
+        """A rank alone: its own observations are the reduced ones (the done flag is asked for when needed)."""
+        self.on_poll(value, self.local_landed(), None)
 
-    def on_poll(self, value: int, landed: int, senders_done: bool) -> None:
+    def on_poll(self, value: int, landed: int, senders_done: bool | None) -> None:
         """Apply one reduced poll, landed count and done flag; the spec's no-op cells return before any trigger."""
         self.reported_landed = landed
         self.senders_done = senders_done
@@ -148,16 +160,20 @@ class ReceiverRequest(Generic[PayloadT]):
             return
         outcome = table.get(value)
         if outcome is None:
-            outcome = self._wiring.spec.unknown_poll_in(self.state)
+            outcome = self._special_outcome(value)
         if outcome.event is None or (outcome.guard is not None and not getattr(self, outcome.guard)()):
             return
         if outcome.cause is not None:
             error_type = self._wiring.spec.causes[outcome.cause]
             detail = f"poll {_poll_name(value)} in {self.state.name}"
-            reason = self._failure_reason()
+            reason = self._link_error_reason() if value == LINK_ERROR else self._failure_reason()
             self.fire("fail", error=error_type(self.room, f"{detail}: {reason}" if reason else detail))
         else:
             self.fire(outcome.event)
+
+    def _special_outcome(self, value: int) -> PollOutcome:
+        spec = self._wiring.spec
+        return spec.link_error_in(self.state) if value == LINK_ERROR else spec.unknown_poll_in(self.state)
 
     def fire(self, event: str, **kwargs: Any) -> None:
         """Trigger an event; a typed error raised by an action fails this request and nothing else."""
@@ -203,25 +219,16 @@ class ReceiverRequest(Generic[PayloadT]):
         return self.warmup
 
     def sender_may_write(self, event: Any = None) -> bool:
-        """An init or resume went out for the blocks held, and not every rank's sender has said it is done."""
-        return bool(self.blocks) and not self.senders_done
+        """An init or resume went out for the blocks held, and not every rank's link has evidence that its
+        sender is done (a conclusion of our own, such as SGLang's Failed after a local abort, is none)."""
+        return bool(self.blocks) and not self.senders_stopped()
 
     def holds_fence(self, event: Any = None) -> bool:
         return bool(self.fenced)
 
     def senders_stopped(self, event: Any = None) -> bool:
-        """Every rank's sender reported a terminal status or acknowledged the abort, as of this poll."""
-        return self.senders_done
-
-    def _abort_acknowledged(self) -> bool:
-        """The sender confirmed the abort, when the link can say so (optional, best effort)."""
-        acknowledged = getattr(self.link, "abort_acknowledged", None)
-        if acknowledged is None:
-            return False
-        try:
-            return bool(acknowledged())
-        except Exception:
-            return False
+        """Every rank's link has evidence that its sender writes no more, as of this poll."""
+        return self.local_writes_stopped() if self.senders_done is None else self.senders_done
 
     def sender_progressed(self, event: Any = None) -> bool:
         """A whole round landed and the payload is not complete yet (the last round ends with Success)."""
@@ -372,15 +379,20 @@ class ReceiverRequest(Generic[PayloadT]):
             return None
         return None if reason is None else str(reason)
 
+    def _link_error_reason(self) -> str:
+        return self.link_error or "the link raised on another rank"
+
     @contextlib.contextmanager
     def _transport(self, what: str) -> Iterator[None]:
-        """A link that raises fails this request (with its blocks still recorded, so they are freed)."""
+        """A link that raises is remembered, not raised: the next poll reports LINK_ERROR, which the ranks
+        reduce, so that every rank fails the request in the same iteration (with one rank failing alone
+        here, the ranks' queues would part). The blocks stay recorded: the request fences them then."""
         try:
             yield
         except ReceiverError:
             raise
         except Exception as error:
-            raise TransportFailed(self.room, f"{what} raised {error!r}") from error
+            self.link_error = f"{what} raised {error!r}"
 
     def _total(self) -> int:
         assert self.total_tokens is not None, "T is read before any action that needs it"
@@ -388,6 +400,8 @@ class ReceiverRequest(Generic[PayloadT]):
 
 
 def _poll_name(value: int) -> str:
+    if value == LINK_ERROR:
+        return "link_error"
     try:
         return KVPoll(value).name
     except ValueError:

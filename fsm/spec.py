@@ -21,6 +21,9 @@ from .states import State
 
 READ_KINDS = frozenset({"aux", "data"})
 NOOP = "noop"
+# Poll-table entries that are not KVPoll values: a value outside KVPoll, and a link that raised.
+LINK_ERROR_KEY = "link_error"
+SPECIAL_COLUMNS = ("unknown", LINK_ERROR_KEY)
 FAIL_PREFIX = "fail:"
 
 
@@ -69,6 +72,8 @@ class ReceiverSpec:
     polls: Mapping[State, Mapping[KVPoll, PollOutcome]]
     unknown_poll: PollOutcome
     unknown_polls: Mapping[State, PollOutcome]
+    link_error_poll: PollOutcome
+    link_error_polls: Mapping[State, PollOutcome]
     causes: Mapping[str, type[errors.ReceiverError]]
     actions: Mapping[str, str]
     guards: Mapping[str, str]
@@ -81,6 +86,10 @@ class ReceiverSpec:
     def unknown_poll_in(self, state: State) -> PollOutcome:
         """What a value outside KVPoll does in ``state``: the state's own rule, else the global one."""
         return self.unknown_polls.get(state, self.unknown_poll)
+
+    def link_error_in(self, state: State) -> PollOutcome:
+        """What a link that raised on some rank does in ``state``: the state's own rule, else the global one."""
+        return self.link_error_polls.get(state, self.link_error_poll)
 
 
 def default_spec_text() -> str:
@@ -153,19 +162,23 @@ def _parse(raw: Mapping[str, Any]) -> ReceiverSpec:
         raise SpecError(f"machine.on_error names unknown event {on_error!r}")
     polls_raw = dict(raw.get("polls", {}))
     unknown = _outcome(polls_raw.pop("unknown", NOOP), "polls.unknown", causes, on_error)
+    link_error = _outcome(polls_raw.pop(LINK_ERROR_KEY, NOOP), f"polls.{LINK_ERROR_KEY}", causes, on_error)
     polls = {
         _state(name, "polls"): {
             _kvpoll(value, f"polls.{name}"): _outcome(outcome, f"polls.{name}.{value}", causes, on_error)
             for value, outcome in table.items()
-            if value != "unknown"
+            if value not in SPECIAL_COLUMNS
         }
         for name, table in polls_raw.items()
     }
-    unknown_polls = {
-        _state(name, "polls"): _outcome(table["unknown"], f"polls.{name}.unknown", causes, on_error)
-        for name, table in polls_raw.items()
-        if "unknown" in table
-    }
+    unknown_polls, link_error_polls = (
+        {
+            _state(name, "polls"): _outcome(table[key], f"polls.{name}.{key}", causes, on_error)
+            for name, table in polls_raw.items()
+            if key in table
+        }
+        for key in SPECIAL_COLUMNS
+    )
     spec = ReceiverSpec(
         initial=_state(machine["initial"], "machine.initial"),
         terminal=terminal,
@@ -176,6 +189,8 @@ def _parse(raw: Mapping[str, Any]) -> ReceiverSpec:
         polls=polls,
         unknown_poll=unknown,
         unknown_polls=unknown_polls,
+        link_error_poll=link_error,
+        link_error_polls=link_error_polls,
         causes=causes,
         actions=actions,
         guards=guards,
@@ -272,17 +287,19 @@ def _check_polls(spec: ReceiverSpec) -> None:
             _check_fires(spec, state, outcome.event, f"polls.{state.name}.{value.name}")
             if outcome.guard is not None and outcome.guard not in spec.guards:
                 raise SpecError(f"polls.{state.name}.{value.name}: guard {outcome.guard!r} not declared under [guards]")
-        if state in spec.terminal:
-            unknown = spec.unknown_poll_in(state)
-            if unknown.cause is not None:
-                raise SpecError(f"polls.{state.name}.unknown: a terminal state cannot fail on an unknown status")
-            _check_fires(spec, state, unknown.event, f"polls.{state.name}.unknown")
+        specials = {"unknown": spec.unknown_poll_in(state), LINK_ERROR_KEY: spec.link_error_in(state)}
+        for key, outcome in specials.items():
+            if state in spec.terminal and outcome.cause is not None:
+                raise SpecError(f"polls.{state.name}.{key}: a terminal state cannot fail")
+            _check_fires(spec, state, outcome.event, f"polls.{state.name}.{key}")
     for state, timeout in spec.timeouts.items():
         _check_fires(spec, state, timeout.event, f"timeouts.{state.name}")
     if any(t.cause for t in spec.timeouts.values()) and "timeout" not in spec.causes:
         raise SpecError("timeouts need a `timeout` entry under [causes]")
     if spec.unknown_poll.cause is None:
         raise SpecError("polls.unknown must be 'fail:CAUSE': an unknown status is never harmless")
+    if spec.link_error_poll.cause is None:
+        raise SpecError(f"polls.{LINK_ERROR_KEY} must be 'fail:CAUSE': a link that raised is never harmless")
 
 
 def _check_fires(spec: ReceiverSpec, state: State, event: str | None, where: str) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from epd_receiver.fsm import (
+    LINK_ERROR,
     Aborted,
     AuxRow,
     ContractError,
@@ -187,8 +188,9 @@ class FakeLink:
     def abort(self) -> None:
         self.aborts += 1
 
-    def abort_acknowledged(self) -> bool:
-        return self.acknowledged
+    def writes_stopped(self) -> bool:
+        """The status the test sets stands for what the remote side reported."""
+        return self.acknowledged or self.status in (KVPoll.Failed, KVPoll.Success)
 
     def sent(self) -> tuple[int, int, int]:
         return len(self.inits), len(self.resumes), self.aborts
@@ -713,12 +715,9 @@ class BrokenLink(FakeLink):
             raise ConnectionError("peer reset")
 
 
-@pytest.mark.parametrize(
-    ("broken", "error_type"), [("init", TransportFailed), ("resume", TransportFailed), ("poll", SenderFailed)]
-)
-def test_link_raising_an_untyped_error_fails_only_that_request_and_frees_its_blocks(
-    broken: str, error_type: type
-) -> None:
+@pytest.mark.parametrize("broken", ["init", "resume", "poll"])
+def test_a_link_that_raises_fails_only_that_request_with_transport_failed_and_fences_its_blocks(broken: str) -> None:
+    """Whether the sender stopped writing is unknown after a link error: the blocks stay out of the pool."""
     bench = Bench.make()
     bench.links[SUBJECT] = BrokenLink(broken)
     subject = bench.queue.add(SUBJECT, bench.links[SUBJECT])
@@ -726,11 +725,17 @@ def test_link_raising_an_untyped_error_fails_only_that_request_and_frees_its_blo
     bench.step()
     if broken == "resume":
         bench.land(SUBJECT, RESUMED_TOTAL, KVPoll.Transferring)
+        bench.step()
+    held = subject.blocks
+    assert held and subject.state is not State.FAILED  # the error surfaces at the next poll, on every rank
     bench.land(BYSTANDER, D, KVPoll.Success)
     bench.step()
 
-    assert_failed_cleanly(bench, subject, error_type)
+    assert type(subject.error) is TransportFailed
+    assert "peer reset" in str(subject.error)
+    assert subject.fenced == held and bench.allocator.fenced_by(SUBJECT) == tuple(sorted(held))
     assert bystander.state is State.SUCCESS
+    assert_failed_cleanly(bench, subject, TransportFailed)
 
 
 # ---- client aborts ----------------------------------------------------------------------------------
@@ -840,6 +845,73 @@ def test_a_silent_sender_is_presumed_gone_after_the_drain_deadline(state: State)
     assert subject.fenced == () and bench.queue.get(SUBJECT) is None
     assert bench.allocator.blocks_freed_by(SUBJECT) == bench.allocator.blocks_allocated_to(SUBJECT)
     assert type(subject.error) is Aborted  # the drain changes the pool, not the outcome
+
+
+class ConcludingLink(FakeLink):
+    """A link that folds its own conclusions into poll(), as SGLang's receiver does: its abort() turns
+    poll() to Failed locally and tells the sender nothing, and a terminal status latches. ``status`` is
+    what the remote side reported; only that is evidence."""
+
+    def __init__(self, status: int = KVPoll.WaitingForInput) -> None:
+        super().__init__(status)
+        self.concluded: int | None = None
+
+    def poll(self) -> int:
+        if self.concluded is None and self.status in (KVPoll.Failed, KVPoll.Success):
+            self.concluded = self.status
+        return self.status if self.concluded is None else self.concluded
+
+    def abort(self) -> None:
+        super().abort()
+        self.concluded = int(KVPoll.Failed)
+
+
+def concluding_bench(state: State, clock: Any = None, **timeouts: float | None) -> tuple[Bench, Any]:
+    bench = Bench.make(clock=clock, **timeouts)
+    bench.links[SUBJECT] = ConcludingLink()
+    subject = bench.queue.add(SUBJECT, bench.links[SUBJECT])
+    bench.step()
+    if state is State.RESUMING:
+        bench.land(SUBJECT, RESUMED_TOTAL, KVPoll.Transferring)
+        bench.step(2)
+    assert subject.state is state
+    return bench, subject
+
+
+@pytest.mark.parametrize("state", WRITING, ids=lambda s: s.name)
+@pytest.mark.parametrize("ending", ["abort", "timeout"])
+def test_a_failed_that_our_own_side_concluded_never_lifts_a_fence(state: State, ending: str) -> None:
+    clock = FakeClock()
+    bench, subject = concluding_bench(
+        state, clock, transfer_timeout_s=10.0, resume_timeout_s=10.0, drain_timeout_s=30.0
+    )
+    held = subject.blocks
+    if ending == "abort":
+        bench.queue.abort(SUBJECT)
+    else:
+        clock.t += 10.5
+        bench.step()
+    assert bench.links[SUBJECT].poll() == KVPoll.Failed  # what the link now says, of its own accord
+    newcomer = bench.add(3)
+    bench.step(5)
+
+    assert subject.fenced == held and not set(newcomer.blocks) & set(held)  # the late write has nowhere to land
+    bench.links[SUBJECT].status = int(KVPoll.Success)  # the remote side finished its write: evidence
+    bench.step()
+    assert subject.fenced == () and bench.queue.get(SUBJECT) is None
+
+
+def test_a_fence_of_a_sender_that_never_hears_of_the_abort_lifts_at_the_drain_deadline() -> None:
+    clock = FakeClock()
+    bench, subject = concluding_bench(State.TRANSFERRING, clock, drain_timeout_s=30.0)
+    bench.queue.abort(SUBJECT)
+    bench.links[SUBJECT].status = int(KVPoll.Transferring)  # its chunk landed; it waits for a resume forever
+    clock.t += 29.0
+    bench.step()
+    assert subject.fenced != ()
+    clock.t += 1.5
+    bench.step()
+    assert subject.fenced == () and type(subject.error) is Aborted
 
 
 def test_without_a_drain_deadline_a_silent_sender_keeps_its_fence() -> None:
@@ -1517,3 +1589,37 @@ def test_the_lockstep_fingerprint_covers_fences() -> None:
         digests.append(lockstep.digest)
         assert lockstep.free_count == 6 + 2 * unfence and lockstep.num_blocks == 8 and lockstep.block_size == B
     assert digests[0] != digests[1]
+
+
+def test_a_link_error_on_another_rank_fails_the_request_here_too_and_fences_its_blocks() -> None:
+    peer, bench, request = two_ranks_transferring()
+    held = request.blocks
+    peer.peer_polls[1] = LINK_ERROR  # the other rank's init or poll raised
+    peer.peer_writing.add(1)  # and its link has no evidence that its sender stopped
+    bench.land(1, D, KVPoll.Success)  # this rank sees the chunk land: not enough
+
+    bench.step()
+    assert type(request.error) is TransportFailed and "another rank" in str(request.error)
+    assert request.fenced == held and bench.buffers.aux_reads == []
+    assert peer.calls.count("min_reduce") == 2  # reduced with the polls: no extra collective
+
+
+def test_a_link_error_on_this_rank_reaches_the_other_rank_through_the_reduce() -> None:
+    peer = PeerRank()
+    bench = Bench.make(ranks=peer)
+    bench.links[1] = BrokenLink("init")
+    request = bench.queue.add(1, bench.links[1])
+    seen: list[list[int]] = []
+    reduce = peer.min_reduce
+
+    def recording(rooms: Sequence[Room], values: Sequence[int]) -> list[int]:
+        seen.append(list(values))
+        return reduce(rooms, values)
+
+    peer.min_reduce = recording  # type: ignore[method-assign]
+    bench.step()  # the init raises here; this rank does not fail alone
+    assert request.state is State.TRANSFERRING
+    bench.step()
+    assert seen[-1][0] == LINK_ERROR  # what the other rank receives as this rank's poll
+    assert type(request.error) is TransportFailed and "init raised" in str(request.error)
+    assert request.fenced
