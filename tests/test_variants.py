@@ -73,3 +73,12 @@ def test_variants_are_deviations_applied_from_outside() -> None:
 def test_receiver_md_variant_table_is_current() -> None:
     document = (ROOT / "spec" / "RECEIVER.md").read_text(encoding="utf-8")
     assert variants_markdown(BUGS) in document, "run `epd-receiver spec sync`"
+
+
+def test_a_violation_message_with_an_apostrophe_is_labelled_by_its_invariant() -> None:
+    """repr() quotes such a message with double quotes; the label must still be the invariant's."""
+    from epd_receiver.adapters.fuzz import _first_violation
+
+    error = AssertionError(repr(["rank 1: I5: the sender wrote room 0's data into block 2, which is free"]))
+    assert catch_label(_first_violation(error)) == "I5"
+    assert catch_label(_first_violation(RuntimeError("boom"))) == "RuntimeError"
