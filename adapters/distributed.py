@@ -1,11 +1,14 @@
 """The simulated workload across real processes: tensor-parallel ranks over gloo, the Encode side over Mooncake.
 
 Every rank runs the unchanged controller over its own pool, registered with its own transfer engine, and
-receives a full copy of every payload from the Encode process. The workload is a plan every rank derives
-from the same seed, so the ranks admit the same rooms in the same iterations; the rest of their lockstep
-is the controller's (reduced polls and deadlines, agreed totals, compared allocator fingerprints). Every
-rank verifies every payload bit for bit against the source it regenerates from (seed, room, T), and the
-summary says what happened on each.
+receives a full copy of every payload from the Encode process, over the SGLang fork's wire: the ranks find
+the Encode process through a bootstrap server this driver runs, and the Encode process learns which rooms
+exist (T, seed, injected faults) over its control socket, as a real one learns them from its scheduler.
+The workload is a plan every rank derives from the same seed, so the ranks admit the same rooms in the
+same iterations; the rest of their lockstep is the controller's (reduced polls and deadlines, agreed
+totals, compared allocator fingerprints). Every rank verifies every payload bit for bit against the
+source it regenerates from (seed, room, T), and the summary says what happened on each, with the frames
+each side dropped.
 """
 
 from __future__ import annotations
@@ -20,8 +23,11 @@ from epd_receiver.fsm import ReceiverQueue, State
 from epd_receiver.fsm.request import ReceiverRequest
 
 from .allocator import OwningBlockAllocator
+from .bootstrap import BootstrapServer
 from .buffers import TorchBlockBuffers
-from .encode_server import FAIL_ON_RESUME, EncodeProcess, regenerate, source_generator
+from .encode_control import EncodeControl, EncodeProcess
+from .encode_desk import FAIL_ON_RESUME, RoomPlan
+from .encode_write import regenerate, source_generator
 from .mooncake import Engine, Geometry, MooncakeReceiver, SenderUnreachable
 from .payload import EmbeddingPayload
 from .ranks import RankContext, RankProcesses
@@ -58,7 +64,8 @@ def plan(config: WorldConfig, workload: Workload) -> list[Arrival]:
 class RankRun:
     """What one rank job needs; plain data, so that it crosses into the rank processes by value."""
 
-    endpoint: str
+    bootstrap: str  # host:port of the bootstrap server
+    control: str  # the Encode process's control socket (stats and the raw bench, from rank 0)
     config: WorldConfig
     arrivals: tuple[Arrival, ...]
     seed: int
@@ -85,16 +92,17 @@ def run_rank(context: RankContext, run: RankRun) -> dict[str, Any]:
     c = run.config
     buffers = TorchBlockBuffers(c.num_blocks, c.block_size, c.hidden_size, c.deepstack)
     allocator = OwningBlockAllocator(c.num_blocks, c.block_size)
-    receiver = MooncakeReceiver(engine, buffers, run.endpoint, context.rank, seed=run.seed)
+    receiver = MooncakeReceiver(engine, buffers, run.bootstrap, context.rank, tp_size=context.world_size)
+    control = EncodeControl(run.control)
     try:
         queue: ReceiverQueue[EmbeddingPayload] = ReceiverQueue(
             buffers, allocator, c.receiver_config(), ranks=context.group
         )
-        _barrier(context)
-        before = receiver.call("stats", 30.0) if context.rank == 0 else {}
-        tally, seconds = _drive(context, run, receiver, queue)
+        progress = _agree(context, receiver.connect())  # every rank makes the same kind of link
+        before = control.stats(30.0) if context.rank == 0 else {}
+        tally, seconds = _drive(context, run, receiver, queue, progress)
         _barrier(context)  # every rank has stopped stepping: no write is under way for this run any more
-        transfer = _transfer_report(receiver, before, run) if context.rank == 0 else {}
+        transfer = _transfer_report(control, engine.session, before, run) if context.rank == 0 else {}
         _barrier(context)
         return {
             "rank": context.rank,
@@ -107,13 +115,20 @@ def run_rank(context: RankContext, run: RankRun) -> dict[str, Any]:
             "fenced_rooms": sorted(queue.fenced_rooms),
             "collectives": context.group.collectives,
             "transfer": transfer,
+            "extension": progress,
+            "dropped": dict(receiver.dropped),
         }
     finally:
+        control.close()
         receiver.close()
 
 
 def _drive(
-    context: RankContext, run: RankRun, receiver: MooncakeReceiver, queue: ReceiverQueue[EmbeddingPayload]
+    context: RankContext,
+    run: RankRun,
+    receiver: MooncakeReceiver,
+    queue: ReceiverQueue[EmbeddingPayload],
+    progress: bool,
 ) -> tuple[_Tally, float]:
     generator = source_generator(run.seed, Geometry.of(receiver.buffers))
     by_room = {a.room: a for a in run.arrivals}
@@ -123,14 +138,7 @@ def _drive(
     settle_until: float | None = None
     while True:
         for arrival in _take(pending, run.arrivals_per_step):
-            link = receiver.link(
-                arrival.room,
-                arrival.total_tokens,
-                progress=arrival.progress,
-                checksum=run.checksum,
-                fault=arrival.fault,
-            )
-            queue.add(arrival.room, link)
+            queue.add(arrival.room, receiver.link(arrival.room, progress=progress and arrival.progress))
             admitted += 1
         if admitted == len(run.arrivals) and not len(queue):
             settle_until = settle_until or time.monotonic() + run.settle_s
@@ -196,10 +204,10 @@ def _barrier(context: RankContext) -> None:
     context.group.min_reduce([], [])
 
 
-def _transfer_report(receiver: MooncakeReceiver, before: dict[str, Any], run: RankRun) -> dict[str, Any]:
+def _transfer_report(control: EncodeControl, session: str, before: dict[str, Any], run: RankRun) -> dict[str, Any]:
     """The Encode side's write time for this run, and a raw engine write of the same bytes (rank 0's pool)."""
     try:
-        after = receiver.call("stats", 5.0)
+        after = control.stats(5.0)
     except SenderUnreachable as gone:
         return {"unavailable": str(gone)}
     moved = after["bytes"] - before["bytes"]
@@ -211,9 +219,10 @@ def _transfer_report(receiver: MooncakeReceiver, before: dict[str, Any], run: Ra
         "entries": after["entries"] - before["entries"],
         "failed_writes": after["failed_writes"] - before["failed_writes"],
         "gb_per_s": round(moved / busy / 1e9, 3) if busy else 0.0,
+        "encode_dropped": after["dropped"],
     }
     if run.bench and moved:
-        raw = receiver.call("bench", 600.0, bytes=moved)
+        raw = control.bench(session, moved)
         report |= {
             "raw_bytes": raw["bytes"],
             "raw_seconds": round(raw["seconds"], 4),
@@ -230,18 +239,19 @@ class Cluster:
     """The Encode process and the rank processes, started once and reused for one workload after another."""
 
     def __init__(self, ranks: int) -> None:
-        self.encode = EncodeProcess()
+        self.bootstrap = BootstrapServer()
         try:
+            self.encode = EncodeProcess(self.bootstrap.address)
             self.ranks = RankProcesses(ranks)
         except BaseException:
-            self.encode.stop()
+            self.close()
             raise
 
     def ensure_encode(self) -> EncodeProcess:
-        """A fresh Encode process when the last one died (a fault test kills it)."""
+        """A fresh Encode process when the last one died (a fault test kills it); it registers anew."""
         if not self.encode.alive:
             self.encode.kill()
-            self.encode = EncodeProcess(self.encode.endpoint)
+            self.encode = EncodeProcess(self.bootstrap.address, self.encode.endpoint)
         return self.encode
 
     def run(
@@ -255,8 +265,13 @@ class Cluster:
         bench: bool = True,
     ) -> dict[str, Any]:
         arrivals = plan(config, workload) if arrivals is None else arrivals
+        encode = self.ensure_encode()
+        geometry = Geometry(config.num_blocks, config.block_size, config.hidden_size, config.deepstack)
+        plans = [RoomPlan(a.room, a.total_tokens, workload.seed, checksum, a.fault) for a in arrivals]
+        encode.control.begin(geometry, plans)
         job = RankRun(
-            self.ensure_encode().endpoint,
+            self.bootstrap.address,
+            encode.endpoint,
             config,
             tuple(arrivals),
             workload.seed,
@@ -270,8 +285,11 @@ class Cluster:
         return summarize(config, arrivals, results, time.perf_counter() - started)
 
     def close(self) -> None:
-        self.ranks.close()
-        self.encode.stop()
+        if hasattr(self, "ranks"):
+            self.ranks.close()
+        if hasattr(self, "encode"):
+            self.encode.stop()
+        self.bootstrap.close()
 
     def __enter__(self) -> Cluster:
         return self
@@ -340,6 +358,7 @@ def summarize(
         "transfer": transfer,
         "per_rank": [
             {k: res[k] for k in ("rank", "iterations", "owned_blocks", "fenced_blocks", "fenced_rooms", "collectives")}
+            | {"extension": res["extension"], "dropped": res["dropped"]}
             | {"seconds": round(res["seconds"], 3)}
             for res in results
         ],

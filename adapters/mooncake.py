@@ -1,24 +1,28 @@
-"""The real transport, receiver side: Mooncake's transfer engine for the bytes, ZMQ for the messages.
+"""The real transport, receiver side: Mooncake's transfer engine for the bytes, the SGLang fork's wire for the rest.
 
-Each rank registers its own pool with its own engine and tells the Encode side where the rows are (a
-``hello``, as SGLang's bootstrap registration does). The Encode side writes every chunk straight into
-those rows with ``batch_transfer_sync_write`` and publishes the resulting status over ZMQ; the receiver
-only ever learns about a transfer from that status, exactly as with the in-process sender. One DEALER
-socket per rank carries every room; ``MooncakeLink`` is one room's view of it, the TransportLink (and,
-for a sender that reports progress, ProgressLink) the controller polls.
+Each rank registers its own pool with its own engine, finds its Encode rank through the bootstrap server
+and registers the pool's pointers with it (``fork_wire``: the fork's frames, and our extension appended
+where a fork peer ignores it). The Encode side writes every chunk straight into the rows and reports a
+status to this rank's PULL socket; the receiver only ever learns about a transfer from those reports.
+``MooncakeLink`` is one room's view, the TransportLink (with a peer that speaks the extension, also the
+ProgressLink) that the controller polls.
 
-A status only goes up here, except to Failed, which then holds: late or repeated messages are harmless.
-A dead sender sends nothing, so only the controller's deadlines notice it; a write that the engine
-reports as failed (rc = -1) arrives as Failed with the sender's reason.
+As in the fork's receiver (``conn_multimodal.py:1048``), a room is WaitingForInput as soon as its Encode
+rank is known; every later status comes from the wire. ``writes_stopped()`` is only ever what the remote
+side said: a terminal status, or its acknowledgement of our abort. Against a fork peer no abort is sent
+(it cannot parse one) and only the controller's drain deadline lifts a fence that no terminal status did.
+
+A frame that cannot be right (malformed, truncated, duplicated, stale, for an unknown room) is logged,
+counted in ``receiver.dropped[cause]`` and otherwise ignored: it never fails a request, and nothing the
+socket delivers can raise through whichever link polls next.
 """
 
 from __future__ import annotations
 
 import importlib
-import json
+import logging
 import os
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,9 +32,12 @@ import zmq
 
 from epd_receiver.fsm import KVPoll, Room
 
+from . import fork_wire as wire
+from .bootstrap import BootstrapUnavailable, encode_rank_endpoint, target_of, wait_for_encode
 from .buffers import TorchBlockBuffers
 
 PROTOCOL, METADATA, HOST = "tcp", "P2PHANDSHAKE", "127.0.0.1"
+logger = logging.getLogger(__name__)
 
 
 class MooncakeMissing(RuntimeError):
@@ -85,25 +92,9 @@ class Engine:
         return int(self._engine.batch_transfer_sync_write(session, sources, targets, lengths))
 
 
-# ---- the wire ---------------------------------------------------------------------------------------
-
-
-def send(socket: zmq.Socket[bytes], message: dict[str, Any], identity: bytes | None = None) -> None:
-    """One JSON message; never blocks (a peer that is gone just does not read it)."""
-    frames = [json.dumps(message).encode()]
-    socket.send_multipart(([identity] if identity is not None else []) + frames, flags=zmq.NOBLOCK)
-
-
-def decode(frame: bytes) -> dict[str, Any]:
-    message = json.loads(frame)
-    if not isinstance(message, dict) or "op" not in message:
-        raise ValueError(f"not a message: {frame[:80]!r}")
-    return message
-
-
 @dataclass(frozen=True, slots=True)
 class Geometry:
-    """What the sender must know of a pool to write into it; both sides derive B, H, K from it."""
+    """A pool's shape. The fork's wire does not carry it: both sides are configured alike (B, H, K)."""
 
     num_blocks: int
     block_size: int
@@ -115,158 +106,276 @@ class Geometry:
         return cls(buffers.num_blocks, buffers.block_size, buffers.hidden_size, buffers.deepstack_layers)
 
 
-# ---- the receiver's end -----------------------------------------------------------------------------
+class SenderUnreachable(RuntimeError):
+    """The Encode side cannot be reached (bootstrap, socket) or did not answer in time."""
+
+
+def peer_address(frame: zmq.Frame) -> str:
+    """The remote address ZMQ saw a frame come from, for log lines (PUSH/PULL carries no identity)."""
+    try:
+        return f"tcp peer {frame.get('Peer-Address')}"
+    except (zmq.ZMQError, UnicodeDecodeError):
+        return "an unknown peer"
+
+
+# ---- what this rank knows, from the frames alone ----------------------------------------------------
 
 
 @dataclass(slots=True)
-class _RoomView:
-    """What this rank knows of one room: only what the sender's messages said."""
+class RoomView:
+    """One room as this rank knows it; every field but ``status``'s first value comes from the wire."""
 
-    status: int = int(KVPoll.Bootstrapping)
+    peer: str  # the Encode rank's host:port
+    status: int = int(KVPoll.WaitingForInput)
     landed: int = 0
     reason: str | None = None
-    abort_sent: bool = False
-    abort_acked: bool = False
-
-    def apply(self, status: int, landed: int, reason: str | None) -> None:
-        if self.status == int(KVPoll.Failed):
-            return
-        if status == int(KVPoll.Failed):
-            self.status, self.reason = status, reason
-            return
-        self.status = max(self.status, status)
-        self.landed = max(self.landed, landed)
+    stopped: bool = False  # latched: a terminal status or an abort acknowledgement arrived
+    init_sent: bool = False
+    abort: str = ""  # "", "wanted" (its peer has not said hello yet), "sent", "acked"
+    error: str | None = None  # the link could not be set up: every poll raises
 
 
-class SenderUnreachable(RuntimeError):
-    """The Encode side did not answer a hello or a call in time."""
+class LanguageInbox:
+    """Applies decoded frames to the rooms; total over any frames, and counts what it drops."""
+
+    def __init__(self, name: str, *, extended: bool) -> None:
+        self.extended = extended
+        self.rooms: dict[Room, RoomView] = {}
+        self.speakers: dict[str, bool] = {}  # Encode endpoints registered with -> said hello
+        self.drops = wire.DropLog(name)
+        self.dropped = self.drops.counts
+
+    def receive(self, frames: list[bytes], peer: str) -> str | None:
+        """Apply one message; the endpoint of an Encode peer that has just said hello, else None."""
+        message = wire.decode_to_language(frames, extended=self.extended)
+        if isinstance(message, wire.Drop):
+            self.drops.drop(message.cause, peer, message.detail)
+        elif isinstance(message, wire.StatusReport):
+            self._status(message, peer)
+        elif isinstance(message, wire.AbortAck):
+            self._ack(message.room, peer)
+        else:
+            return self._hello(message.endpoint, peer)
+        return None
+
+    def _status(self, report: wire.StatusReport, peer: str) -> None:
+        view = self.rooms.get(report.room)
+        where = f"{peer} (room {report.room})"
+        if view is None:
+            return self.drops.drop(wire.UNKNOWN_ROOM, where, f"status {report.status}")
+        landed = view.landed if report.landed is None else report.landed
+        if view.status in (KVPoll.Failed, KVPoll.Success):
+            same = (report.status, landed) == (view.status, view.landed)
+            return self.drops.drop(
+                wire.DUPLICATE if same else wire.STALE, where, f"status {report.status} after the end"
+            )
+        if report.status != KVPoll.Failed and (report.status < view.status or landed < view.landed):
+            return self.drops.drop(wire.STALE, where, f"status {report.status} landed {landed} went backwards")
+        if report.status != KVPoll.Failed and (report.status, landed) == (view.status, view.landed):
+            return self.drops.drop(wire.DUPLICATE, where, f"status {report.status} landed {landed} again")
+        view.status, view.landed = report.status, landed
+        if report.status in (KVPoll.Failed, KVPoll.Success):
+            view.stopped = True
+        if report.status == KVPoll.Failed:
+            view.reason = report.reason or "the Encode side reported Failed (the fork's wire carries no reason)"
+
+    def _ack(self, room: Room, peer: str) -> None:
+        view = self.rooms.get(room)
+        where = f"{peer} (room {room})"
+        if view is None:
+            self.drops.drop(wire.UNKNOWN_ROOM, where, "an abort acknowledgement")
+        elif view.abort == "acked":
+            self.drops.drop(wire.DUPLICATE, where, "the abort was acknowledged already")
+        elif view.abort != "sent":
+            self.drops.drop(wire.STALE, where, "an acknowledgement of an abort never sent")
+        else:
+            view.abort, view.stopped = "acked", True
+
+    def _hello(self, endpoint: str, peer: str) -> str | None:
+        if endpoint not in self.speakers:
+            self.drops.drop(wire.UNKNOWN_PEER, peer, f"a hello from {endpoint}, an Encode rank never registered with")
+        elif self.speakers[endpoint]:
+            self.drops.drop(wire.DUPLICATE, peer, f"a second hello from {endpoint}")
+        else:
+            self.speakers[endpoint] = True
+            return endpoint
+        return None
+
+
+# ---- the rank's end ---------------------------------------------------------------------------------
 
 
 class MooncakeReceiver:
-    """One rank's end of the transport: its registered pool and its socket to the Encode side."""
+    """One Language rank's end of the transport: its registered pool, its PULL socket, a PUSH per Encode rank."""
 
     def __init__(
         self,
         engine: Engine,
         buffers: TorchBlockBuffers,
-        endpoint: str,
+        bootstrap: str,
         rank: int,
         *,
-        seed: int,
+        tp_size: int = 1,
+        dp_size: int = 1,
+        extensions: bool = True,
         connect_timeout_s: float = 30.0,
     ) -> None:
-        self.rank = rank
-        self.seed = seed
-        self._engine = engine
+        self.rank, self.tp_size, self.dp_size = rank, tp_size, dp_size
+        self.bootstrap = bootstrap
         self.buffers = buffers
-        self._rooms: dict[Room, _RoomView] = {}
-        self._replies: dict[str, dict[str, Any]] = {}
+        self.inbox = LanguageInbox(f"Language rank {rank}", extended=extensions)
+        self.dropped = self.inbox.dropped
+        self.broken: str | None = None
+        self._engine = engine
         self._context = zmq.Context.instance()
-        self._socket: zmq.Socket[bytes] = self._context.socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.setsockopt(zmq.IDENTITY, f"rank{rank}-{uuid.uuid4().hex[:12]}".encode())
-        self._socket.connect(endpoint)
+        self._pull: zmq.Socket[bytes] = self._context.socket(zmq.PULL)
+        self._pull.setsockopt(zmq.LINGER, 0)
+        self.port = self._pull.bind_to_random_port(f"tcp://{HOST}")
+        self._pushes: dict[str, zmq.Socket[bytes]] = {}
+        self._endpoints: dict[tuple[int, int], str] = {}
         engine.register(buffers.buffers())
         try:
-            pointers, _, item_lens = buffers.get_buf_infos()
-            geometry = Geometry.of(buffers)
-            self.call(
-                "hello",
-                connect_timeout_s,
-                session=engine.session,
-                ptrs=pointers,
-                item_lens=item_lens,
-                geometry=[geometry.num_blocks, geometry.block_size, geometry.hidden_size, geometry.deepstack],
-            )
+            self.encode_tp, self.encode_dp = wait_for_encode(bootstrap, connect_timeout_s)
         except BaseException:
             self.close()
             raise
 
+    # ---- peers -----------------------------------------------------------------------------------
+
+    def connect(self, room: Room = 0, wait_s: float = 5.0) -> bool:
+        """Register with the Encode rank of ``room`` now and wait up to ``wait_s`` for its hello.
+
+        True when it speaks the extension; a fork peer never says so and costs the whole wait.
+        """
+        endpoint = self._endpoint(room)
+        deadline = time.monotonic() + wait_s
+        while not self.inbox.speakers[endpoint] and time.monotonic() < deadline:
+            self.wait(min(0.05, max(0.0, deadline - time.monotonic())))
+        return self.inbox.speakers[endpoint]
+
+    def speaks_extension(self, room: Room = 0) -> bool:
+        return self.inbox.speakers.get(self._endpoint(room), False)
+
+    def _endpoint(self, room: Room) -> str:
+        """The Encode rank for ``room`` (bootstrap, cached); registers this rank's pool on first contact."""
+        target = self._target(room)
+        key = (target.engine_rank, target.dp_group)
+        if key not in self._endpoints:
+            endpoint = encode_rank_endpoint(self.bootstrap, target.engine_rank, target.dp_group)
+            self._endpoints[key] = endpoint
+            self.inbox.speakers.setdefault(endpoint, False)
+            pointers, _, _ = self.buffers.get_buf_infos()
+            features = wire.FEATURES if self.inbox.extended else frozenset()
+            registration = wire.Registration(HOST, self.port, self._engine.session, tuple(pointers), features)
+            self._push(endpoint, wire.encode_registration(registration))
+        return self._endpoints[key]
+
+    def _target(self, room: Room) -> Any:
+        return target_of(
+            room,
+            language_rank=self.rank,
+            language_tp=self.tp_size,
+            language_dp=self.dp_size,
+            encode_tp=self.encode_tp,
+            encode_dp=self.encode_dp,
+        )
+
     # ---- rooms -----------------------------------------------------------------------------------
 
-    def link(
-        self, room: Room, total_tokens: int, *, progress: bool = False, checksum: bool = False, fault: str | None = None
-    ) -> MooncakeLink:
-        """Route a request to the Encode side and return its link (a ProgressLink when it reports progress).
-
-        The request carries what the Encode side would learn from the prompt itself (its length, the
-        seed its content derives from); the receiver's controller learns T only from the aux row.
-        """
-        if room in self._rooms:
+    def link(self, room: Room, *, progress: bool = False) -> MooncakeLink:
+        """A room's link; a ProgressLink when asked for and its Encode rank has said it reports progress."""
+        if room in self.inbox.rooms:
             raise ValueError(f"room {room} already has a link on rank {self.rank}")
-        self._rooms[room] = _RoomView()
-        self._send(
-            {
-                "op": "request",
-                "room": room,
-                "total_tokens": total_tokens,
-                "seed": self.seed,
-                "progress": progress,
-                "checksum": checksum,
-                "fault": fault,
-            }
-        )
-        return ProgressMooncakeLink(self, room) if progress else MooncakeLink(self, room)
+        try:
+            view = RoomView(self._endpoint(room))
+        except (BootstrapUnavailable, SenderUnreachable) as error:
+            view = RoomView("", status=int(KVPoll.Bootstrapping), error=str(error))
+        self.inbox.rooms[room] = view
+        if progress and self.inbox.speakers.get(view.peer, False):
+            return ProgressMooncakeLink(self, room)
+        return MooncakeLink(self, room)
 
-    def view(self, room: Room) -> _RoomView:
+    def view(self, room: Room) -> RoomView:
         self.pump()
-        return self._rooms[room]
+        return self.inbox.rooms[room]
 
     def forget(self, room: Room) -> None:
-        self._rooms.pop(room, None)
+        self.inbox.rooms.pop(room, None)
 
-    # ---- messages --------------------------------------------------------------------------------
+    def send_transfer(self, room: Room, blocks: Sequence[int], allocated: int, sent: int | None) -> None:
+        """An init (``sent`` None) or a resume; raises when the frames cannot be queued."""
+        view = self.inbox.rooms[room]
+        required = self._target(room).required_dst_info_num
+        message = wire.TransferRequest(
+            room, HOST, self.port, self._engine.session, tuple(blocks), required, allocated, sent
+        )
+        self._push(view.peer, wire.encode_transfer(message))
+        view.init_sent = True
+
+    def send_abort(self, room: Room) -> None:
+        """Only to a peer that said hello; before that the abort waits for it, and a fork peer never gets one."""
+        view = self.inbox.rooms[room]
+        if view.stopped or not view.init_sent or view.abort in ("sent", "acked"):
+            return
+        if not self.inbox.speakers.get(view.peer, False):
+            view.abort = "wanted"
+            return
+        self._push(view.peer, wire.encode_abort(wire.AbortRequest(room, self._engine.session)))
+        view.abort = "sent"
+
+    # ---- frames ----------------------------------------------------------------------------------
 
     def pump(self) -> int:
-        """Apply every message that has arrived, without waiting; the number applied."""
-        applied = 0
-        while self._socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            self._apply(decode(self._socket.recv()))
-            applied += 1
-        return applied
+        """Apply every frame that has arrived, without waiting; the number handled. Never raises."""
+        handled = 0
+        while self.broken is None:
+            try:
+                frames = self._pull.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            except zmq.ZMQError as error:
+                self.broken = f"the PULL socket of rank {self.rank} failed: {error}"
+                logger.error("%s", self.broken)
+                break
+            spoke = self.inbox.receive([frame.bytes for frame in frames], peer_address(frames[0]))
+            if spoke is not None:
+                self._flush_aborts(spoke)
+            handled += 1
+        return handled
 
     def wait(self, timeout_s: float) -> int:
-        """Sleep until a message arrives or ``timeout_s`` passes; then apply what arrived."""
-        if self._socket.poll(int(timeout_s * 1000)):
+        """Sleep until a frame arrives or ``timeout_s`` passes; then apply what arrived."""
+        if self.broken is None and self._pull.poll(int(timeout_s * 1000)):
             return self.pump()
         return 0
 
-    def call(self, op: str, timeout_s: float, **fields: Any) -> dict[str, Any]:
-        """A request the Encode side answers with ``<op>_reply`` (hello, stats, bench)."""
-        self._replies.pop(op, None)
-        self._send({"op": op, **fields})
-        deadline = time.monotonic() + timeout_s
-        while op not in self._replies:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise SenderUnreachable(f"rank {self.rank}: no answer to {op!r} within {timeout_s:g} s")
-            self.wait(min(left, 0.1))
-        return self._replies.pop(op)
+    def _flush_aborts(self, endpoint: str) -> None:
+        for room, view in self.inbox.rooms.items():
+            if view.peer == endpoint and view.abort == "wanted":
+                view.abort = ""
+                self.send_abort(room)
 
-    def _apply(self, message: dict[str, Any]) -> None:
-        op = message["op"]
-        if op.endswith("_reply"):
-            self._replies[op.removesuffix("_reply")] = message
-            return
-        view = self._rooms.get(int(message["room"]))
-        if view is None:
-            return  # a room this rank has forgotten: a late message, harmless
-        if op == "status":
-            view.apply(int(message["status"]), int(message.get("landed", 0)), message.get("reason"))
-        elif op == "abort_ack":
-            view.abort_acked = True
-
-    def _send(self, message: dict[str, Any]) -> None:
-        send(self._socket, message | {"rank": self.rank})
+    def _push(self, endpoint: str, frames: list[bytes]) -> None:
+        socket = self._pushes.get(endpoint)
+        if socket is None:
+            socket = self._pushes[endpoint] = self._context.socket(zmq.PUSH)
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.connect(f"tcp://{endpoint}")
+        try:
+            socket.send_multipart(frames, flags=zmq.NOBLOCK)
+        except zmq.ZMQError as error:
+            raise SenderUnreachable(f"rank {self.rank} cannot queue a message for {endpoint}: {error}") from error
 
     def close(self) -> None:
-        """Unregister the pool and close the socket; the engine stays for the next pool."""
+        """Unregister the pool and close the sockets; the engine stays for the next pool."""
         self._engine.unregister(self.buffers.buffers())
-        self._socket.close(linger=0)
+        for socket in self._pushes.values():
+            socket.close(linger=0)
+        self._pull.close(linger=0)
 
 
 class MooncakeLink:
-    """The TransportLink of one room: polls read what the sender published; messages go out at once."""
+    """The TransportLink of one room: polls read what the wire said; messages go out at once."""
 
     __slots__ = ("_receiver", "room")
 
@@ -275,42 +384,25 @@ class MooncakeLink:
         self.room = room
 
     def poll(self) -> int:
-        """The status the sender last published for the room (what this rank has heard of it)."""
-        return self._receiver.view(self.room).status
+        """The status this rank has heard for the room; raises only when the link itself is unusable."""
+        view = self._receiver.view(self.room)
+        if view.error is not None or self._receiver.broken is not None:
+            raise SenderUnreachable(view.error or self._receiver.broken)
+        return view.status
 
     def init(self, blocks: Sequence[int], allocated_tokens: int) -> None:
-        self._receiver._send(
-            {
-                "op": "init",
-                "room": self.room,
-                "blocks": list(blocks),
-                "sent_tokens": 0,
-                "allocated_tokens": allocated_tokens,
-            }
-        )
+        self._receiver.send_transfer(self.room, blocks, allocated_tokens, None)
 
     def resume(self, blocks: Sequence[int], sent_tokens: int, allocated_tokens: int) -> None:
-        self._receiver._send(
-            {
-                "op": "resume",
-                "room": self.room,
-                "blocks": list(blocks),
-                "sent_tokens": sent_tokens,
-                "allocated_tokens": allocated_tokens,
-            }
-        )
+        self._receiver.send_transfer(self.room, blocks, allocated_tokens, sent_tokens)
 
     def abort(self) -> None:
-        """Ask the sender to stop writing for this room; it acknowledges once it has."""
-        view = self._receiver.view(self.room)
-        if not view.abort_sent:
-            view.abort_sent = True
-            self._receiver._send({"op": "abort", "room": self.room})
+        """Ask the sender to stop writing for this room, where it can understand the request."""
+        self._receiver.send_abort(self.room)
 
-    def abort_acknowledged(self) -> bool:
-        """The sender answered our abort: it will not write for this room again. Each rank hears it at its
-        own moment; the controller reduces it across ranks before it lifts a fence."""
-        return self._receiver.view(self.room).abort_acked
+    def writes_stopped(self) -> bool:
+        """The Encode side said so: a Failed or Success it reported, or its acknowledgement of our abort."""
+        return self._receiver.view(self.room).stopped
 
     def failure_reason(self) -> str | None:
         return self._receiver.view(self.room).reason
