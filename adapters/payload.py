@@ -56,6 +56,47 @@ class EmbeddingPayload:
         return torch.cat([self.embeddings, self.deepstack], dim=-1)
 
 
+def _storage_users(tensor: torch.Tensor) -> int | None:
+    """How many holders share ``tensor``'s storage (every tensor viewing it counts), or None when unknown.
+
+    Torch keeps a use count on each storage; it has no public accessor, so this reads the private one and
+    answers None if it is missing or refuses, which makes the arena stop reusing storage rather than guess.
+    """
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None:
+        return None
+    try:
+        return int(use_count(tensor.untyped_storage()._cdata))
+    except (AttributeError, RuntimeError, TypeError):
+        return None
+
+
+def _calibrate_sole_holder() -> int | None:
+    """The count a storage held by one tensor alone reports, checked to rise with a view and fall back.
+
+    None (never reuse) when the count does not behave that way on this build of torch.
+    """
+    probe = torch.empty(1)
+    alone = _storage_users(probe)
+    if alone is None:
+        return None
+    view = probe[:]
+    viewed = _storage_users(probe)
+    del view
+    if viewed != alone + 1 or _storage_users(probe) != alone:
+        return None
+    return alone
+
+
+_SOLE_HOLDER = _calibrate_sole_holder()
+
+
+def storage_unshared(tensor: torch.Tensor) -> bool:
+    """True when no tensor but ``tensor`` itself views its storage; False when that cannot be told."""
+    users = _storage_users(tensor)
+    return _SOLE_HOLDER is not None and users is not None and users <= _SOLE_HOLDER
+
+
 @dataclass(slots=True)
 class _Slab:
     """Flat output storage for up to ``capacity`` tokens; a payload is a set of views of its head."""
@@ -66,10 +107,17 @@ class _Slab:
     mrope_positions: torch.Tensor  # (3 * capacity,) int32
     deepstack: torch.Tensor | None  # (capacity * H * K,) bfloat16
 
+    def parts(self) -> list[torch.Tensor]:
+        parts = [self.embeddings, self.fill_ids, self.mrope_positions]
+        return parts + ([self.deepstack] if self.deepstack is not None else [])
+
     @property
     def nbytes(self) -> int:
-        parts = [self.embeddings, self.fill_ids, self.mrope_positions]
-        return sum(t.nbytes for t in parts + ([self.deepstack] if self.deepstack is not None else []))
+        return sum(t.nbytes for t in self.parts())
+
+    def unviewed(self) -> bool:
+        """No payload view, nor any tensor derived by viewing one, still points into this storage."""
+        return all(storage_unshared(part) for part in self.parts())
 
     def view(self, total_tokens: int, hidden_size: int, mrope_delta: int) -> EmbeddingPayload:
         """Contiguous views of the first ``total_tokens`` tokens, shaped as a freshly allocated payload."""
@@ -93,8 +141,14 @@ class PayloadArena:
 
     Writing into freshly allocated memory costs a page fault per 4 KiB page, which makes assembling a
     large payload several times slower than the copy itself. Reusing the storage of a payload the caller
-    has finished with avoids that, so assembly runs at memory-copy speed. A payload stays valid until it
-    is given back; idle storage beyond ``max_idle_bytes`` is dropped (largest first) rather than kept.
+    has finished with avoids that, so assembly runs at memory-copy speed.
+
+    Giving a payload back does not make its storage reusable by itself: a caller may still hold a tensor
+    viewing it (SGLang's ``Req`` keeps ``input_embeds`` after its prefill). Storage given back is reused
+    only once torch reports that no tensor views it any more; until then it waits here, and a build of
+    torch that cannot say means it is never reused (fresh memory instead). Storage given back beyond
+    ``max_idle_bytes`` is dropped (largest first): the arena forgets it, and torch frees it with its last
+    view.
     """
 
     def __init__(self, hidden_size: int, deepstack_layers: int = 0, *, max_idle_bytes: int = 1 << 30) -> None:
@@ -103,13 +157,13 @@ class PayloadArena:
         self.hidden_size = hidden_size
         self.deepstack_layers = deepstack_layers
         self.max_idle_bytes = max_idle_bytes
-        self._idle: list[_Slab] = []  # sorted by capacity, smallest first
+        self._idle: list[_Slab] = []  # given back (reusable once unviewed), sorted by capacity, smallest first
         self._lent: dict[int, tuple[EmbeddingPayload, _Slab]] = {}
         self.reused = 0
         self.allocated = 0
 
     def take(self, total_tokens: int, mrope_delta: int = 0) -> EmbeddingPayload:
-        """The smallest idle storage that holds ``total_tokens``, else new storage (cold: it will fault)."""
+        """The smallest unviewed idle storage that holds ``total_tokens``, else new storage (cold: it will fault)."""
         if total_tokens <= 0:
             raise ValueError(f"a payload holds at least one token, not {total_tokens}")
         slab = self._best_fit(total_tokens)
@@ -123,7 +177,10 @@ class PayloadArena:
         return payload
 
     def give_back(self, payload: EmbeddingPayload) -> bool:
-        """Return a payload's storage; False (and nothing happens) for one this arena did not lend."""
+        """Return a payload's storage; False (and nothing happens) for one this arena did not lend.
+
+        The storage is reused only after every tensor viewing it is gone, the caller's included.
+        """
         lent = self._lent.pop(id(payload), None)
         if lent is None or lent[0] is not payload:
             return False
@@ -134,22 +191,27 @@ class PayloadArena:
         """Pre-fault storage for ``count`` payloads of ``total_tokens`` at start-up, off the serving path."""
         for _ in range(count):
             slab = self._new_slab(total_tokens)
-            for part in (slab.embeddings, slab.fill_ids, slab.mrope_positions, slab.deepstack):
-                if part is not None:
-                    part.zero_()
+            for part in slab.parts():
+                part.zero_()
             self._keep(slab)
 
     @property
     def idle_bytes(self) -> int:
+        """Bytes given back and kept, reusable now or once their last view is gone."""
         return sum(slab.nbytes for slab in self._idle)
 
     @property
     def lent(self) -> int:
         return len(self._lent)
 
+    @property
+    def still_viewed(self) -> int:
+        """Storage given back that some tensor still views, so that no payload may be assembled into it."""
+        return sum(not slab.unviewed() for slab in self._idle)
+
     def _best_fit(self, total_tokens: int) -> _Slab | None:
         for i, slab in enumerate(self._idle):
-            if slab.capacity >= total_tokens:
+            if slab.capacity >= total_tokens and slab.unviewed():
                 return self._idle.pop(i)
         return None
 
