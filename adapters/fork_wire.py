@@ -180,7 +180,8 @@ def encode_status(message: StatusReport) -> list[bytes]:
         return frames
     frames.append(_ascii(message.landed))
     if message.reason is not None:
-        frames.append(message.reason.encode("utf-8", "replace")[:_MAX_REASON])
+        clipped = message.reason.encode("utf-8", "replace")[:_MAX_REASON]
+        frames.append(clipped.decode("utf-8", "ignore").encode("utf-8"))  # never a character cut in two
     return frames
 
 

@@ -81,6 +81,8 @@ def test_loopback_two_ranks_every_payload_verified_on_every_rank(cluster) -> Non
     assert summary["resumed"] > 0
     assert set(summary["causes"]) <= {"aborted", "sender_failed"}
     assert summary["fenced_blocks"] == [0, 0]  # every fence lifted: the sender acknowledged each abort
+    assert all(rank["extension"] and rank["dropped"] == {} for rank in summary["per_rank"])
+    assert summary["transfer"]["encode_dropped"] == {}
     transfer = summary["transfer"]
     assert transfer["bytes"] > 0 and transfer["failed_writes"] == 0
     assert transfer["raw_bytes"] == transfer["bytes"] and transfer["raw_rc"] == 0
@@ -128,6 +130,52 @@ def test_encode_process_killed_mid_resume_times_out_everywhere(cluster) -> None:
         assert rank["fenced_blocks"] > 0 and set(rank["fenced_rooms"]) <= {4, 5, 6, 7}
     again = cluster.run(world(), Workload(requests=6, seed=12))  # a fresh Encode process
     assert again["violations"] == [] and again["verified"] == again["succeeded"] > 0
+
+
+def test_our_encode_process_serves_the_fork_s_language_side(cluster) -> None:  # type: ignore[no-untyped-def]
+    """A stand-in of the fork's Language manager (``fork_wire_fakes.ForkLanguage``): it announces nothing,
+    so it must only ever receive two-frame statuses, and it reads the payload exactly as written."""
+    from fork_wire_fakes import ForkLanguage
+
+    from epd_receiver.adapters.buffers import TorchBlockBuffers
+    from epd_receiver.adapters.encode_desk import RoomPlan
+    from epd_receiver.adapters.encode_write import regenerate, source_generator
+    from epd_receiver.adapters.mooncake import Engine, Geometry
+
+    geometry, seed = Geometry(16, B, H, 0), 21
+    encode = cluster.ensure_encode()
+    encode.control.begin(geometry, [RoomPlan(1, 40, seed), RoomPlan(2, 2 * B + 23, seed), RoomPlan(3, 10, seed)])
+    engine, pool = Engine(), TorchBlockBuffers(16, B, H)
+    engine.register(pool.buffers())
+    fork = ForkLanguage(cluster.bootstrap.address, engine.session, pool.get_buf_infos()[0], B)
+    generator = source_generator(seed, geometry)
+    try:
+        fork.init(1, [4, 5, 6])  # 48 tokens allocated for 40: one chunk
+        assert fork.wait_for(1, {0, 4}) == 4
+        aux = pool.read_aux(4)
+        assert aux.total_tokens == 40
+        payload = pool.new_payload(40, aux.mrope_delta)
+        pool.gather([4, 5, 6], 40, payload, 0)
+        assert regenerate(generator, 1, 40).mismatches(payload) == []
+
+        fork.init(2, [0, 1])  # 2B of 2B + 23 tokens, then the remainder in one resume, as the fork does
+        assert fork.wait_for(2, {0, 3, 4}) == 3
+        aux = pool.read_aux(0)
+        assert aux.total_tokens == 2 * B + 23
+        payload = pool.new_payload(aux.total_tokens, aux.mrope_delta)
+        pool.gather([0, 1], 2 * B, payload, 0)
+        fork.resume(2, [7, 8], 2 * B)
+        assert fork.wait_for(2, {0, 4}) == 4
+        pool.gather([7, 8], 23, payload, 2 * B)
+        assert regenerate(generator, 2, 2 * B + 23).mismatches(payload) == []
+
+        fork.init(3, [2, 3], allocated=3 * B)  # not len(blocks) * B: the room fails, the process lives
+        assert fork.wait_for(3, {0, 4}) == 0
+        assert fork.died is None and all(len(frames) == 2 for frames in fork.messages)
+        assert encode.stats()["dropped"] == {} and encode.alive
+    finally:
+        fork.close()
+        engine.unregister(pool.buffers())
 
 
 def test_several_ranks_need_the_real_transport(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,133 @@
+"""Our receiver's links against a stand-in of the fork's Encode side (``fork_wire_fakes.ForkEncode``).
+
+The frames our link sends must be exactly what the fork parses, the fork must never meet a frame it
+cannot parse (no abort, however often we abort), and only what the fork reports may say that its writes
+stopped. No transfer engine is needed: nothing here moves data, so a stand-in engine names the session.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import pytest
+import torch
+from fork_wire_fakes import ForkEncode
+
+from epd_receiver.adapters.bootstrap import BootstrapServer
+from epd_receiver.adapters.buffers import TorchBlockBuffers
+from epd_receiver.adapters.mooncake import MooncakeLink, MooncakeReceiver, ProgressMooncakeLink
+from epd_receiver.fsm import KVPoll
+
+B = 4
+
+
+class SessionOnly:
+    """The engine as far as the wire sees it: a session id (host:port) and memory registration."""
+
+    session = "127.0.0.1:4242"
+
+    def register(self, tensors: Sequence[torch.Tensor]) -> None:
+        pass
+
+    def unregister(self, tensors: Sequence[torch.Tensor]) -> None:
+        pass
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[MooncakeReceiver, ForkEncode]]:
+    server = BootstrapServer()
+    fork = ForkEncode(server.address)
+    buffers = TorchBlockBuffers(8, B, 8)
+    receiver = MooncakeReceiver(SessionOnly(), buffers, server.address, rank=0)  # type: ignore[arg-type]
+    yield receiver, fork
+    receiver.close()
+    fork.close()
+    server.close()
+
+
+def settle(receiver: MooncakeReceiver, link: MooncakeLink, status: int) -> None:
+    for _ in range(200):
+        if link.poll() == status:
+            return
+        receiver.wait(0.01)
+    raise AssertionError(f"room {link.room} never reached {status}: {link.poll()}")
+
+
+def test_our_frames_parse_as_the_fork_parses_them(pair: tuple[MooncakeReceiver, ForkEncode]) -> None:
+    receiver, fork = pair
+    assert receiver.connect(wait_s=0.3) is False  # the fork's Encode says no hello: no extension
+    (registration,) = fork.pump()
+    pointers, _, _ = receiver.buffers.get_buf_infos()
+    assert registration.kind == "registration" and registration.session == SessionOnly.session
+    assert registration.fields == {"endpoint": "127.0.0.1", "port": receiver.port, "pointers": pointers}
+    link = receiver.link(7, progress=True)
+    assert not isinstance(link, ProgressMooncakeLink)  # a fork peer reports no landed count
+    assert link.poll() == KVPoll.WaitingForInput  # as the fork's receiver, once bootstrapped
+    link.init([3, 4], 2 * B)
+    (init,) = fork.pump()
+    assert (init.kind, init.room) == ("init", 7)
+    assert init.fields == {
+        "endpoint": "127.0.0.1",
+        "port": receiver.port,
+        "blocks": [3, 4],
+        "required_dst_info_num": 1,
+        "allocated_tokens": 2 * B,
+    }
+    fork.report(init, KVPoll.Transferring)
+    settle(receiver, link, KVPoll.Transferring)
+    link.resume([5, 6], 2 * B, 2 * B)
+    (resume,) = fork.pump()
+    assert resume.kind == "resume"
+    assert (resume.fields["blocks"], resume.fields["sent_tokens"], resume.fields["allocated_tokens"]) == (
+        [5, 6],
+        2 * B,
+        2 * B,
+    )
+    assert fork.died is None
+
+
+def test_an_abort_never_reaches_the_fork_and_only_its_own_report_stops_the_writes(
+    pair: tuple[MooncakeReceiver, ForkEncode],
+) -> None:
+    receiver, fork = pair
+    receiver.connect(wait_s=0.2)
+    fork.pump()
+    link = receiver.link(9)
+    link.init([0], B)
+    (init,) = fork.pump()
+    link.abort()
+    link.abort()
+    assert fork.pump(timeout_ms=200) == [] and fork.died is None  # the fork could not have parsed it
+    assert not link.writes_stopped()  # our own abort is no evidence that the fork stopped
+    fork.report(init, KVPoll.Success)
+    settle(receiver, link, KVPoll.Success)
+    assert link.writes_stopped()
+
+
+def test_a_failed_report_stops_the_writes_and_explains_itself(pair: tuple[MooncakeReceiver, ForkEncode]) -> None:
+    receiver, fork = pair
+    receiver.connect(wait_s=0.2)
+    fork.pump()
+    link = receiver.link(3)
+    link.init([1], B)
+    (init,) = fork.pump()
+    fork.report(init, KVPoll.Failed)
+    settle(receiver, link, KVPoll.Failed)
+    assert link.writes_stopped()
+    assert "reported Failed" in (link.failure_reason() or "")
+
+
+def test_junk_from_the_encode_side_fails_no_request(pair: tuple[MooncakeReceiver, ForkEncode]) -> None:
+    receiver, fork = pair
+    receiver.connect(wait_s=0.2)
+    fork.pump()
+    link = receiver.link(4)
+    link.init([1], B)
+    (init,) = fork.pump()
+    fork.report(init, KVPoll.Transferring)
+    push = fork.pushes[f"tcp://127.0.0.1:{receiver.port}"]
+    for junk in ([b"4"], [b"4", b"three"], [b"99", b"3"], [b"4", b"3", b"1", b"2", b"3"], [b"\xff" * 9, b"1"]):
+        push.send_multipart(junk)
+    fork.report(init, KVPoll.Success)
+    settle(receiver, link, KVPoll.Success)
+    assert receiver.dropped == {"truncated": 1, "malformed": 3, "unknown_room": 1}
