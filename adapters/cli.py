@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from epd_receiver.fsm import ReceiverRequest, load_spec
+from epd_receiver.fsm import load_spec
 from epd_receiver.fsm.diagram import mermaid, sync_generated
 
 from .bench import GOALS, BenchConfig, run_bench
@@ -263,9 +263,8 @@ def _replay(args: argparse.Namespace) -> int:
     try:
         report = replay(
             load_scenario(args.scenario),
-            spec=variant.spec() if variant else None,
-            request_class=variant.request_class if variant else ReceiverRequest,
             rig=variant.rig if variant else None,
+            **(variant.options() if variant else {}),
         )
     except ScenarioError as error:
         print(f"epd-receiver replay: {error}", file=sys.stderr)

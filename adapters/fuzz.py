@@ -75,6 +75,7 @@ def register_profiles() -> None:
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
 
 
+PROPERTIES = frozenset(f"I{n}" for n in range(1, 15))
 MAX_LIVE = 5
 MAX_TOTAL = 1 << 20
 IMPOSSIBLE_TOTALS = st.sampled_from([0, -1, -(2**31), MAX_TOTAL + 1])
@@ -129,13 +130,7 @@ class ReceiverProtocol(RuleBasedStateMachine):
 
     def bench(self, config: WorldConfig, seed: int) -> World:
         variant = type(self).variant
-        return World(
-            config,
-            seed=seed,
-            bank_rows=31,
-            spec=variant.spec() if variant else None,
-            request_class=variant.request_class if variant else ReceiverRequest,
-        )
+        return World(config, seed=seed, bank_rows=31, **(variant.options() if variant else {}))
 
     def a_request_arrives_now(self, data: st.DataObject) -> None:
         config = self.world.config
@@ -242,10 +237,76 @@ class ReceiverProtocol(RuleBasedStateMachine):
 
     # ---- invariants -------------------------------------------------------------------------------
 
+    def _violations(self, *labels: str) -> list[str]:
+        """What the judge found under ``labels`` (every other label, when none is named); judged once per event."""
+        if getattr(self, "_judged_at", None) != self.world.version:
+            self._judged_at, self._judged = self.world.version, self.world.check()
+        if labels:
+            return [v for v in self._judged if catch_label(v) in labels]
+        return [v for v in self._judged if catch_label(v) not in PROPERTIES]
+
+    # One invariant per property (spec/RECEIVER.md §5), so that a failure names the property it broke.
+
     @invariant()
-    def no_invariant_is_violated(self) -> None:
-        violations = self.world.check()
-        assert not violations, violations
+    def i1_reads_only_landed_blocks(self) -> None:
+        assert not self._violations("I1"), self._violations("I1")
+
+    @invariant()
+    def i2_one_aux_read_by_value(self) -> None:
+        assert not self._violations("I2"), self._violations("I2")
+
+    @invariant()
+    def i3_message_arithmetic(self) -> None:
+        assert not self._violations("I3"), self._violations("I3")
+
+    @invariant()
+    def i4_one_resume_per_stage(self) -> None:
+        assert not self._violations("I4"), self._violations("I4")
+
+    @invariant()
+    def i5_every_block_has_one_holder(self) -> None:
+        assert not self._violations("I5"), self._violations("I5")
+
+    @invariant()
+    def i6_payload_is_what_was_sent(self) -> None:
+        assert not self._violations("I6"), self._violations("I6")
+
+    @invariant()
+    def i7_states_move_forward(self) -> None:
+        assert not self._violations("I7"), self._violations("I7")
+
+    @invariant()
+    def i8_nothing_waits_forever(self) -> None:
+        assert not self._violations("I8"), self._violations("I8")
+
+    @invariant()
+    def i9_ranks_agree(self) -> None:
+        assert not self._violations("I9"), self._violations("I9")
+
+    @invariant()
+    def i10_bad_input_fails_closed(self) -> None:
+        assert not self._violations("I10"), self._violations("I10")
+
+    @invariant()
+    def i11_warmups_touch_nothing(self) -> None:
+        assert not self._violations("I11"), self._violations("I11")
+
+    @invariant()
+    def i12_good_requests_succeed(self) -> None:
+        assert not self._violations("I12"), self._violations("I12")
+
+    @invariant()
+    def i13_deadlines_are_not_early(self) -> None:
+        assert not self._violations("I13"), self._violations("I13")
+
+    @invariant()
+    def i14_allocation_serves_the_head_first(self) -> None:
+        assert not self._violations("I14"), self._violations("I14")
+
+    @invariant()
+    def the_controller_keeps_its_contracts(self) -> None:
+        """ReadOutsideWindow, OwnershipError, RankDivergence, or a crash: our own discipline broken."""
+        assert not self._violations(), self._violations()
 
     def teardown(self) -> None:
         if not hasattr(self, "world"):
@@ -276,8 +337,7 @@ class MultiRankProtocol(ReceiverProtocol):
             type(self).ranks,
             seed=seed,
             bank_rows=31,
-            spec=variant.spec() if variant else None,
-            request_class=variant.request_class if variant else ReceiverRequest,
+            **(variant.options() if variant else {}),
         )
         if variant is not None and variant.rig is not None:
             variant.rig(world)

@@ -20,9 +20,10 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from epd_receiver.fsm import KVPoll, ReceiverRequest, ReceiverSpec, Room
+from epd_receiver.fsm import KVPoll, ReceiverQueue, ReceiverRequest, ReceiverSpec, Room
 from epd_receiver.fsm.errors import RankDivergence
 
+from .judge import early_fence_lifts, early_timeouts
 from .payload import EmbeddingPayload
 from .world import World, WorldConfig, run_fairly
 
@@ -132,6 +133,7 @@ class ReplicaWorld:
         bank_rows: int = 4096,
         spec: ReceiverSpec | None = None,
         request_class: type[ReceiverRequest[EmbeddingPayload]] = ReceiverRequest,
+        queue_class: type[ReceiverQueue[EmbeddingPayload]] = ReceiverQueue,
     ) -> None:
         if ranks < 2:
             raise ValueError("a replica world has at least two ranks")
@@ -144,11 +146,15 @@ class ReplicaWorld:
                 bank_rows=bank_rows,
                 spec=spec,
                 request_class=request_class,
+                queue_class=queue_class,
                 ranks=SimulatedRank(self._turns, r),
                 record=False,  # the replicas log the events, with the ranks they reached
             )
             for r in range(ranks)
         ]
+        faulted: set[Room] = set()  # a fault on one rank excuses the request's failure on every rank (I12)
+        for world in self.ranks:
+            world.faulted = faulted
         self.violations: list[str] = []
         self.log: list[dict[str, Any]] = []
         self._recording = True
@@ -167,7 +173,8 @@ class ReplicaWorld:
         finished: list[ReceiverRequest[EmbeddingPayload]] = []
         for _ in range(iterations):
             finished += self._step_all()[0]
-            self.violations += [v for v in self._disagreements() if v not in self.violations]
+            found = self._disagreements() + early_timeouts(self.ranks) + early_fence_lifts(self.ranks)
+            self.violations += [v for v in found if v not in self.violations]
         return finished
 
     def deliver(self, room: Room, blocks: int | None = None, ranks: Sequence[int] | None = None) -> bool:
@@ -211,6 +218,11 @@ class ReplicaWorld:
         return on_every_rank
 
     # ---- views shared with World (rank 0 speaks for all; I9 says they agree) -----------------------
+
+    @property
+    def version(self) -> tuple[int, ...]:
+        """Changes with every event on any rank: every event reaches some rank's World."""
+        return tuple(world.version for world in self.ranks)
 
     @property
     def queue(self) -> Any:

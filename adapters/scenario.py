@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from epd_receiver.fsm import KVPoll, ReceiverRequest, ReceiverSpec
+from epd_receiver.fsm import KVPoll, ReceiverQueue, ReceiverRequest, ReceiverSpec
 
 from .payload import EmbeddingPayload
 from .replicas import ReplicaWorld
@@ -121,6 +121,7 @@ def replay(
     *,
     spec: ReceiverSpec | None = None,
     request_class: type[ReceiverRequest[EmbeddingPayload]] = ReceiverRequest,
+    queue_class: type[ReceiverQueue[EmbeddingPayload]] = ReceiverQueue,
     rig: Callable[[Any], object] | None = None,
 ) -> dict[str, Any]:
     """Replay on one rank, or on ``"ranks": N`` simulated ranks; ``rig`` changes the bench (a sender bug)."""
@@ -131,6 +132,7 @@ def replay(
             "bank_rows": int(scenario.get("bank_rows", 257)),
             "spec": spec,
             "request_class": request_class,
+            "queue_class": queue_class,
         }
         ranks = int(scenario.get("ranks", 1))
         world: Bench = World(config, **options) if ranks == 1 else ReplicaWorld(config, ranks, **options)

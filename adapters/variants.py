@@ -1,11 +1,13 @@
-"""The original system's receiver bugs, re-created as variants of our controller.
+"""The original system's receiver bugs, and plausible bugs of our own making, re-created as variants.
 
 A variant is one named, small deviation applied to the real controller from outside: a spec overlay
 (a poll cell or a transition changed) and/or a subclass that replaces one action. The product has no
 switch for any of them. The fuzzer must catch every variant (``epd-receiver variants``,
 ``tests/test_variants.py``); a variant it cannot catch is a hole in the suite.
 
-Numbers are those of the bug catalogue (reference §7, design §6).
+Numbers are those of the original system's bug catalogue (spec/RECEIVER.md §6); a variant without one
+is a plausible bug that only a property beyond safety catches (a good request lost, a deadline fired
+early, the allocation order broken: I12-I14).
 """
 
 from __future__ import annotations
@@ -17,8 +19,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from epd_receiver.fsm import KVPoll, ReceiverRequest, ReceiverSpec, load_spec
+from epd_receiver.fsm import ReceiverQueue, ReceiverRequest, ReceiverSpec, load_spec
 
+from .deviations import (
+    AdmissionsFirst,
+    AuxView,
+    ChecksumOverEmbeddingsOnly,
+    DeadlineFromArrival,
+    DedupeByBlocks,
+    DeltaDropped,
+    FreeKeepsRecord,
+    InitWithRequestedTokens,
+    OwnFailedAsEvidence,
+    StaleAuxTrusted,
+    TotalFromCurrentBlocks,
+    TryRemainderOnce,
+    WarmupTreatedAsReal,
+)
 from .payload import EmbeddingPayload
 from .replicas import EagerFanIn
 
@@ -28,124 +45,26 @@ Request = ReceiverRequest[EmbeddingPayload]
 @dataclass(frozen=True)
 class Variant:
     name: str
-    bug: int
+    bug: int | None  # the original's bug number; None for a plausible bug of our own making
     trigger: str
     request_class: type[Request] = ReceiverRequest
     overlay: Mapping[str, Any] = field(default_factory=dict)
     caught_by: frozenset[str] = frozenset()  # the invariants or guards expected to speak first
     ranks: int = 1  # a bug between tensor-parallel ranks is hunted on that many simulated ranks
     rig: Callable[[Any], object] | None = None  # a change to the bench (a sender bug), not to the controller
+    queue_class: type[ReceiverQueue[EmbeddingPayload]] = ReceiverQueue  # a deviation of the allocation pass
 
     def spec(self) -> ReceiverSpec:
         return _spec(self.name)
+
+    def options(self) -> dict[str, Any]:
+        """What a World (or a replay) takes to run this variant instead of the controller."""
+        return {"spec": self.spec(), "request_class": self.request_class, "queue_class": self.queue_class}
 
 
 @functools.cache
 def _spec(name: str) -> ReceiverSpec:
     return load_spec(overlay=VARIANTS[name].overlay)
-
-
-# ---- replaced actions --------------------------------------------------------------------------------
-
-
-class InitWithRequestedTokens(ReceiverRequest[EmbeddingPayload]):
-    """#2: the init carries the tokens asked for, not ``len(blocks)*B`` granted."""
-
-    def send_init(self, event: Any) -> None:
-        self.first_block = self.blocks[0] if self.blocks else None
-        self.link.init(self.blocks, self._wiring.config.default_alloc_tokens)
-
-
-class TotalFromCurrentBlocks(ReceiverRequest[EmbeddingPayload]):
-    """#3, #7: T taken from the aux row of the *current* allocation's first block, through the window."""
-
-    def learn_total_from_current(self, event: Any) -> None:
-        self.total_tokens = self._window.read_aux(self.blocks[0]).total_tokens
-
-
-class DedupeByBlocks(ReceiverRequest[EmbeddingPayload]):
-    """#6: every Transferring re-frees and re-allocates; the resume is skipped only if the blocks repeat."""
-
-    def rehandle_unless_same_blocks(self, event: Any) -> None:
-        allocator = self._wiring.allocator
-        last = self.blocks
-        allocator.free(self.room, last)
-        blocks = allocator.alloc(self.room, self.tokens_wanted)
-        self.blocks = blocks or ()
-        if blocks and blocks != last:
-            self.link.resume(blocks, self.landed, self.capacity)
-
-
-class FreeKeepsRecord(ReceiverRequest[EmbeddingPayload]):
-    """#14: A0 goes back to the pool but the request still names it, so a failure frees it again."""
-
-    def free_but_keep_record(self, event: Any) -> None:
-        self._wiring.allocator.free(self.room, self.blocks)
-
-
-class TryRemainderOnce(ReceiverRequest[EmbeddingPayload]):
-    """#15: free A0, try to allocate the remainder once; on failure carry on and never try again."""
-
-    def alloc_remainder_once(self, event: Any) -> None:
-        blocks = self._wiring.allocator.alloc(self.room, self.tokens_wanted)
-        if blocks is not None:
-            self.blocks = blocks
-            self.send_resume(event)
-
-
-class AuxView(ReceiverRequest[EmbeddingPayload]):
-    """#17: the cached total is a live view of the aux row of A0[0], read again on every use."""
-
-    _aux_block: int | None = None
-
-    @property  # type: ignore[override]
-    def total_tokens(self) -> int | None:
-        if self._aux_block is None:
-            return None
-        return self._wiring.buffers.read_aux(self._aux_block).total_tokens
-
-    @total_tokens.setter
-    def total_tokens(self, value: int | None) -> None:
-        self._aux_block = None if value is None else self.first_block
-
-
-class DeltaDropped(ReceiverRequest[EmbeddingPayload]):
-    """#18: the payload is built without the M-RoPE delta (the original then treated it as text-only)."""
-
-    def check_total(self, event: Any) -> None:
-        super().check_total(event)
-        assert self.payload is not None
-        self.payload.mrope_delta = 0
-
-
-class WarmupTreatedAsReal(ReceiverRequest[EmbeddingPayload]):
-    """#20: a warm-up (fake) request is not told apart, so it takes real blocks and gets a real init."""
-
-    def is_warmup(self, event: Any = None) -> bool:
-        return False
-
-
-class StaleAuxTrusted(ReceiverRequest[EmbeddingPayload]):
-    """#22: a resume block's aux row is assumed zero when unwritten; a non-zero value is taken as T."""
-
-    def trust_nonzero_aux_of_current(self, event: Any) -> None:
-        total = self._wiring.buffers.read_aux(self.blocks[0]).total_tokens
-        if total:
-            self.total_tokens = total
-
-
-class OwnFailedAsEvidence(ReceiverRequest[EmbeddingPayload]):
-    """#23 through the link: a Failed or Success that ``poll()`` returns is taken as proof that the sender
-    stopped writing, although SGLang's receiver returns Failed after our own abort, the sender unaware."""
-
-    _seen: int | None = None
-
-    def local_poll(self) -> int:
-        self._seen = super().local_poll()
-        return self._seen
-
-    def local_writes_stopped(self) -> bool:
-        return self._seen in (KVPoll.Failed, KVPoll.Success) or super().local_writes_stopped()
 
 
 # ---- the catalogue -----------------------------------------------------------------------------------
@@ -444,6 +363,28 @@ CATALOGUE = (
         caught_by=frozenset({"I5", "I6"}),
     ),
     Variant(
+        "checksum-over-embeddings-only",
+        None,
+        "The integrity check hashes the embeddings alone, so every good request with a checksum fails.",
+        ChecksumOverEmbeddingsOnly,
+        caught_by=frozenset({"I12"}),
+    ),
+    Variant(
+        "deadline-from-arrival",
+        None,
+        "Deadlines count from the request's arrival, not from entering the state: a request that waited for "
+        "the pool times out as soon as its transfer starts.",
+        DeadlineFromArrival,
+        caught_by=frozenset({"I13"}),
+    ),
+    Variant(
+        "admissions-before-remainders",
+        None,
+        "The allocation pass serves new admissions before the remainders of requests already under way.",
+        queue_class=AdmissionsFirst,
+        caught_by=frozenset({"I14"}),
+    ),
+    Variant(
         "hold-and-wait",
         24,
         "A0 is held while waiting for the remainder and freed only once it is granted: a full pool deadlocks.",
@@ -479,7 +420,8 @@ PENDING: dict[int, str] = {}
 
 
 def scenario_path(directory: Path, variant: Variant) -> Path:
-    return directory / f"{variant.bug:02d}-{variant.name}.json"
+    number = "new" if variant.bug is None else f"{variant.bug:02d}"
+    return directory / f"{number}-{variant.name}.json"
 
 
 def record_catch(directory: Path, variant: Variant, catch: Any) -> Path:
@@ -487,7 +429,7 @@ def record_catch(directory: Path, variant: Variant, catch: Any) -> Path:
     path = scenario_path(directory, variant)
     directory.mkdir(parents=True, exist_ok=True)
     scenario = {
-        "description": f"#{variant.bug}: {variant.trigger}",
+        "description": f"{'new' if variant.bug is None else f'#{variant.bug}'}: {variant.trigger}",
         "caught_by": catch.by,
         "first_violation": catch.violation,
         "steps": catch.steps,
@@ -503,12 +445,13 @@ def variants_markdown(directory: Path) -> str:
         "| bug | variant (trigger) | caught by | shrunk steps | minimal schedule |",
         "|---|---|---|---|---|",
     ]
-    for variant in sorted(CATALOGUE, key=lambda v: v.bug):
+    for variant in sorted(CATALOGUE, key=lambda v: (v.bug is None, v.bug or 0)):
         path = scenario_path(directory, variant)
         recorded = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
         schedule = f"`bugs/{path.name}`" if recorded else "not recorded"
         rows.append(
-            f"| #{variant.bug} | `{variant.name}`: {variant.trigger} | {recorded.get('caught_by', '?')} "
+            f"| {'new' if variant.bug is None else f'#{variant.bug}'} | `{variant.name}`: {variant.trigger} "
+            f"| {recorded.get('caught_by', '?')} "
             f"| {recorded.get('steps', '?')} | {schedule} |"
         )
     rows += [f"| #{bug} | pending: {why} | | | |" for bug, why in sorted(PENDING.items())]

@@ -35,6 +35,7 @@ from .allocator import OwningBlockAllocator
 from .buffers import TorchBlockBuffers
 from .clock import ManualClock
 from .concluding import LocallyConcludingLink, concluding
+from .judge import allocation_order, early_fence_lifts, early_timeouts, liveness
 from .payload import EmbeddingPayload
 from .sender import InProcessSender, WarmupLink
 
@@ -136,6 +137,7 @@ class World:
         bank_rows: int = 4096,
         spec: ReceiverSpec | None = None,
         request_class: type[ReceiverRequest[EmbeddingPayload]] = ReceiverRequest,
+        queue_class: type[ReceiverQueue[EmbeddingPayload]] = ReceiverQueue,
         ranks: RankGroup | None = None,
         record: bool = True,
     ) -> None:
@@ -151,7 +153,7 @@ class World:
         )
         self.clock = ManualClock()
         self.receiver_config = config.receiver_config()
-        self.queue: ReceiverQueue[EmbeddingPayload] = ReceiverQueue(
+        self.queue: ReceiverQueue[EmbeddingPayload] = queue_class(
             AuditedBuffers(self, self.pool),
             self.allocator,
             self.receiver_config,
@@ -173,6 +175,10 @@ class World:
         self._expect_failure: set[Room] = set()
         self._abort_heard: dict[Room, float] = {}  # when the sender got each abort it has not acted on
         self._concluding: dict[Room, LocallyConcludingLink] = {}  # links that conclude locally, by room
+        self.version = 0  # events so far, logged or not
+        self.faulted: set[Room] = set()  # rooms a fault touched (on any rank): they need not succeed (I12)
+        self.timed_out: dict[Room, tuple[State, float]] = {}  # this iteration: state left and time spent in it
+        self.lifted: list[Room] = []  # this iteration: rooms whose fence lifted
         self._corrupted: set[tuple[Room, int]] = set()  # (room, block) of every data corruption so far
 
     # ---- the vocabulary of scenarios (each call is logged as the replay event that repeats it) -----
@@ -212,6 +218,9 @@ class World:
         self._log({"step": iterations})
         finished: list[ReceiverRequest[EmbeddingPayload]] = []
         for _ in range(iterations):
+            sent_before = {room: len(self.sender.room_messages(room)) for room in self.sender.rooms()}
+            fencing = [r.room for r in self.queue if r.fenced]
+            self.timed_out, self.lifted = {}, []
             try:
                 ended = self.queue.step()
             except Exception as error:  # a ContractError, or a controller that crashed outright
@@ -222,7 +231,23 @@ class World:
                 self._judge_end(request)
             finished.extend(ended)
             self._judge_deadlines()
+            self.lifted = [room for room in fencing if not getattr(self.queue.get(room), "fenced", ())]
+            self._add(allocation_order(self, sent_before))
+            if self.queue.rank_count == 1:  # on several ranks the replicas judge these, once every rank stepped
+                self._add(early_timeouts([self]) + early_fence_lifts([self]))
         return finished
+
+    def _add(self, found: Sequence[str]) -> None:
+        self.violations += [v for v in found if v not in self.violations]
+
+    @property
+    def entered(self) -> dict[Room, float]:
+        """When each request entered its current state (or round), on this rank's clock."""
+        return self._entered
+
+    @property
+    def deadlines(self) -> dict[State, float]:
+        return self._deadlines
 
     def advance(self, seconds: float) -> None:
         """Time passes on the receiver's clock (deadlines are judged at the next iteration).
@@ -253,6 +278,7 @@ class World:
     def go_backwards(self, room: Room) -> bool:
         """The sender answers the next poll with a status below one the receiver has already seen."""
         self._log({"backwards": room})
+        self.faulted.add(room)
         seen = self.outcomes[room].states[-1] if room in self.outcomes else None
         lower = (
             {
@@ -272,6 +298,7 @@ class World:
     def kill(self, room: Room) -> None:
         """The sender of ``room`` dies silently: it never writes or publishes again."""
         self._log({"kill": room})
+        self.faulted.add(room)
         if room in self.sender.rooms():
             self.sender.kill(room)
 
@@ -290,6 +317,7 @@ class World:
 
     def fail(self, room: Room) -> None:
         self._log({"fail": room})
+        self.faulted.add(room)
         if room in self.sender.rooms():
             self.sender.fail(room)
 
@@ -309,6 +337,7 @@ class World:
 
     def abort(self, room: Room) -> bool:
         self._log({"abort": room})
+        self.faulted.add(room)
         aborted = self._contract(lambda: self.queue.abort(room))
         self._observe_states()
         request = self.queue.get(room)
@@ -330,6 +359,7 @@ class World:
     def corrupt_aux(self, room: Room, value: int) -> bool:
         """Overwrite T in the aux row of A0[0] after the first chunk landed and before it is read."""
         self._log({"corrupt": {"room": room, "field": "total_tokens", "value": value}})
+        self.faulted.add(room)
         if not self.first_chunk_unread(room):
             return False
         self.pool.aux[self.sender.room_messages(room)[0].blocks[0], 0] = value
@@ -354,6 +384,7 @@ class World:
         Without a checksum nothing could tell, so the bench does not do it to such a room.
         """
         self._log({"corrupt": {"room": room, "field": "embeddings"}})
+        self.faulted.add(room)
         request = self.queue.get(room)
         if (
             request is None
@@ -448,6 +479,7 @@ class World:
     # ---- the event log ---------------------------------------------------------------------------
 
     def _log(self, event: dict[str, Any]) -> None:
+        self.version += 1  # every event passes here: what was judged before it may no longer hold
         if self._recording:
             self.log.append(event)
 
@@ -494,6 +526,9 @@ class World:
         for request in [*self.queue, *ended]:
             room = request.room
             stage = (request.state, len(self.sender.room_messages(room)) if room in self.sender.rooms() else -1)
+            last_state = self.outcomes[room].states[-1]
+            if request.state is State.FAILED and last_state is not State.FAILED and isinstance(request.error, TimedOut):
+                self.timed_out[room] = (last_state, self.clock.now() - self._entered[room])
             if self._stage.get(room) != stage:  # a new state, or the same state for a new round
                 self._stage[room] = stage
                 self._entered[room] = self.clock.now()
@@ -541,6 +576,7 @@ class World:
             self.violations.append(f"I1: room {request.room} read the pool {request.reads} times")
         if request.state is State.FAILED:
             outcome.verified = False
+            self._add(liveness(self, request))
             if self._fair and isinstance(request.error, TimedOut) and not self._sender_dead(request.room):
                 self.violations.append(f"I8: room {request.room} timed out under a fair schedule: {request.error}")
             if not isinstance(request.error, ReceiverError) or request.error.room != request.room:

@@ -21,6 +21,7 @@ from epd_receiver.adapters.variants import CATALOGUE, PENDING, VARIANTS, Variant
 ROOT = Path(__file__).parent.parent
 BUGS = ROOT / "spec" / "scenarios" / "bugs"
 CATCHES: list[Catch] = []
+NEW = [v for v in CATALOGUE if v.bug is None]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -45,7 +46,7 @@ def test_recorded_minimal_schedule_breaks_the_variant_and_not_the_controller(var
     scenario = json.loads(scenario_path(BUGS, variant).read_text(encoding="utf-8"))
     assert scenario["variant"] == variant.name and scenario["bug"] == variant.bug
 
-    broken = replay(scenario, spec=variant.spec(), request_class=variant.request_class, rig=variant.rig)
+    broken = replay(scenario, rig=variant.rig, **variant.options())
     clean = replay(scenario)
 
     assert broken["violations"], "the recorded schedule no longer reproduces the bug"
@@ -63,10 +64,11 @@ def test_catalogue_covers_the_receiver_side_bugs() -> None:
 def test_variants_are_deviations_applied_from_outside() -> None:
     """No variant adds a switch to the product: each changes the spec by overlay, replaces one action, or
     (for a sender bug) rigs the bench's sender."""
-    from epd_receiver.fsm import ReceiverRequest
+    from epd_receiver.fsm import ReceiverQueue, ReceiverRequest
 
     for variant in CATALOGUE:
-        assert variant.overlay or variant.request_class is not ReceiverRequest or variant.rig, variant.name
+        deviates = variant.request_class is not ReceiverRequest or variant.queue_class is not ReceiverQueue
+        assert variant.overlay or deviates or variant.rig, variant.name
         assert variant.spec() is not None  # the overlay yields a spec the loader accepts
 
 
@@ -82,3 +84,14 @@ def test_a_violation_message_with_an_apostrophe_is_labelled_by_its_invariant() -
     error = AssertionError(repr(["rank 1: I5: the sender wrote room 0's data into block 2, which is free"]))
     assert catch_label(_first_violation(error)) == "I5"
     assert catch_label(_first_violation(RuntimeError("boom"))) == "RuntimeError"
+
+
+@pytest.mark.parametrize("variant", NEW, ids=[v.name for v in NEW])
+def test_a_property_beyond_safety_alone_catches_its_variant(variant: Variant) -> None:
+    """In its recorded minimal schedule nothing but the property named speaks: the safety invariants
+    (I1-I11) and the contracts alone would let this bug through."""
+    scenario = json.loads(scenario_path(BUGS, variant).read_text(encoding="utf-8"))
+    broken = replay(scenario, rig=variant.rig, **variant.options())
+
+    assert broken["violations"]
+    assert {catch_label(v) for v in broken["violations"]} == set(variant.caught_by)
