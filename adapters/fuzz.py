@@ -32,6 +32,7 @@ from hypothesis.stateful import (
 
 from epd_receiver.fsm import ReceiverRequest, State
 
+from .judge import label as catch_label
 from .replicas import ReplicaWorld
 from .variants import Variant
 from .world import World, WorldConfig
@@ -395,12 +396,6 @@ class Catch:
     steps: int
     seconds: float
     scenario: dict[str, Any] | None
-
-
-def catch_label(violation: str) -> str:
-    """``I3``, or the guard's error type, from the judge's first violation message."""
-    head = re.sub(r"^rank \d+: ", "", violation).split(":", 1)[0].strip()
-    return head if re.fullmatch(r"I\d+|\w+Error|\w+Window", head) else "exception"
 
 
 def hunt(variant: Variant, options: settings | None = None) -> Catch:

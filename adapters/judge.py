@@ -1,138 +1,341 @@
-"""The judge's properties beyond safety: good requests succeed, deadlines are exact, the pool is served in order.
+"""The judge: whether each invariant of spec/RECEIVER.md §5 held, decided from the world, not the controller.
 
-A controller can keep every block owned and every byte right and still be wrong: it may fail a request
-that should have succeeded, fire a deadline before its time, or hand blocks to a newcomer while the head
-of the line waits. Each function here judges one such property from what the world did to the request
-(its sender's faults, the clocks, the messages the sender received, the free blocks) and never from the
-controller's own bookkeeping. ``World`` calls them at the moments named in their docstrings; on several
-ranks the replicas judge what needs every rank's clock once every rank has stepped.
+It knows what the sender was asked and wrote (its message log and sources), what the allocator says each
+block belongs to, which reads reached the pool, which rows the sender wrote and which faults the world
+injected; it never consults the controller's reasoning. The world tells it what happened (``arrived``,
+``aux_read``, ``gathered``, ``wrote``, ``observe``, ``iteration``); each invariant has a method of its
+own that lists what broke it, found as it happened or visible in the current state.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from epd_receiver.fsm import ReceiverRequest, Room, State, TimedOut
+from epd_receiver.fsm import KVPoll, ReceiverError, ReceiverRequest, Room, State, TimedOut
 
 from .payload import EmbeddingPayload
+from .properties import allocation_order, early_fence_lifts, early_timeouts, liveness
 
 if TYPE_CHECKING:
     from .world import World
 
 Request = ReceiverRequest[EmbeddingPayload]
-_WAITING = (State.WAITING_FOR_BLOCKS, State.WAITING_FOR_INPUT)  # the allocation order: remainders first
+STATE_ORDER = {
+    State.BOOTSTRAPPING: 0,
+    State.WAITING_FOR_INPUT: 1,
+    State.TRANSFERRING: 2,
+    State.WAITING_FOR_BLOCKS: 3,
+    State.RESUMING: 4,
+    State.SUCCESS: 5,
+}
+MAX_READS_PER_REQUEST = 2
 
 
-def _blocks(tokens: int, block_size: int) -> int:
-    return -(-tokens // block_size)
+def label(violation: str) -> str:
+    """``I5``, or the contract's error type, from a violation message (``rank N:`` prefixes dropped)."""
+    head = re.sub(r"^rank \d+: ", "", violation).split(":", 1)[0].strip()
+    return head if re.fullmatch(r"I\d+|\w+Error|\w+Window|\w+Divergence", head) else "exception"
 
 
-def entitled(world: World, room: Room) -> bool:
-    """The request had all it needs to succeed: no fault touched it, its sender agrees on B, T is possible,
-    and the pool can hold A0 and, without progress, the whole remainder (with progress, rounds of any size).
-    """
-    config = world.config
-    if room in world.faulted or config.sender_block_size not in (None, config.block_size):
-        return False
-    outcome = world.outcomes[room]
-    if outcome.warmup:
-        return True
-    first = _blocks(config.default_alloc_tokens, config.block_size)
-    if first > config.num_blocks or outcome.total_tokens > config.max_total_tokens:
-        return False
-    rest = outcome.total_tokens - first * config.block_size
-    return rest <= 0 or world.sender.has_progress(room) or _blocks(rest, config.block_size) <= config.num_blocks
+@dataclass(slots=True)
+class Outcome:
+    """What the judge saw of one request."""
 
-
-def liveness(world: World, request: Request) -> list[str]:
-    """I12, when a request ends FAILED: one that was entitled to succeed may fail only by a deadline (whose
-    exactness I13 judges); any other failure is a good request lost."""
-    if request.state is not State.FAILED or isinstance(request.error, TimedOut) or not entitled(world, request.room):
-        return []
-    return [f"I12: room {request.room} had a live, honest sender and a pool that holds it, yet failed: {request.error}"]
-
-
-def early_timeouts(ranks: Sequence[World]) -> list[str]:
-    """I13, after an iteration, for each request that failed with TimedOut in it: its deadline had passed on
-    some rank's clock (failing on one rank's word is the spec's choice; before any rank's is a bug). Each
-    rank recorded the state it left and the time it had spent there."""
-    found = []
-    for room, (state, _) in ranks[0].timed_out.items():
-        limit = ranks[0].deadlines.get(state)
-        spent = [world.timed_out[room][1] for world in ranks if room in world.timed_out]
-        if limit is None or not any(s > limit for s in spent):
-            found.append(f"I13: room {room} timed out in {state.name} after {max(spent):g} s, before its {limit} s")
-    return found
-
-
-def early_fence_lifts(ranks: Sequence[World]) -> list[str]:
-    """I13, after an iteration, for each fence that lifted in it: every rank's sender gave evidence that it
-    stopped (a terminal status or an acknowledged abort), or the drain deadline passed on every rank's
-    clock. Anything else frees blocks a write may still be on its way into."""
-    drain = ranks[0].receiver_config.drain_timeout_s
-    found = []
-    for room in ranks[0].lifted:
-        for world in ranks:
-            if not world.sender.writes_stopped(room) and (drain is None or not world.overstayed(room, drain)):
-                found.append(
-                    f"I13: room {room}'s fence lifted before the drain deadline, with no evidence its sender stopped"
-                )
-                break
-    return found
-
-
-def allocation_order(world: World, sent_before: Mapping[Room, int]) -> list[str]:
-    """I14, after each iteration: the head of the allocation order waits only for lack of blocks, and no
-    request was granted blocks ahead of it (remainders before admissions, first come first served in each).
-
-    ``sent_before`` counts the messages each room's sender had received before the iteration: a new init
-    or resume is a grant made by this iteration's allocation pass.
-    """
-    order = list(world.outcomes)  # arrival order
-    waiting = sorted(
-        (r for r in world.queue if r.state in _WAITING),
-        key=lambda r: (_WAITING.index(r.state), order.index(r.room)),
-    )
-    if not waiting:
-        return []
-    head = waiting[0]
-    need = _need(world, head)
-    free = world.allocator.free_count
-    found = []
-    if need <= free:
-        found.append(
-            f"I14: room {head.room} waits at the head of the allocation order for {need} blocks with {free} free"
-        )
-    head_at = (_WAITING.index(head.state), order.index(head.room))
-    for grant in _granted(world, sent_before):
-        if (0 if grant.kind == "resume" else 1, order.index(grant.room)) > head_at:
-            found.append(f"I14: room {grant.room} was granted blocks ahead of room {head.room}, first in line")
-    return found
-
-
-def _need(world: World, request: Request) -> int:
-    """Blocks the head's next grant takes: none for a warm-up, A0 for an admission, the remainder (one block
-    when its sender reports progress) for a resume."""
-    config = world.config
-    if request.warmup:
-        return 0
-    if request.state is State.WAITING_FOR_INPUT:
-        return _blocks(config.default_alloc_tokens, config.block_size)
-    if world.sender.has_progress(request.room):
-        return 1
-    rest = world.outcomes[request.room].total_tokens - world.sender.sent_tokens(request.room)
-    return _blocks(rest, config.block_size)
-
-
-class _Grant(NamedTuple):
     room: Room
-    kind: str  # "init" (an admission) or "resume" (a remainder)
+    total_tokens: int
+    states: list[State] = field(default_factory=list)
+    aux_reads: int = 0
+    verified: bool | None = None
+    released: bool = False
+    reads: int = 0
+    resumes: int = 0
+    error: str | None = None
+    total: int | None = None
+    landed: int = 0
+    warmup: bool = False
 
 
-def _granted(world: World, sent_before: Mapping[Room, int]) -> list[_Grant]:
-    return [
-        _Grant(room, message.kind)
-        for room in world.sender.rooms()
-        for message in world.sender.room_messages(room)[sent_before.get(room, 0) :]
-    ]
+class Judge:
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.outcomes: dict[Room, Outcome] = {}
+        self.violations: list[str] = []  # in the order they were found; the world adds its contract errors
+        self.entered: dict[Room, float] = {}  # when each request entered its state (or round)
+        self.stage: dict[Room, tuple[State, int]] = {}
+        self.expect_failure: set[Room] = set()  # rooms given input that cannot be true: they must fail (I10)
+        self.faulted: set[Room] = set()  # rooms any fault touched, on any rank: they need not succeed (I12)
+        self.fair = False  # under a fair schedule a live sender's request must not time out (I8)
+        self.timed_out: dict[Room, tuple[State, float]] = {}  # this iteration: the state left, time spent there
+        self.lifted: list[Room] = []  # this iteration: rooms whose fence lifted
+
+    # ---- what the world tells the judge --------------------------------------------------------------
+
+    def arrived(self, request: Request, total_tokens: int, *, warmup: bool) -> None:
+        self.outcomes[request.room] = Outcome(request.room, total_tokens, [request.state], warmup=warmup)
+        self.entered[request.room] = self.world.clock.now()
+
+    def add(self, found: Sequence[str]) -> None:
+        self.violations += [v for v in found if v not in self.violations]
+
+    def aux_read(self, block: int) -> None:
+        owner = self._owner_of((block,))
+        if owner is None:
+            return
+        outcome = self.outcomes[owner]
+        outcome.aux_reads += 1
+        messages = self.world.sender.room_messages(owner)
+        first = messages[0].blocks[0] if messages else None
+        if block != first:
+            self.violations.append(f"I2: room {owner} read aux of block {block}, its A0[0] is {first}")
+        if outcome.aux_reads > 1:
+            self.violations.append(f"I2: room {owner} read an aux row {outcome.aux_reads} times")
+
+    def gathered(self, blocks: tuple[int, ...]) -> None:
+        owner = self._owner_of(blocks)
+        if owner is None:
+            return
+        sender = self.world.sender
+        in_flight = set(blocks) & sender.writing_blocks()
+        if in_flight:
+            self.violations.append(f"I1: room {owner} read blocks {sorted(in_flight)} the sender has yet to write")
+        messages = sender.room_messages(owner)
+        if not messages or messages[-1].blocks != blocks:
+            self.violations.append(f"I1: room {owner} read {list(blocks)}, not the allocation it sent last")
+        if sender.status(owner) not in (KVPoll.Transferring, KVPoll.Success):
+            self.violations.append(f"I1: room {owner} read before any chunk landed")
+
+    def wrote(self, writes: Sequence[tuple[Room, int]]) -> None:
+        """The sender may write only into rows its room owns or fences: a write into a free row, or into
+        another request's, corrupts whoever is handed that row next (#23)."""
+        for room, block in writes:
+            kind, holder = self.world.allocator.holder(block)
+            if holder != room:
+                whose = kind if holder is None else f"{kind} by room {holder}"
+                self.violations.append(f"I5: the sender wrote room {room}'s data into block {block}, which is {whose}")
+
+    def observe(self, ended: Sequence[Request] = ()) -> None:
+        """The states after an event: entry times for deadlines, deadline failures for I13, moves for I7."""
+        world = self.world
+        for request in [*world.queue, *ended]:
+            room = request.room
+            sender_rooms = world.sender.rooms()
+            stage = (request.state, len(world.sender.room_messages(room)) if room in sender_rooms else -1)
+            seen = self.outcomes[room].states
+            last = seen[-1]
+            if request.state is State.FAILED and last is not State.FAILED and isinstance(request.error, TimedOut):
+                self.timed_out[room] = (last, world.clock.now() - self.entered[room])
+            if self.stage.get(room) != stage:  # a new state, or the same state for a new round
+                self.stage[room] = stage
+                self.entered[room] = world.clock.now()
+            if last is request.state:
+                continue
+            next_round = (last, request.state) == (State.RESUMING, State.WAITING_FOR_BLOCKS) and (
+                world.sender.has_progress(room)
+            )
+            if last in (State.SUCCESS, State.FAILED) or (
+                request.state is not State.FAILED and STATE_ORDER[request.state] < STATE_ORDER[last] and not next_round
+            ):
+                self.violations.append(f"I7: room {room} went {last.name} -> {request.state.name}")
+            seen.append(request.state)
+
+    def before_iteration(self) -> tuple[dict[Room, int], list[Room]]:
+        """What the iteration's judgement compares with: messages each sender had, rooms fencing."""
+        self.timed_out, self.lifted = {}, []
+        sender = self.world.sender
+        return {room: len(sender.room_messages(room)) for room in sender.rooms()}, [
+            r.room for r in self.world.queue if r.fenced
+        ]
+
+    def iteration(self, ended: Sequence[Request], sent_before: Mapping[Room, int], fencing: Sequence[Room]) -> None:
+        """After one scheduler iteration: ends, late deadlines (I8), allocation order (I14) and, on one rank,
+        early deadlines (I13; on several ranks the replicas judge those once every rank has stepped)."""
+        world = self.world
+        self.observe(ended)
+        for request in ended:
+            self.ended(request)
+        self._late_deadlines()
+        self.lifted = [room for room in fencing if not getattr(world.queue.get(room), "fenced", ())]
+        self.add(allocation_order(self, sent_before))
+        if world.queue.rank_count == 1:
+            self.add(early_timeouts([self]) + early_fence_lifts([self]))
+
+    def ended(self, request: Request) -> None:
+        outcome = self.outcomes[request.room]
+        if outcome.verified is not None:
+            return
+        outcome.reads, outcome.resumes = request.reads, request.resumes
+        outcome.total, outcome.landed = request.total_tokens, request.landed
+        outcome.error = str(request.error) if request.error else None
+        sender = self.world.sender
+        # two reads, plus one per extra round when the sender reports progress
+        allowed = MAX_READS_PER_REQUEST + max(0, request.resumes - 1) * sender.has_progress(request.room)
+        if request.reads > allowed:
+            self.violations.append(f"I1: room {request.room} read the pool {request.reads} times")
+        if request.state is State.FAILED:
+            self._failed(request, outcome)
+            return
+        if outcome.warmup:
+            outcome.verified = request.reads == 0 and request.payload is None
+            if not outcome.verified:
+                self.violations.append(f"I11: warm-up room {request.room} read the pool")
+            return
+        if request.room in self.expect_failure:
+            self.violations.append(
+                f"I10: room {request.room} succeeded on corrupt input (aux row, data or a status it could not send)"
+            )
+        assert request.payload is not None
+        wrong = sender.source(request.room).mismatches(request.payload)
+        outcome.verified = not wrong
+        if wrong:
+            self.violations.append(f"I6: room {request.room} payload differs from the sender's: {wrong}")
+
+    def leaks(self) -> None:
+        """After draining, nothing may be left owned or fenced (I5)."""
+        allocator = self.world.allocator
+        if allocator.owned_count or allocator.fenced_count:
+            leaked = {"owned": allocator.owners(), "fenced": allocator.fences()}
+            self.violations.append(f"I5: blocks leaked after drain: {leaked}")
+
+    def overstayed(self, room: Room, limit: float) -> bool:
+        return self.world.clock.now() - self.entered[room] > limit
+
+    # ---- one method per invariant ------------------------------------------------------------------
+
+    def i1_reads_only_landed_blocks(self) -> list[str]:
+        return self._of("I1")
+
+    def i2_one_aux_read_by_value(self) -> list[str]:
+        return self._of("I2")
+
+    def i3_message_arithmetic(self) -> list[str]:
+        return self._of("I3")
+
+    def i4_one_resume_per_stage(self) -> list[str]:
+        return self._of("I4")
+
+    def i5_every_block_has_one_holder(self) -> list[str]:
+        return self._of("I5")
+
+    def i6_payload_is_what_was_sent(self) -> list[str]:
+        return self._of("I6")
+
+    def i7_states_move_forward(self) -> list[str]:
+        return self._of("I7")
+
+    def i8_nothing_waits_forever(self) -> list[str]:
+        return self._of("I8")
+
+    def i10_bad_input_fails_closed(self) -> list[str]:
+        return self._of("I10")
+
+    def i11_warmups_touch_nothing(self) -> list[str]:
+        return self._of("I11")
+
+    def i12_good_requests_succeed(self) -> list[str]:
+        return self._of("I12")
+
+    def i13_deadlines_are_not_early(self) -> list[str]:
+        return self._of("I13")
+
+    def i14_allocation_serves_the_head_first(self) -> list[str]:
+        return self._of("I14")
+
+    def check(self) -> list[str]:
+        """Every violation so far, in the order found, then those only visible in the current state."""
+        found = list(self.violations)
+        return found + [v for v in self._visible_now() if v not in found]
+
+    def checkpoint(self) -> None:
+        """Keep what the current state shows: a replay is judged after every event, like the fuzzer."""
+        self.add(self._visible_now())
+
+    # ---- helpers ---------------------------------------------------------------------------------
+
+    def _of(self, invariant: str) -> list[str]:
+        return [v for v in self.check() if label(v) == invariant]
+
+    def _visible_now(self) -> list[str]:
+        return self._messages() + self._ownership()
+
+    def _failed(self, request: Request, outcome: Outcome) -> None:
+        outcome.verified = False
+        room = request.room
+        self.add(liveness(self, request))
+        if self.fair and isinstance(request.error, TimedOut) and not self.world.sender_dead(room):
+            self.violations.append(f"I8: room {room} timed out under a fair schedule: {request.error}")
+        if not isinstance(request.error, ReceiverError) or request.error.room != room:
+            self.violations.append(f"I10: room {room} failed without a typed error: {request.error!r}")
+
+    def _late_deadlines(self) -> None:
+        """After an iteration no request may have stayed in its state longer than its deadline (I8).
+
+        A fence's deadline is due when every rank's clock has passed it, which one rank cannot see: with
+        several ranks the replicas judge it (``ReplicaWorld``).
+        """
+        world = self.world
+        for request in world.queue:
+            limit = world.deadlines.get(request.state)
+            if request.state is State.FAILED and world.queue.rank_count > 1:
+                continue
+            if limit is not None and self.overstayed(request.room, limit):
+                self.violations.append(
+                    f"I8: room {request.room} stayed {request.state.name} past its {limit:g} s deadline"
+                )
+
+    def _owner_of(self, blocks: tuple[int, ...]) -> Room | None:
+        allocator = self.world.allocator
+        owners = {room for room, held in allocator.owners().items() if set(blocks) & set(held)}
+        if len(owners) != 1 or not set(blocks) <= set(allocator.owned_by(next(iter(owners)))):
+            self.violations.append(f"I5: read of blocks {list(blocks)} owned by {sorted(owners) or 'nobody'}")
+            return None
+        return next(iter(owners))
+
+    def _messages(self) -> list[str]:
+        """I3 and I4 over the sender's message log."""
+        found = []
+        b = self.world.config.block_size
+        last_sent: dict[Room, int] = {}
+        for m in self.world.sender.messages:
+            if m.allocated_tokens != len(m.blocks) * b:
+                found.append(
+                    f"I3: room {m.room} {m.kind} allocated_tokens={m.allocated_tokens} for {len(m.blocks)} blocks"
+                )
+            if m.kind == "resume":
+                total = self.outcomes[m.room].total_tokens
+                if m.sent_tokens % b or not 0 < m.sent_tokens < total:
+                    found.append(f"I3: room {m.room} resume at S={m.sent_tokens} (B={b}, T={total})")
+                if m.sent_tokens <= last_sent.get(m.room, 0):
+                    found.append(f"I4: room {m.room} resumed twice at S={m.sent_tokens}")
+                last_sent[m.room] = m.sent_tokens
+        return found
+
+    def _ownership(self) -> list[str]:
+        """I5 (and I11's blocks) over the allocator and the requests that hold blocks now."""
+        found = []
+        allocator = self.world.allocator
+        if allocator.free_count + allocator.owned_count + allocator.fenced_count != allocator.num_blocks:
+            found.append("I5: free + owned + fenced != pool size")
+        if allocator.rejected_frees:
+            found.append(f"I5: {allocator.rejected_frees} double or foreign frees")
+        holders = {r.room: r for r in self.world.queue}
+        owners = allocator.owners()
+        for room, blocks in owners.items():
+            request = holders.get(room)
+            if request is None or request.state is State.FAILED or set(request.blocks) != set(blocks):
+                found.append(f"I5: blocks {list(blocks)} owned by room {room}, which holds {request!r}")
+        fences = allocator.fences()
+        for room, blocks in fences.items():
+            request = holders.get(room)
+            if request is None or request.state is not State.FAILED or set(request.fenced) != set(blocks):
+                found.append(f"I5: blocks {list(blocks)} fenced for room {room}, which holds {request!r}")
+        for room, request in holders.items():
+            if request.fenced and room not in fences:
+                found.append(f"I5: room {room} fences {list(request.fenced)}, which the allocator does not")
+            if request.warmup and (request.blocks or room in owners):
+                found.append(f"I11: warm-up room {room} holds blocks {list(request.blocks)}")
+            if request.blocks and room not in owners:
+                found.append(f"I5: room {room} holds {list(request.blocks)}, which the allocator says it does not own")
+        return found

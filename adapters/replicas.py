@@ -23,8 +23,8 @@ from typing import Any
 from epd_receiver.fsm import KVPoll, ReceiverQueue, ReceiverRequest, ReceiverSpec, Room
 from epd_receiver.fsm.errors import RankDivergence
 
-from .judge import early_fence_lifts, early_timeouts
 from .payload import EmbeddingPayload
+from .properties import early_fence_lifts, early_timeouts
 from .world import World, WorldConfig, run_fairly
 
 _END_OF_ITERATION = "end of iteration"
@@ -154,7 +154,7 @@ class ReplicaWorld:
         ]
         faulted: set[Room] = set()  # a fault on one rank excuses the request's failure on every rank (I12)
         for world in self.ranks:
-            world.faulted = faulted
+            world.judge.faulted = faulted
         self.violations: list[str] = []
         self.log: list[dict[str, Any]] = []
         self._recording = True
@@ -173,7 +173,8 @@ class ReplicaWorld:
         finished: list[ReceiverRequest[EmbeddingPayload]] = []
         for _ in range(iterations):
             finished += self._step_all()[0]
-            found = self._disagreements() + early_timeouts(self.ranks) + early_fence_lifts(self.ranks)
+            judges = [world.judge for world in self.ranks]
+            found = self._disagreements() + early_timeouts(judges) + early_fence_lifts(judges)
             self.violations += [v for v in found if v not in self.violations]
         return finished
 

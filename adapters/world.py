@@ -21,13 +21,11 @@ from epd_receiver.fsm import (
     KVPoll,
     RankGroup,
     ReceiverConfig,
-    ReceiverError,
     ReceiverQueue,
     ReceiverRequest,
     ReceiverSpec,
     Room,
     State,
-    TimedOut,
 )
 from epd_receiver.fsm.request import deadlines
 
@@ -35,19 +33,9 @@ from .allocator import OwningBlockAllocator
 from .buffers import TorchBlockBuffers
 from .clock import ManualClock
 from .concluding import LocallyConcludingLink, concluding
-from .judge import allocation_order, early_fence_lifts, early_timeouts, liveness
+from .judge import Judge
 from .payload import EmbeddingPayload
 from .sender import InProcessSender, WarmupLink
-
-STATE_ORDER = {
-    State.BOOTSTRAPPING: 0,
-    State.WAITING_FOR_INPUT: 1,
-    State.TRANSFERRING: 2,
-    State.WAITING_FOR_BLOCKS: 3,
-    State.RESUMING: 4,
-    State.SUCCESS: 5,
-}
-MAX_READS_PER_REQUEST = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,24 +72,6 @@ class WorldConfig:
         return ReceiverConfig(self.default_alloc_tokens, self.max_total_tokens, **self.timeouts)  # type: ignore[arg-type]
 
 
-@dataclass(slots=True)
-class Outcome:
-    """What the judge saw of one request."""
-
-    room: Room
-    total_tokens: int
-    states: list[State] = field(default_factory=list)
-    aux_reads: int = 0
-    verified: bool | None = None
-    released: bool = False
-    reads: int = 0
-    resumes: int = 0
-    error: str | None = None
-    total: int | None = None
-    landed: int = 0
-    warmup: bool = False
-
-
 class AuditedBuffers:
     """The BlockBuffers port with a witness: every read is checked against the sender and the allocator."""
 
@@ -114,7 +84,7 @@ class AuditedBuffers:
         return self.inner.block_size
 
     def read_aux(self, block: int) -> AuxRow:
-        self._world._audit_aux_read(block)
+        self._world.judge.aux_read(block)
         return self.inner.read_aux(block)
 
     def new_payload(self, total_tokens: int, mrope_delta: int) -> EmbeddingPayload:
@@ -124,7 +94,7 @@ class AuditedBuffers:
         return self.inner.checksum(payload)
 
     def gather(self, blocks: Sequence[int], tokens: int, into: EmbeddingPayload, at: int) -> None:
-        self._world._audit_gather(tuple(blocks))
+        self._world.judge.gathered(tuple(blocks))
         self.inner.gather(blocks, tokens, into, at)
 
 
@@ -163,22 +133,17 @@ class World:
             ranks=ranks,
         )
         self._deadlines = deadlines(self.queue.spec, self.receiver_config)
-        self._entered: dict[Room, float] = {}
-        self._stage: dict[Room, tuple[State, int]] = {}
-        self._fair = False
+        self.judge = Judge(self)
+        self.outcomes = self.judge.outcomes
+        self.violations = self.judge.violations  # the judge's findings, and the contract errors met here
+        self._entered, self._stage, self._expect_failure = self.judge.entered, self.judge.stage, self.judge.expect_failure
         self.seed = seed
         self.bank_rows = bank_rows
-        self.outcomes: dict[Room, Outcome] = {}
-        self.violations: list[str] = []
         self.log: list[dict[str, Any]] = []
         self._recording = record
-        self._expect_failure: set[Room] = set()
         self._abort_heard: dict[Room, float] = {}  # when the sender got each abort it has not acted on
         self._concluding: dict[Room, LocallyConcludingLink] = {}  # links that conclude locally, by room
         self.version = 0  # events so far, logged or not
-        self.faulted: set[Room] = set()  # rooms a fault touched (on any rank): they need not succeed (I12)
-        self.timed_out: dict[Room, tuple[State, float]] = {}  # this iteration: state left and time spent in it
-        self.lifted: list[Room] = []  # this iteration: rooms whose fence lifted
         self._corrupted: set[tuple[Room, int]] = set()  # (room, block) of every data corruption so far
 
     # ---- the vocabulary of scenarios (each call is logged as the replay event that repeats it) -----
@@ -202,8 +167,7 @@ class World:
             if self.config.local_conclusion:
                 link = self._concluding.setdefault(room, concluding(link))  # type: ignore[assignment]
             request = self.queue.add(room, link)
-        self.outcomes[room] = Outcome(room, total_tokens, [request.state], warmup=warmup)
-        self._entered[room] = self.clock.now()
+        self.judge.arrived(request, total_tokens, warmup=warmup)
         self._log(self.log_of_arrival(room, total_tokens, progress=progress, warmup=warmup, checksum=checksum))
         return request
 
@@ -218,36 +182,27 @@ class World:
         self._log({"step": iterations})
         finished: list[ReceiverRequest[EmbeddingPayload]] = []
         for _ in range(iterations):
-            sent_before = {room: len(self.sender.room_messages(room)) for room in self.sender.rooms()}
-            fencing = [r.room for r in self.queue if r.fenced]
-            self.timed_out, self.lifted = {}, []
+            sent_before, fencing = self.judge.before_iteration()
             try:
                 ended = self.queue.step()
             except Exception as error:  # a ContractError, or a controller that crashed outright
                 self.violations.append(f"{type(error).__name__}: {error}")
                 break
-            self._observe_states(ended)
-            for request in ended:
-                self._judge_end(request)
+            self.judge.iteration(ended, sent_before, fencing)
             finished.extend(ended)
-            self._judge_deadlines()
-            self.lifted = [room for room in fencing if not getattr(self.queue.get(room), "fenced", ())]
-            self._add(allocation_order(self, sent_before))
-            if self.queue.rank_count == 1:  # on several ranks the replicas judge these, once every rank stepped
-                self._add(early_timeouts([self]) + early_fence_lifts([self]))
         return finished
 
-    def _add(self, found: Sequence[str]) -> None:
-        self.violations += [v for v in found if v not in self.violations]
-
     @property
-    def entered(self) -> dict[Room, float]:
-        """When each request entered its current state (or round), on this rank's clock."""
-        return self._entered
+    def faulted(self) -> set[Room]:
+        """Rooms a fault touched, on any rank: their requests need not succeed (I12)."""
+        return self.judge.faulted
 
     @property
     def deadlines(self) -> dict[State, float]:
         return self._deadlines
+
+    def overstayed(self, room: Room, limit: float) -> bool:
+        return self.judge.overstayed(room, limit)
 
     def advance(self, seconds: float) -> None:
         """Time passes on the receiver's clock (deadlines are judged at the next iteration).
@@ -292,7 +247,7 @@ class World:
         if lower is None or room not in self.sender.rooms() or self.sender.status(room) is KVPoll.Failed:
             return False
         self.sender.misreport(room, lower)
-        self._expect_failure.add(room)
+        self.judge.expect_failure.add(room)
         return True
 
     def kill(self, room: Room) -> None:
@@ -307,7 +262,7 @@ class World:
         self._log({"deliver": room} if blocks is None else {"deliver": {"room": room, "blocks": blocks}})
         written = len(self.sender.writes)
         landed = room in self.sender.rooms() and self.sender.deliver(room, blocks)
-        self._audit_writes(self.sender.writes[written:])
+        self.judge.wrote(self.sender.writes[written:])
         return landed
 
     def stop(self, room: Room) -> bool:
@@ -339,10 +294,10 @@ class World:
         self._log({"abort": room})
         self.faulted.add(room)
         aborted = self._contract(lambda: self.queue.abort(room))
-        self._observe_states()
+        self.judge.observe()
         request = self.queue.get(room)
         if request is not None and request.state is State.FAILED:
-            self._judge_end(request)
+            self.judge.ended(request)
         return bool(aborted)
 
     def release(self, room: Room) -> bool:
@@ -363,7 +318,7 @@ class World:
         if not self.first_chunk_unread(room):
             return False
         self.pool.aux[self.sender.room_messages(room)[0].blocks[0], 0] = value
-        self._expect_failure.add(room)
+        self.judge.expect_failure.add(room)
         return True
 
     def first_chunk_unread(self, room: Room) -> bool:
@@ -401,7 +356,7 @@ class World:
         self._corrupted.add((room, block))
         bits = self.pool.embeddings[block, :1].view(torch.int16)
         bits ^= 1  # the lowest mantissa bit: a different value whatever the value was
-        self._expect_failure.add(room)
+        self.judge.expect_failure.add(room)
         return True
 
     # ---- driving everything to an end -------------------------------------------------------------
@@ -419,11 +374,11 @@ class World:
     def fairly(self) -> Iterator[None]:
         """Unlogged, and judged as fair: under it a request with a live sender must not time out (I8)."""
         with self._quietly():
-            self._fair = True
+            self.judge.fair = True
             try:
                 yield
             finally:
-                self._fair = False
+                self.judge.fair = False
 
     def unfinished(self) -> list[ReceiverRequest[EmbeddingPayload]]:
         """Requests that are live, held for the caller, or fencing blocks."""
@@ -450,9 +405,7 @@ class World:
         return True
 
     def check_leaks(self) -> None:
-        if self.allocator.owned_count or self.allocator.fenced_count:
-            leaked = {"owned": self.allocator.owners(), "fenced": self.allocator.fences()}
-            self.violations.append(f"I5: blocks leaked after drain: {leaked}")
+        self.judge.leaks()
 
     def snapshot(self) -> tuple[object, ...]:
         return (
@@ -461,12 +414,12 @@ class World:
             tuple(self.sender.pending(room) for room in self.sender.rooms()),
         )
 
-    def _sender_dead(self, room: Room) -> bool:
+    def sender_dead(self, room: Room) -> bool:
         return room in self.sender.rooms() and self.sender.is_dead(room)
 
     def _sender_silent(self, request: ReceiverRequest[EmbeddingPayload]) -> bool:
         room = request.room
-        if self._sender_dead(room):
+        if self.sender_dead(room):
             return True
         link = self._concluding.get(room)
         return (
@@ -501,19 +454,15 @@ class World:
             "events": list(self.log),
         }
 
-    # ---- the judge -------------------------------------------------------------------------------
+    # ---- the judge's verdicts ----------------------------------------------------------------------
 
     def checkpoint(self) -> None:
         """Judge the state now and keep what is wrong: a replay is judged after every event, like the fuzzer."""
-        for violation in self._check_messages() + self._check_ownership():
-            if violation not in self.violations:
-                self.violations.append(violation)
+        self.judge.checkpoint()
 
     def check(self) -> list[str]:
         """All invariant violations seen so far, including the ones only visible in the current state."""
-        found = list(self.violations)
-        found += [v for v in self._check_messages() + self._check_ownership() if v not in found]
-        return found
+        return self.judge.check()
 
     def _contract(self, action: Any) -> Any:
         try:
@@ -521,167 +470,6 @@ class World:
         except Exception as error:  # a ContractError, or a controller that crashed outright
             self.violations.append(f"{type(error).__name__}: {error}")
             return None
-
-    def _observe_states(self, ended: Sequence[ReceiverRequest[EmbeddingPayload]] = ()) -> None:
-        for request in [*self.queue, *ended]:
-            room = request.room
-            stage = (request.state, len(self.sender.room_messages(room)) if room in self.sender.rooms() else -1)
-            last_state = self.outcomes[room].states[-1]
-            if request.state is State.FAILED and last_state is not State.FAILED and isinstance(request.error, TimedOut):
-                self.timed_out[room] = (last_state, self.clock.now() - self._entered[room])
-            if self._stage.get(room) != stage:  # a new state, or the same state for a new round
-                self._stage[room] = stage
-                self._entered[room] = self.clock.now()
-            seen = self.outcomes[room].states
-            if seen[-1] is request.state:
-                continue
-            last = seen[-1]
-            next_round = (last, request.state) == (State.RESUMING, State.WAITING_FOR_BLOCKS) and (
-                self.sender.has_progress(room)
-            )
-            if last in (State.SUCCESS, State.FAILED) or (
-                request.state is not State.FAILED and STATE_ORDER[request.state] < STATE_ORDER[last] and not next_round
-            ):
-                self.violations.append(f"I7: room {room} went {last.name} -> {request.state.name}")
-            seen.append(request.state)
-
-    def _judge_deadlines(self) -> None:
-        """After an iteration no request may have stayed in its state longer than its deadline (I8).
-
-        A fence's deadline is due when every rank's clock has passed it, which one rank cannot see: with
-        several ranks the replicas judge it (``ReplicaWorld``).
-        """
-        for request in self.queue:
-            limit = self._deadlines.get(request.state)
-            if request.state is State.FAILED and self.queue.rank_count > 1:
-                continue
-            if limit is not None and self.overstayed(request.room, limit):
-                self.violations.append(
-                    f"I8: room {request.room} stayed {request.state.name} past its {limit:g} s deadline"
-                )
-
-    def overstayed(self, room: Room, limit: float) -> bool:
-        return self.clock.now() - self._entered[room] > limit
-
-    def _judge_end(self, request: ReceiverRequest[EmbeddingPayload]) -> None:
-        outcome = self.outcomes[request.room]
-        if outcome.verified is not None:
-            return
-        outcome.reads, outcome.resumes = request.reads, request.resumes
-        outcome.total, outcome.landed = request.total_tokens, request.landed
-        outcome.error = str(request.error) if request.error else None
-        # two reads, plus one per extra round when the sender reports progress
-        allowed = MAX_READS_PER_REQUEST + max(0, request.resumes - 1) * self.sender.has_progress(request.room)
-        if request.reads > allowed:
-            self.violations.append(f"I1: room {request.room} read the pool {request.reads} times")
-        if request.state is State.FAILED:
-            outcome.verified = False
-            self._add(liveness(self, request))
-            if self._fair and isinstance(request.error, TimedOut) and not self._sender_dead(request.room):
-                self.violations.append(f"I8: room {request.room} timed out under a fair schedule: {request.error}")
-            if not isinstance(request.error, ReceiverError) or request.error.room != request.room:
-                self.violations.append(f"I10: room {request.room} failed without a typed error: {request.error!r}")
-            return
-        if outcome.warmup:
-            outcome.verified = request.reads == 0 and request.payload is None
-            if not outcome.verified:
-                self.violations.append(f"I11: warm-up room {request.room} read the pool")
-            return
-        if request.room in self._expect_failure:
-            self.violations.append(
-                f"I10: room {request.room} succeeded on corrupt input (aux row, data or a backwards status)"
-            )
-        assert request.payload is not None
-        wrong = self.sender.source(request.room).mismatches(request.payload)
-        outcome.verified = not wrong
-        if wrong:
-            self.violations.append(f"I6: room {request.room} payload differs from the sender's: {wrong}")
-
-    def _audit_aux_read(self, block: int) -> None:
-        owner = self._owner_of((block,))
-        if owner is None:
-            return
-        outcome = self.outcomes[owner]
-        outcome.aux_reads += 1
-        first = self.sender.room_messages(owner)[0].blocks[0] if self.sender.room_messages(owner) else None
-        if block != first:
-            self.violations.append(f"I2: room {owner} read aux of block {block}, its A0[0] is {first}")
-        if outcome.aux_reads > 1:
-            self.violations.append(f"I2: room {owner} read an aux row {outcome.aux_reads} times")
-
-    def _audit_gather(self, blocks: tuple[int, ...]) -> None:
-        owner = self._owner_of(blocks)
-        if owner is None:
-            return
-        in_flight = set(blocks) & self.sender.writing_blocks()
-        if in_flight:
-            self.violations.append(f"I1: room {owner} read blocks {sorted(in_flight)} the sender has yet to write")
-        messages = self.sender.room_messages(owner)
-        if not messages or messages[-1].blocks != blocks:
-            self.violations.append(f"I1: room {owner} read {list(blocks)}, not the allocation it sent last")
-        if self.sender.status(owner) not in (KVPoll.Transferring, KVPoll.Success):
-            self.violations.append(f"I1: room {owner} read before any chunk landed")
-
-    def _audit_writes(self, writes: Sequence[tuple[Room, int]]) -> None:
-        """The sender may write only into rows its room owns or fences: a write into a free row, or into
-        another request's, corrupts whoever is handed that row next (#23)."""
-        for room, block in writes:
-            kind, holder = self.allocator.holder(block)
-            if holder != room:
-                whose = kind if holder is None else f"{kind} by room {holder}"
-                self.violations.append(f"I5: the sender wrote room {room}'s data into block {block}, which is {whose}")
-
-    def _owner_of(self, blocks: tuple[int, ...]) -> Room | None:
-        owners = {room for room, held in self.allocator.owners().items() if set(blocks) & set(held)}
-        if len(owners) != 1 or not set(blocks) <= set(self.allocator.owned_by(next(iter(owners)))):
-            self.violations.append(f"I5: read of blocks {list(blocks)} owned by {sorted(owners) or 'nobody'}")
-            return None
-        return next(iter(owners))
-
-    def _check_messages(self) -> list[str]:
-        found = []
-        b = self.config.block_size
-        last_sent: dict[Room, int] = {}
-        for m in self.sender.messages:
-            if m.allocated_tokens != len(m.blocks) * b:
-                found.append(
-                    f"I3: room {m.room} {m.kind} allocated_tokens={m.allocated_tokens} for {len(m.blocks)} blocks"
-                )
-            if m.kind == "resume":
-                total = self.outcomes[m.room].total_tokens
-                if m.sent_tokens % b or not 0 < m.sent_tokens < total:
-                    found.append(f"I3: room {m.room} resume at S={m.sent_tokens} (B={b}, T={total})")
-                if m.sent_tokens <= last_sent.get(m.room, 0):
-                    found.append(f"I4: room {m.room} resumed twice at S={m.sent_tokens}")
-                last_sent[m.room] = m.sent_tokens
-        return found
-
-    def _check_ownership(self) -> list[str]:
-        found = []
-        allocator = self.allocator
-        if allocator.free_count + allocator.owned_count + allocator.fenced_count != allocator.num_blocks:
-            found.append("I5: free + owned + fenced != pool size")
-        if allocator.rejected_frees:
-            found.append(f"I5: {allocator.rejected_frees} double or foreign frees")
-        holders = {r.room: r for r in self.queue}
-        owners = allocator.owners()
-        for room, blocks in owners.items():
-            request = holders.get(room)
-            if request is None or request.state is State.FAILED or set(request.blocks) != set(blocks):
-                found.append(f"I5: blocks {list(blocks)} owned by room {room}, which holds {request!r}")
-        fences = allocator.fences()
-        for room, blocks in fences.items():
-            request = holders.get(room)
-            if request is None or request.state is not State.FAILED or set(request.fenced) != set(blocks):
-                found.append(f"I5: blocks {list(blocks)} fenced for room {room}, which holds {request!r}")
-        for room, request in holders.items():
-            if request.fenced and room not in fences:
-                found.append(f"I5: room {room} fences {list(request.fenced)}, which the allocator does not")
-            if request.warmup and (request.blocks or room in owners):
-                found.append(f"I11: warm-up room {room} holds blocks {list(request.blocks)}")
-            if request.blocks and room not in owners:
-                found.append(f"I5: room {room} holds {list(request.blocks)}, which the allocator says it does not own")
-        return found
 
     def request_view(self, room: Room) -> dict[str, Any]:
         """The controller's view of one request, live or retired: state, blocks held, cached T, landed."""

@@ -113,8 +113,10 @@ def test_storage_is_reused_only_after_it_is_given_back() -> None:
     second = arena.take(10)
     assert first.embeddings.data_ptr() != second.embeddings.data_ptr()  # both lent: never shared
     assert arena.give_back(first) and not arena.give_back(first)  # a second give-back is ignored
+    pointer = first.embeddings.data_ptr()
+    del first  # nothing views the storage any more: only now may it be reused
     third = arena.take(6)  # a smaller payload fits in the storage given back
-    assert third.embeddings.data_ptr() == first.embeddings.data_ptr()
+    assert third.embeddings.data_ptr() == pointer
     assert (arena.allocated, arena.reused, arena.lent) == (2, 1, 2)
 
 
