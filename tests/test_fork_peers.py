@@ -38,7 +38,7 @@ def pair() -> Iterator[tuple[MooncakeReceiver, ForkEncode]]:
     server = BootstrapServer()
     fork = ForkEncode(server.address)
     buffers = TorchBlockBuffers(8, B, 8)
-    receiver = MooncakeReceiver(SessionOnly(), buffers, server.address, rank=0)  # type: ignore[arg-type]
+    receiver = MooncakeReceiver(SessionOnly(), buffers, server.address, rank=0)
     yield receiver, fork
     receiver.close()
     fork.close()

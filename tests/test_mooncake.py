@@ -82,7 +82,8 @@ def test_loopback_two_ranks_every_payload_verified_on_every_rank(cluster) -> Non
     assert set(summary["causes"]) <= {"aborted", "sender_failed"}
     assert summary["fenced_blocks"] == [0, 0]  # every fence lifted: the sender acknowledged each abort
     assert all(rank["extension"] and rank["dropped"] == {} for rank in summary["per_rank"])
-    assert summary["transfer"]["encode_dropped"] == {}
+    # One rank's abort may overtake the other rank's init of the same room: that init is then stale.
+    assert set(summary["transfer"]["encode_dropped"]) <= {"stale"}
     transfer = summary["transfer"]
     assert transfer["bytes"] > 0 and transfer["failed_writes"] == 0
     assert transfer["raw_bytes"] == transfer["bytes"] and transfer["raw_rc"] == 0

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from epd_receiver.adapters import fork_wire as wire
 from epd_receiver.adapters.encode_desk import EncodeDesk, RoomPlan
-from epd_receiver.adapters.mooncake import LanguageInbox, RoomView
+from epd_receiver.adapters.language_inbox import LanguageInbox, RoomView
 
 B = 4
 ENCODE = "127.0.0.1:7000"
