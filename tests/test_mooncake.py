@@ -7,12 +7,13 @@ a workload on them; the fault test kills the Encode process and the next use sta
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from epd_receiver.adapters.encode_write import coalesce, write_entries
-from epd_receiver.adapters.mooncake import mooncake_missing
+from epd_receiver.adapters.mooncake import Geometry, mooncake_missing
 from epd_receiver.adapters.simulate import Workload
 from epd_receiver.adapters.world import WorldConfig
 
@@ -177,6 +178,28 @@ def test_our_encode_process_serves_the_fork_s_language_side(cluster) -> None:  #
     finally:
         fork.close()
         engine.unregister(pool.buffers())
+
+
+def test_junk_on_the_wire_ends_no_process_and_fails_no_request(cluster) -> None:  # type: ignore[no-untyped-def]
+    import zmq
+
+    from epd_receiver.adapters.bootstrap import encode_rank_endpoint
+
+    encode = cluster.ensure_encode()
+    encode.control.begin(Geometry(64, B, H, 0), [])
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 1000)
+    push.connect(f"tcp://{encode_rank_endpoint(cluster.bootstrap.address, 0, 0)}")
+    junk = [[b"None"], [b"7", b"x"], [b"\xff"] * 7, [b"7", b"127.0.0.1", b"1", b"127.0.0.1:2", b"1", b"1", b"8"]]
+    for frames in junk:
+        push.send_multipart(frames)
+    push.close()
+    deadline = time.monotonic() + 10
+    while sum(encode.stats()["dropped"].values()) < len(junk) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert encode.stats()["dropped"] == {"truncated": 2, "malformed": 1, "unknown_peer": 1} and encode.alive
+    summary = cluster.run(world(), Workload(requests=6, seed=13))
+    assert summary["violations"] == [] and summary["verified"] == summary["succeeded"] == 6
 
 
 def test_several_ranks_need_the_real_transport(capsys: pytest.CaptureFixture[str]) -> None:

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from epd_receiver.adapters import fork_wire as wire
+from epd_receiver.adapters.encode_control import decode_json
 from epd_receiver.adapters.encode_desk import EncodeDesk, RoomPlan
 from epd_receiver.adapters.language_inbox import LanguageInbox, RoomView
 
@@ -278,3 +279,9 @@ def test_statuses_round_trip(room: int, status: int, landed: int | None, reason:
     decoded = wire.decode_to_language(wire.encode_status(message), extended=True)
     assert isinstance(decoded, wire.StatusReport)
     assert (decoded.room, decoded.status, decoded.landed) == (room, status, landed)
+
+
+@given(frame=st.binary(max_size=64) | st.text(max_size=40).map(str.encode))
+def test_the_control_plane_decoder_is_total(frame: bytes) -> None:
+    message = decode_json(frame)
+    assert message is None or isinstance(message["op"], str)
