@@ -7,11 +7,12 @@ write next and how, reports what landed, and sends the frames it leaves in ``out
 It behaves as the fork's Encode manager does (ZhengWG/sglang at cca20b0, ``python/sglang/srt/
 disaggregation/mooncake/conn_multimodal.py``, ``conn:LINE`` below): a registration records a Language
 rank's pointers by its engine session (``conn:512-521``); a room starts once ``required_dst_info_num``
-Language ranks have sent their init (``conn:608-626``); a resume is written only when every one of them
-has sent its own (``conn:526-600``); each rank's chunk follows ``send_embedding``'s arithmetic
+Language ranks have sent their init (``conn:610-626``); a resume is written only when every one of them
+has sent its own (``conn:526-609``); each rank's chunk follows ``send_embedding``'s arithmetic
 (``conn:237-367``: tokens = min(T - sent, allocated), source from block sent // B, the aux row only
 with block 0 of the first chunk), and the status goes to every rank once all are written
-(``conn:473-485``), Failed to all of them as soon as one write fails (``conn:437-471``).
+(``conn:473-485``). A failed write ends the room: the fork stops there too but tells only the rank
+it failed for (``conn:441-471``); this side tells every rank, so that each has evidence of the stop.
 
 Where the fork's thread would die (a frame of a shape it does not expect, an init from a session that
 never registered, a block size it cannot divide) this one drops the frame with a counted cause, or
@@ -205,7 +206,7 @@ class EncodeDesk:
             if len(peer.pointers) != self.buffers:
                 return f"the Language pool has {len(peer.pointers)} buffers, this side writes {self.buffers}"
             remaining = plan.total_tokens - target.sent_tokens
-            if remaining <= 0:
+            if remaining <= 0:  # the fork would write nothing and report Success; nothing asked for that
                 return f"a resume past the end: {target.sent_tokens} of {plan.total_tokens} tokens sent"
             tokens = min(remaining, target.allocated_tokens)
             needed = -(-tokens // b)
