@@ -277,10 +277,14 @@ class MooncakeReceiver:
         return 0
 
     def _flush_aborts(self, endpoint: str) -> None:
+        """Aborts that waited for this peer's hello; called from ``pump``, so a failure is logged, not raised."""
         for room, view in self.inbox.rooms.items():
             if view.peer == endpoint and view.abort == "wanted":
                 view.abort = ""
-                self.send_abort(room)
+                try:
+                    self.send_abort(room)
+                except SenderUnreachable as error:
+                    logger.warning("rank %d: the abort of room %d stays unsent: %s", self.rank, room, error)
 
     def _push(self, endpoint: str, frames: list[bytes]) -> None:
         socket = self._pushes.get(endpoint)

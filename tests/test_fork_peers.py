@@ -13,6 +13,7 @@ import pytest
 import torch
 from fork_wire_fakes import ForkEncode
 
+from epd_receiver.adapters import fork_wire as wire
 from epd_receiver.adapters.bootstrap import BootstrapServer
 from epd_receiver.adapters.buffers import TorchBlockBuffers
 from epd_receiver.adapters.mooncake import MooncakeLink, MooncakeReceiver, ProgressMooncakeLink
@@ -131,3 +132,30 @@ def test_junk_from_the_encode_side_fails_no_request(pair: tuple[MooncakeReceiver
     fork.report(init, KVPoll.Success)
     settle(receiver, link, KVPoll.Success)
     assert receiver.dropped == {"truncated": 1, "malformed": 3, "unknown_room": 1}
+
+
+def test_an_abort_waits_for_the_encode_rank_to_say_it_understands_one(
+    pair: tuple[MooncakeReceiver, ForkEncode],
+) -> None:
+    """A peer that says hello late (ours, slow) still gets the abort, then its acknowledgement stops the writes."""
+    receiver, fork = pair
+    receiver.connect(wait_s=0.1)
+    fork.pump()  # the registration
+    link = receiver.link(2)
+    link.init([0], B)
+    (init,) = fork.pump()
+    link.abort()
+    assert not fork.pull.poll(100)  # no hello yet: nothing sent
+    fork.report(init, KVPoll.Transferring)  # opens the push socket towards the receiver
+    push = fork.pushes[f"tcp://127.0.0.1:{receiver.port}"]
+    push.send_multipart([wire.EXT_TAG, b"hello", f"127.0.0.1:{fork.port}".encode()])
+    settle(receiver, link, KVPoll.Transferring)
+    assert fork.pull.poll(2000)
+    assert fork.pull.recv_multipart() == [wire.EXT_TAG, b"abort", b"2", SessionOnly.session.encode()]
+    assert not link.writes_stopped()
+    push.send_multipart(wire.encode_abort_ack(wire.AbortAck(2)))
+    for _ in range(200):
+        if link.writes_stopped():
+            break
+        receiver.wait(0.01)
+    assert link.writes_stopped() and receiver.dropped == {}
