@@ -79,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     var.add_argument("--record", type=Path, metavar="DIR", help="write each minimal failing schedule to DIR")
     var.add_argument("--json", action="store_true")
 
+    exp = commands.add_parser("explore", help="walk small worlds exhaustively: every interleaving to a depth")
+    exp.add_argument("--depth", type=int, help="events from the empty world (default: each world's own bound)")
+    exp.add_argument("--ranks", type=int, choices=(1, 2), help="only the worlds of this many ranks")
+    exp.add_argument("--variant", choices=sorted(VARIANTS), help="hunt a catalogued bug variant instead")
+    exp.add_argument("--json", action="store_true", help="the counts, and the first violation as a scenario")
+
     spec = commands.add_parser("spec", help="the specification")
     spec_commands = spec.add_subparsers(dest="spec_command", required=True)
     spec_commands.add_parser("diagram", help="print the Mermaid state diagram generated from the Machine")
@@ -98,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _bench(args)
     if args.command == "replay":
         return _replay(args)
+    if args.command == "explore":
+        return _explore(args)
     if args.command == "variants":
         return _variants(args)
     if args.spec_command == "sync":
@@ -271,6 +279,12 @@ def _replay(args: argparse.Namespace) -> int:
         return 2
     print(json.dumps(report, indent=2))
     return 0 if not report["violations"] else 1
+
+
+def _explore(args: argparse.Namespace) -> int:
+    from .explore import command
+
+    return command(args.depth, args.ranks, VARIANTS[args.variant] if args.variant else None, args.json)
 
 
 def _variants(args: argparse.Namespace) -> int:
