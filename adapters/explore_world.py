@@ -309,7 +309,8 @@ _JUDGE_SCRATCH = frozenset({"world", "outcomes", "violations", "entered", "fair"
 def _judge_memory(world: World, now: float) -> tuple[object, ...]:
     """What the judge and the world remember between events: when each room entered its state (I8, I13),
     every other note of the judge's (rooms that must fail, I10; that a fault touched, I12; whose sender
-    died, ...), which aborts the sender heard and when (the drain contract), which chunks were flipped."""
+    died, ...), which aborts the sender heard and when (the drain contract), which chunks were flipped,
+    and what each locally concluding link concluded (it outlives its request: a late write still lands)."""
     judge = world.judge
     notes = tuple((name, _canon(value)) for name, value in sorted(vars(judge).items()) if name not in _JUDGE_SCRATCH)
     return (
@@ -317,4 +318,5 @@ def _judge_memory(world: World, now: float) -> tuple[object, ...]:
         notes,
         tuple(sorted((room, now - t) for room, t in world._abort_heard.items())),
         tuple(sorted(world._corrupted)),
+        tuple((room, link.aborted, link.concluded) for room, link in world._concluding.items()),
     )
