@@ -32,6 +32,7 @@ from hypothesis.stateful import (
 
 from epd_receiver.fsm import ReceiverRequest, State
 
+from .faults import LINK_CALLS
 from .judge import label as catch_label
 from .replicas import ReplicaWorld
 from .variants import Variant
@@ -80,6 +81,8 @@ PROPERTIES = frozenset(f"I{n}" for n in range(1, 15))
 MAX_LIVE = 5
 MAX_TOTAL = 1 << 20
 IMPOSSIBLE_TOTALS = st.sampled_from([0, -1, -(2**31), MAX_TOTAL + 1])
+# statuses, values beside them, and the extremes a garbled 32-bit field can hold
+ANY_STATUS = st.one_of(st.integers(-2, 7), st.sampled_from([2**31 - 1, -(2**31)]))
 
 
 class ReceiverProtocol(RuleBasedStateMachine):
@@ -227,6 +230,52 @@ class ReceiverProtocol(RuleBasedStateMachine):
         else:
             self.world.corrupt_aux(room, data.draw(IMPOSSIBLE_TOTALS, label="T"))
 
+    @precondition(lambda self: bool(self._live()))
+    @rule(data=st.data(), status=ANY_STATUS)
+    def a_status_that_cannot_be(self, data: st.DataObject, status: int) -> None:
+        """The next poll answers a value outside KVPoll, a premature or backwards status, or a stale one;
+        the world refuses a lie the receiver could not tell from the truth."""
+        room = data.draw(st.sampled_from([r.room for r in self._live()]), label="room")
+        self.world.misreport(room, status, **self._some_ranks(data))
+
+    @precondition(lambda self: bool(self._first_chunk_unread()))
+    @rule(data=st.data(), value=st.one_of(IMPOSSIBLE_TOTALS, st.integers(1, 64)))
+    def the_sender_misstates_its_total(self, data: st.DataObject, value: int) -> None:
+        """A wrong T in A0[0]: impossible, or plausible but at odds with the status or the checksum."""
+        room = data.draw(st.sampled_from(self._first_chunk_unread()), label="room")
+        self.world.corrupt_aux(room, value, **self._some_ranks(data))
+
+    @precondition(lambda self: bool(self._with_progress()))
+    @rule(data=st.data(), delta=st.integers(-8, 8).filter(bool))
+    def the_sender_miscounts_what_landed(self, data: st.DataObject, delta: int) -> None:
+        room = data.draw(st.sampled_from(self._with_progress()), label="room")
+        self.world.misreport_landed(room, delta, **self._some_ranks(data))
+
+    @precondition(lambda self: bool(self._requests(State.FAILED) or self._live()))
+    @rule(data=st.data(), call=st.sampled_from(LINK_CALLS))
+    def a_link_breaks(self, data: st.DataObject, call: str) -> None:
+        """The link's poll, init or resume raises from now on, as over a dead socket."""
+        rooms = [r.room for r in self._requests(State.FAILED) + self._live() if not r.warmup]
+        if rooms:
+            self.world.break_link(data.draw(st.sampled_from(rooms), label="room"), call, **self._some_ranks(data))
+
+    @precondition(lambda self: bool(self._requests(State.SUCCESS, State.FAILED)))
+    @rule(data=st.data())
+    def the_client_aborts_an_ended_request(self, data: st.DataObject) -> None:
+        """An abort that arrives after the end (held, fencing, or already gone) changes nothing."""
+        ended = [r.room for r in self._requests(State.SUCCESS, State.FAILED)]
+        self.world.abort(data.draw(st.sampled_from(ended), label="room"))
+
+    def _some_ranks(self, data: st.DataObject) -> dict[str, Any]:
+        """On one rank the event reaches the world; on several, the ranks it reaches (see MultiRankProtocol)."""
+        return {}
+
+    def _with_progress(self) -> list[int]:
+        return [r.room for r in self._live() if self.world.sender.has_progress(r.room)]
+
+    def _first_chunk_unread(self) -> list[int]:
+        return [r.room for r in self._live() if self.world.first_chunk_unread(r.room)]
+
     @rule(seconds=st.sampled_from([0.5, 5.0, 30.0, 61.0]))
     def time_passes(self, seconds: float) -> None:
         self.world.advance(seconds)
@@ -347,6 +396,25 @@ class MultiRankProtocol(ReceiverProtocol):
     def _rank(self, data: st.DataObject) -> list[int]:
         return [data.draw(st.integers(0, type(self).ranks - 1), label="rank")]
 
+    def _some_ranks(self, data: st.DataObject) -> dict[str, Any]:
+        if data.draw(st.booleans(), label="every rank"):
+            return {}
+        return {"ranks": self._rank(data)}
+
+    @precondition(lambda self: bool(self._live()))
+    @rule(data=st.data(), fault=st.sampled_from(["fails", "dies"]))
+    def one_rank_sender_fails_or_dies(self, data: st.DataObject, fault: str) -> None:
+        """The sender serving one rank fails, or dies silently; the others' go on."""
+        room = data.draw(st.sampled_from([r.room for r in self._live()]), label="room")
+        (self.world.fail if fault == "fails" else self.world.kill)(room, ranks=self._rank(data))
+
+    @precondition(lambda self: bool(self._with_abort_queued()))
+    @rule(data=st.data())
+    def one_rank_sender_acts_on_an_abort(self, data: st.DataObject) -> None:
+        """One rank's sender acknowledges the abort: a fence must wait for every rank's."""
+        room = data.draw(st.sampled_from(self._with_abort_queued()), label="room")
+        self.world.stop(room, ranks=self._rank(data))
+
     @precondition(lambda self: bool(self._with_pending_chunk()))
     @rule(data=st.data())
     def one_rank_sees_a_chunk_first(self, data: st.DataObject) -> None:
@@ -354,7 +422,7 @@ class MultiRankProtocol(ReceiverProtocol):
         room = data.draw(st.sampled_from(self._with_pending_chunk()), label="room")
         self.world.deliver(room, ranks=self._rank(data))
 
-    def _first_chunk_unread(self) -> list[int]:
+    def _first_chunk_unread(self) -> list[int]:  # type: ignore[override]
         """Rooms whose first chunk landed on every rank and is not read yet."""
         return [r.room for r in self._live() if all(w.first_chunk_unread(r.room) for w in self.world.ranks)]
 

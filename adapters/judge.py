@@ -67,7 +67,10 @@ class Judge:
         self.stage: dict[Room, tuple[State, int]] = {}
         self.expect_failure: set[Room] = set()  # rooms given input that cannot be true: they must fail (I10)
         self.faulted: set[Room] = set()  # rooms any fault touched, on any rank: they need not succeed (I12)
+        # rooms whose sender died, or answered a poll with stale news, on any rank: they may time out (I8)
+        self.silenced: set[Room] = set()
         self.fair = False  # under a fair schedule a live sender's request must not time out (I8)
+        self.honest = True  # False when the bench's sender is rigged with a bug of its own: nothing is owed
         self.timed_out: dict[Room, tuple[State, float]] = {}  # this iteration: the state left, time spent there
         self.lifted: list[Room] = []  # this iteration: rooms whose fence lifted
 
@@ -264,7 +267,7 @@ class Judge:
         outcome.verified = False
         room = request.room
         self.add(liveness(self, request))
-        if self.fair and isinstance(request.error, TimedOut) and not self.world.sender_dead(room):
+        if self.fair and isinstance(request.error, TimedOut) and room not in self.silenced:
             self.violations.append(f"I8: room {room} timed out under a fair schedule: {request.error}")
         if not isinstance(request.error, ReceiverError) or request.error.room != room:
             self.violations.append(f"I10: room {room} failed without a typed error: {request.error!r}")

@@ -33,7 +33,7 @@ def entitled(judge: Judge, room: Room) -> bool:
     and the pool can hold A0 and, without progress, the whole remainder (with progress, rounds of any size).
     """
     config = judge.world.config
-    if room in judge.faulted or config.sender_block_size not in (None, config.block_size):
+    if not judge.honest or room in judge.faulted or config.sender_block_size not in (None, config.block_size):
         return False
     outcome = judge.outcomes[room]
     if outcome.warmup:

@@ -23,16 +23,15 @@ from typing import Any
 from epd_receiver.fsm import KVPoll, ReceiverQueue, ReceiverRequest, ReceiverSpec, Room
 from epd_receiver.fsm.errors import RankDivergence
 
+from .fair import run_fairly
 from .payload import EmbeddingPayload
 from .properties import early_fence_lifts, early_timeouts
-from .world import World, WorldConfig, run_fairly
+from .world import World, WorldConfig
 
 _END_OF_ITERATION = "end of iteration"
 _ON_EVERY_RANK = {  # World method -> replay event
     "abort": "abort",
     "release": "release",
-    "kill": "kill",
-    "stop": "stop",
     "go_backwards": "backwards",
 }
 _PATIENCE_S = 30.0  # only a bug in this module could make a rank wait this long for its turn
@@ -152,9 +151,11 @@ class ReplicaWorld:
             )
             for r in range(ranks)
         ]
-        faulted: set[Room] = set()  # a fault on one rank excuses the request's failure on every rank (I12)
+        # a fault on one rank excuses the request's failure on every rank (I12), a death its timeout (I8)
+        faulted: set[Room] = set()
+        silenced: set[Room] = set()
         for world in self.ranks:
-            world.judge.faulted = faulted
+            world.judge.faulted, world.judge.silenced = faulted, silenced
         self.violations: list[str] = []
         self.log: list[dict[str, Any]] = []
         self._recording = True
@@ -206,6 +207,40 @@ class ReplicaWorld:
         self._log("fail", {"room": room}, ranks)
         for r in self._named(ranks):
             self.ranks[r].fail(room)
+
+    def kill(self, room: Room, ranks: Sequence[int] | None = None) -> None:
+        """The sender dies silently on the named ranks (all by default): the others' senders live on."""
+        self._log("kill", {"room": room}, ranks)
+        for r in self._named(ranks):
+            self.ranks[r].kill(room)
+
+    def stop(self, room: Room, ranks: Sequence[int] | None = None) -> bool:
+        """The sender acts on the abort on the named ranks: a fence lifts once every rank's has."""
+        self._log("stop", {"room": room}, ranks)
+        return any([self.ranks[r].stop(room) for r in self._named(ranks)])
+
+    def misreport(self, room: Room, status: int, ranks: Sequence[int] | None = None) -> bool:
+        """A wrong next poll answer on the named ranks; refused while any rank still has one to give, since
+        what the others answer decides what the MIN lets through."""
+        self._log("misreport", {"room": room, "status": status}, ranks)
+        if self._misreport_pending(room):
+            return False
+        alone = ranks is not None and len(set(ranks)) < len(self.ranks)
+        return any([self.ranks[r].misreport(room, status, alone=alone) for r in self._named(ranks)])
+
+    def misreport_landed(self, room: Room, delta: int, ranks: Sequence[int] | None = None) -> bool:
+        self._log("misreport", {"room": room, "landed": delta}, ranks)
+        if self._misreport_pending(room):
+            return False
+        alone = ranks is not None and len(set(ranks)) < len(self.ranks)
+        return any([self.ranks[r].misreport_landed(room, delta, alone=alone) for r in self._named(ranks)])
+
+    def _misreport_pending(self, room: Room) -> bool:
+        return any(world.sender.misreport_pending(room) for world in self.ranks)
+
+    def break_link(self, room: Room, call: str, ranks: Sequence[int] | None = None) -> bool:
+        self._log("break", {"room": room, "call": call}, ranks)
+        return any([self.ranks[r].break_link(room, call) for r in self._named(ranks)])
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         """Client and sender events that reach every rank alike: abort, release, kill, stop, ..."""
@@ -273,7 +308,12 @@ class ReplicaWorld:
             self.release(room)
 
     def wait_out_dead_senders(self) -> bool:
-        return any([world.wait_out_dead_senders() for world in self.ranks])
+        """Time passes for every rank alike when a silent sender on any rank holds a request up."""
+        if not any([world.held_up_by_silence() for world in self.ranks]):
+            return False
+        for world in self.ranks:
+            world.wait_out_deadlines()
+        return True
 
     def snapshot(self) -> tuple[object, ...]:
         return tuple(world.snapshot() for world in self.ranks)
@@ -367,6 +407,7 @@ class EagerFanIn:
         self._started: dict[tuple[Room, int], int] = {}  # (room, sent) -> the rank whose resume started it
         for rank, replica in enumerate(world.ranks):
             replica.sender.on_resume = self._on_resume_of(rank, replica.sender.on_resume)  # type: ignore[method-assign]
+            replica.judge.honest = False  # a sender with this bug owes no request success (I12)
 
     def _on_resume_of(self, rank: int, original: Callable[..., None]) -> Callable[..., None]:
         def on_resume(room: Room, blocks: Sequence[int], sent_tokens: int, allocated_tokens: int) -> None:

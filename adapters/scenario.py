@@ -66,11 +66,6 @@ def _late(world: Bench, argument: Any) -> None:
     world.late_status(room, None if status is None else KVPoll(int(status)), **_on_ranks(argument))
 
 
-def _fail(world: Bench, argument: Any) -> None:
-    room, _ = _room_and(argument, "room")
-    world.fail(room, **_on_ranks(argument))
-
-
 def _advance(world: Bench, argument: Any) -> None:
     seconds = argument["seconds"] if isinstance(argument, dict) else argument
     world.advance(float(seconds), **_on_ranks(argument))
@@ -86,24 +81,46 @@ def _corrupt(world: Bench, argument: Any) -> None:
         raise ScenarioError(f"corrupt: the field is 'total_tokens' or 'embeddings', not {field!r}")
 
 
+def _misreport(world: Bench, argument: Any) -> None:
+    room = int(argument["room"])
+    if "landed" in argument:
+        world.misreport_landed(room, int(argument["landed"]), **_on_ranks(argument))
+    else:
+        world.misreport(room, int(argument["status"]), **_on_ranks(argument))
+
+
+def _per_rank(method: str) -> Callable[[Bench, Any], object]:
+    """An event naming a room, or a room and the ranks it reaches."""
+
+    def apply(world: Bench, argument: Any) -> object:
+        room, _ = _room_and(argument, "room")
+        return getattr(world, method)(room, **_on_ranks(argument))
+
+    return apply
+
+
 EVENTS: dict[str, Callable[[Bench, Any], object]] = {
     "step": lambda world, count: world.step(int(count)),
     "deliver": _deliver,
-    "fail": _fail,
+    "fail": _per_rank("fail"),
     "abort": lambda world, room: world.abort(int(room)),
     "release": lambda world, room: world.release(int(room)),
     "late": _late,
     "corrupt": _corrupt,
     "drain": lambda world, patience: world.drain(int(patience or 3)),
     "advance": _advance,
-    "kill": lambda world, room: world.kill(int(room)),
-    "stop": lambda world, room: world.stop(int(room)),
+    "kill": _per_rank("kill"),
+    "stop": _per_rank("stop"),
+    "misreport": _misreport,
+    "break": lambda world, arg: world.break_link(int(arg["room"]), str(arg["call"]), **_on_ranks(arg)),
     "backwards": lambda world, room: world.go_backwards(int(room)),
     "arrive": _arrive,
 }
 
 
-ROOM_EVENTS = frozenset({"deliver", "fail", "abort", "release", "late", "corrupt", "kill", "stop", "backwards"})
+ROOM_EVENTS = frozenset(
+    {"deliver", "fail", "abort", "release", "late", "corrupt", "kill", "stop", "backwards", "misreport", "break"}
+)
 
 
 def load_scenario(path: Path) -> dict[str, Any]:

@@ -133,7 +133,9 @@ class _Room:
     pending: Chunk | None = None
     handshake_pending: bool = False
     progress: bool = False
-    misreport: KVPoll | None = None  # a faulty sender's next poll answer, below what it already reported
+    misreport: int | None = None  # a faulty sender's next poll answer, whatever it really reported
+    landed_off: int = 0  # a faulty sender's next landed count is this many tokens off
+    broken: set[str] = field(default_factory=set)  # link calls that raise: the socket is dead
     dead: bool = False
     abort_queued: bool = False  # the receiver's abort arrived and the sender has not acted on it yet
     stopped: bool = False  # the sender acted on an abort: no more writes, and it says so when asked
@@ -206,12 +208,39 @@ class InProcessSender:
     def status(self, room: Room) -> KVPoll:
         return self._rooms[room].status
 
-    def misreport(self, room: Room, status: KVPoll) -> None:
+    def misreport(self, room: Room, status: int) -> None:
         """A faulty sender: its next poll answer is ``status``, whatever it reported before."""
-        self._rooms[room].misreport = status
+        self._rooms[room].misreport = int(status)
+
+    def misreport_pending(self, room: Room) -> bool:
+        state = self._rooms.get(room)
+        return state is not None and (state.misreport is not None or state.landed_off != 0)
+
+    def misreport_landed(self, room: Room, delta: int) -> None:
+        """A faulty sender: its next landed count is ``delta`` tokens off."""
+        self._rooms[room].landed_off = delta
+
+    def reported_landed(self, room: Room) -> int:
+        """What the receiver's landed-count query sees: the truth, or a faulty sender's one-off error."""
+        state = self._rooms[room]
+        off, state.landed_off = state.landed_off, 0
+        return state.sent_tokens + off
+
+    def break_link(self, room: Room, call: str) -> None:
+        """From now on the receiver's ``call`` on this room's link raises, as over a dead socket."""
+        self._rooms[room].broken.add(call)
+
+    def is_broken(self, room: Room) -> bool:
+        state = self._rooms.get(room)
+        return state is not None and bool(state.broken)
+
+    def _raise_if_broken(self, room: Room, call: str) -> None:
+        if call in self._rooms[room].broken:
+            raise ConnectionResetError(f"room {room}: {call} over a dead link")
 
     def poll(self, room: Room) -> int:
         """What the receiver's poll sees: the status table, or a faulty sender's one-off misreport."""
+        self._raise_if_broken(room, "poll")
         state = self._rooms[room]
         if state.misreport is not None:
             value, state.misreport = state.misreport, None
@@ -247,6 +276,7 @@ class InProcessSender:
     # ---- what the receiver sends -----------------------------------------------------------------
 
     def on_init(self, room: Room, blocks: Sequence[int], allocated_tokens: int) -> None:
+        self._raise_if_broken(room, "init")
         state = self._record(room, "init", blocks, 0, allocated_tokens)
         if state.status is KVPoll.Failed:
             return
@@ -254,6 +284,7 @@ class InProcessSender:
             state.pending = Chunk(tuple(blocks), 0, allocated_tokens)
 
     def on_resume(self, room: Room, blocks: Sequence[int], sent_tokens: int, allocated_tokens: int) -> None:
+        self._raise_if_broken(room, "resume")
         state = self._record(room, "resume", blocks, sent_tokens, allocated_tokens)
         if state.status is not KVPoll.Transferring:
             return  # the original drops a resume for a room it no longer tracks
@@ -425,7 +456,7 @@ class ProgressSenderLink(SenderLink):
     __slots__ = ()
 
     def landed_tokens(self) -> int:
-        return self._sender.sent_tokens(self._room)
+        return self._sender.reported_landed(self._room)
 
 
 class WarmupLink:

@@ -135,7 +135,7 @@ CATALOGUE = (
         2,
         "Init carries the requested default D, not the granted len(blocks)*B.",
         InitWithRequestedTokens,
-        caught_by=frozenset({"I3"}),
+        caught_by=frozenset({"I3", "I12"}),  # the sender refuses the init: a good request is lost
     ),
     Variant(
         "aux-of-resume-blocks-at-success",
@@ -360,7 +360,7 @@ CATALOGUE = (
         "A Failed that the link reports of its own accord (SGLang's receiver after a local abort or timeout) "
         "is taken as the sender's, so the fence lifts while the late write is still on its way.",
         OwnFailedAsEvidence,
-        caught_by=frozenset({"I5", "I6"}),
+        caught_by=frozenset({"I5", "I6", "I13"}),  # the fence lifts early, or the late write lands
     ),
     Variant(
         "checksum-over-embeddings-only",

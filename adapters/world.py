@@ -12,9 +12,7 @@ import contextlib
 import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-import torch
+from typing import Any
 
 from epd_receiver.fsm import (
     AuxRow,
@@ -33,6 +31,8 @@ from .allocator import OwningBlockAllocator
 from .buffers import TorchBlockBuffers
 from .clock import ManualClock
 from .concluding import LocallyConcludingLink, concluding
+from .fair import FairSchedule
+from .faults import Faults
 from .judge import Judge
 from .payload import EmbeddingPayload
 from .sender import InProcessSender, WarmupLink
@@ -98,7 +98,10 @@ class AuditedBuffers:
         self.inner.gather(blocks, tokens, into, at)
 
 
-class World:
+class World(Faults, FairSchedule):
+    """The receiver's queue, its pool and allocator, the in-process sender and a manual clock, with the
+    judge watching: the bench that ``simulate``, ``replay``, the fuzzer and the explorer share."""
+
     def __init__(
         self,
         config: WorldConfig,
@@ -136,7 +139,8 @@ class World:
         self.judge = Judge(self)
         self.outcomes = self.judge.outcomes
         self.violations = self.judge.violations  # the judge's findings, and the contract errors met here
-        self._entered, self._stage, self._expect_failure = self.judge.entered, self.judge.stage, self.judge.expect_failure
+        judge = self.judge
+        self._entered, self._stage, self._expect_failure = judge.entered, judge.stage, judge.expect_failure
         self.seed = seed
         self.bank_rows = bank_rows
         self.log: list[dict[str, Any]] = []
@@ -230,33 +234,6 @@ class World:
         link = self._concluding.get(room)
         return link is not None and link.aborted and self.sender.pending(room) is not None
 
-    def go_backwards(self, room: Room) -> bool:
-        """The sender answers the next poll with a status below one the receiver has already seen."""
-        self._log({"backwards": room})
-        self.faulted.add(room)
-        seen = self.outcomes[room].states[-1] if room in self.outcomes else None
-        lower = (
-            {
-                State.TRANSFERRING: KVPoll.Bootstrapping,
-                State.WAITING_FOR_BLOCKS: KVPoll.WaitingForInput,
-                State.RESUMING: KVPoll.WaitingForInput,
-            }.get(seen)
-            if seen is not None
-            else None
-        )
-        if lower is None or room not in self.sender.rooms() or self.sender.status(room) is KVPoll.Failed:
-            return False
-        self.sender.misreport(room, lower)
-        self.judge.expect_failure.add(room)
-        return True
-
-    def kill(self, room: Room) -> None:
-        """The sender of ``room`` dies silently: it never writes or publishes again."""
-        self._log({"kill": room})
-        self.faulted.add(room)
-        if room in self.sender.rooms():
-            self.sender.kill(room)
-
     def deliver(self, room: Room, blocks: int | None = None) -> bool:
         """The sender lands its pending chunk for ``room`` (only ``blocks`` of it, still in flight, if given)."""
         self._log({"deliver": room} if blocks is None else {"deliver": {"room": room, "blocks": blocks}})
@@ -269,12 +246,6 @@ class World:
         """The sender acts on the abort it received for ``room``: it drops its pending chunk and says so."""
         self._log({"stop": room})
         return room in self.sender.rooms() and self.sender.act_on_abort(room)
-
-    def fail(self, room: Room) -> None:
-        self._log({"fail": room})
-        self.faulted.add(room)
-        if room in self.sender.rooms():
-            self.sender.fail(room)
 
     def late_status(self, room: Room, status: KVPoll | None = None) -> bool:
         """A status message the sender already sent arrives again, or late (the latest one by default).
@@ -291,9 +262,14 @@ class World:
         return True
 
     def abort(self, room: Room) -> bool:
+        """The client gives up on ``room``: a request that already ended must not notice (I7)."""
         self._log({"abort": room})
         self.faulted.add(room)
+        before = self.queue.get(room)
+        ended = before is None or before.state in self.queue.spec.terminal
         aborted = self._contract(lambda: self.queue.abort(room))
+        if ended and aborted:
+            self.violations.append(f"I7: room {room} was aborted after it had ended")
         self.judge.observe()
         request = self.queue.get(room)
         if request is not None and request.state is State.FAILED:
@@ -310,124 +286,6 @@ class World:
         if room in self.sender.rooms():
             self.sender.forget(room)
         return True
-
-    def corrupt_aux(self, room: Room, value: int) -> bool:
-        """Overwrite T in the aux row of A0[0] after the first chunk landed and before it is read."""
-        self._log({"corrupt": {"room": room, "field": "total_tokens", "value": value}})
-        self.faulted.add(room)
-        if not self.first_chunk_unread(room):
-            return False
-        self.pool.aux[self.sender.room_messages(room)[0].blocks[0], 0] = value
-        self.judge.expect_failure.add(room)
-        return True
-
-    def first_chunk_unread(self, room: Room) -> bool:
-        """The first chunk has landed and its status is out, and the receiver has not read it yet."""
-        request = self.queue.get(room)
-        return (
-            request is not None
-            and request.state is State.TRANSFERRING
-            and room in self.sender.rooms()
-            and bool(self.sender.room_messages(room))
-            and self.sender.pending(room) is None
-            and self.sender.status(room) in (KVPoll.Transferring, KVPoll.Success)
-        )
-
-    def corrupt_data(self, room: Room) -> bool:
-        """Flip one embedding value in a chunk that landed and has not been read yet (checksummed rooms only).
-
-        Without a checksum nothing could tell, so the bench does not do it to such a room.
-        """
-        self._log({"corrupt": {"room": room, "field": "embeddings"}})
-        self.faulted.add(room)
-        request = self.queue.get(room)
-        if (
-            request is None
-            or room not in self.sender.rooms()
-            or self.sender.source(room).checksum is None
-            or request.state not in (State.TRANSFERRING, State.RESUMING)
-            or self.sender.pending(room) is not None
-            or not self.sender.room_messages(room)
-        ):
-            return False
-        block = self.sender.room_messages(room)[-1].blocks[0]
-        if (room, block) in self._corrupted:
-            return False  # a second flip of the same value would undo the first
-        self._corrupted.add((room, block))
-        bits = self.pool.embeddings[block, :1].view(torch.int16)
-        bits ^= 1  # the lowest mantissa bit: a different value whatever the value was
-        self.judge.expect_failure.add(room)
-        return True
-
-    # ---- driving everything to an end -------------------------------------------------------------
-
-    def drain(self, patience: int = 3, max_waits: int = 8, max_iterations: int = 2000) -> None:
-        """Let the sender land everything and the caller release everything; nothing may be left over."""
-        self._log({"drain": patience})
-        with self.fairly():
-            run_fairly(self, patience, max_waits, max_iterations)
-        self.check_leaks()
-
-    # ---- the pieces of a fair schedule (shared with the replicas of several ranks) ----------------
-
-    @contextlib.contextmanager
-    def fairly(self) -> Iterator[None]:
-        """Unlogged, and judged as fair: under it a request with a live sender must not time out (I8)."""
-        with self._quietly():
-            self.judge.fair = True
-            try:
-                yield
-            finally:
-                self.judge.fair = False
-
-    def unfinished(self) -> list[ReceiverRequest[EmbeddingPayload]]:
-        """Requests that are live, held for the caller, or fencing blocks."""
-        return list(self.queue)
-
-    def sender_round(self) -> None:
-        """The sender lands every pending chunk and acts on every abort it received."""
-        for request in self.unfinished():
-            if request.state is not State.SUCCESS:
-                self.deliver(request.room)
-            if request.state is State.FAILED:
-                self.stop(request.room)
-
-    def caller_round(self, held: Sequence[ReceiverRequest[EmbeddingPayload]]) -> None:
-        for request in held:
-            self.release(request.room)
-
-    def wait_out_dead_senders(self) -> bool:
-        """Move the clock past every deadline when a silent sender is what holds a request up: a dead one,
-        or one that never heard of an abort and waits, idle, for a resume that will not come."""
-        if not any(self._sender_silent(r) for r in self.unfinished() if r.state is not State.SUCCESS):
-            return False
-        self.clock.advance(max(self._deadlines.values(), default=0.0) + 1)
-        return True
-
-    def check_leaks(self) -> None:
-        self.judge.leaks()
-
-    def snapshot(self) -> tuple[object, ...]:
-        return (
-            tuple((r.room, r.state, r.landed, r.fenced) for r in self.queue),
-            self.allocator.free_count,
-            tuple(self.sender.pending(room) for room in self.sender.rooms()),
-        )
-
-    def sender_dead(self, room: Room) -> bool:
-        return room in self.sender.rooms() and self.sender.is_dead(room)
-
-    def _sender_silent(self, request: ReceiverRequest[EmbeddingPayload]) -> bool:
-        room = request.room
-        if self.sender_dead(room):
-            return True
-        link = self._concluding.get(room)
-        return (
-            request.state is State.FAILED
-            and link is not None
-            and not link.writes_stopped()
-            and self.sender.pending(room) is None
-        )
 
     # ---- the event log ---------------------------------------------------------------------------
 
@@ -509,49 +367,3 @@ class World:
             },
             "violations": self.check(),
         }
-
-
-class FairlyDriven(Protocol):
-    """What a fair schedule needs of a bench: one World, or the replicas of several ranks."""
-
-    violations: list[str]
-
-    def unfinished(self) -> list[ReceiverRequest[EmbeddingPayload]]: ...
-
-    def sender_round(self) -> None: ...
-
-    def step(self, iterations: int = 1) -> list[ReceiverRequest[EmbeddingPayload]]: ...
-
-    def caller_round(self, held: Sequence[ReceiverRequest[EmbeddingPayload]]) -> None: ...
-
-    def wait_out_dead_senders(self) -> bool: ...
-
-    def snapshot(self) -> tuple[object, ...]: ...
-
-
-def run_fairly(bench: FairlyDriven, patience: int = 3, max_waits: int = 8, max_iterations: int = 2000) -> None:
-    """Run to an end: the sender lands everything, the scheduler polls, the caller releases everything.
-
-    Under this fair schedule every request with a live sender must end without a timeout (I8);
-    ``patience`` iterations without any change mean it never will, and so do ``max_iterations`` with
-    changes that lead nowhere (a livelock). Requests whose sender died can only end by their deadline,
-    so then the clock is moved past it (at most ``max_waits`` times).
-    """
-    waits = idle = 0
-    for _ in range(max_iterations):
-        unfinished = bench.unfinished()
-        if not unfinished:
-            return
-        if idle >= patience:
-            if waits < max_waits and bench.wait_out_dead_senders():
-                waits, idle = waits + 1, 0
-                continue
-            bench.violations.append(f"I8: no progress for {patience} fair iterations: {unfinished}")
-            return
-        before = bench.snapshot()
-        held = [r for r in unfinished if r.state is State.SUCCESS]
-        bench.sender_round()
-        bench.step()
-        bench.caller_round(held)
-        idle = idle + 1 if bench.snapshot() == before else 0
-    bench.violations.append(f"I8: not done after {max_iterations} fair iterations: {bench.unfinished()}")

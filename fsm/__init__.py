@@ -19,7 +19,7 @@ from .errors import (
     TimedOut,
     TransportFailed,
 )
-from .kvpoll import LINK_ERROR, KVPoll
+from .kvpoll import LINK_ERROR, UNKNOWN_STATUS, KVPoll
 from .ports import AuxRow, BlockAllocator, BlockBuffers, Clock, MonotonicClock, RankGroup, SingleRank, TransportLink
 from .queue import ReceiverQueue
 from .request import ReceiverConfig, ReceiverRequest
@@ -28,6 +28,7 @@ from .states import State
 
 __all__ = [
     "LINK_ERROR",
+    "UNKNOWN_STATUS",
     "Aborted",
     "AuxRow",
     "BlockAllocator",

@@ -20,3 +20,7 @@ class KVPoll(IntEnum):
 # garbled status), so the MIN reduce hands it to every rank and all of them fail the request together; the
 # spec's ``link_error`` entries say what it does in each state.
 LINK_ERROR = -(1 << 32)
+# Not a status either: what a rank contributes for a value outside KVPoll. Below Failed, so that garbage
+# on one rank reaches every rank (a value above Success would vanish under MIN) and all fail together.
+UNKNOWN_STATUS = LINK_ERROR + 1
+STATUSES = frozenset(int(value) for value in KVPoll)

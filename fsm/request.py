@@ -21,7 +21,7 @@ from .errors import (
     SizeMismatch,
     SpecError,
 )
-from .kvpoll import LINK_ERROR, KVPoll
+from .kvpoll import LINK_ERROR, STATUSES, UNKNOWN_STATUS, KVPoll
 from .ports import BlockAllocator, BlockBuffers, Clock, PayloadT, RankGroup, TransportLink
 from .spec import PollOutcome, ReceiverSpec
 from .states import State
@@ -110,6 +110,7 @@ class ReceiverRequest(Generic[PayloadT]):
         # poll; None with a single rank, whose own link is then asked when a guard needs the answer.
         self.senders_done: bool | None = None
         self.link_error: str | None = None  # what this rank's link raised, failed with at the next poll
+        self.unknown_status: int | None = None  # the last value outside KVPoll this rank's link returned
         self.first_block: int | None = None
         self.total_tokens: int | None = None
         self.checksum: int | None = None
@@ -132,13 +133,19 @@ class ReceiverRequest(Generic[PayloadT]):
         return 0 if self._landed_tokens is None else self._landed_tokens()
 
     def local_poll(self) -> int:
-        """This rank's poll: LINK_ERROR once its link has raised, here or in init or resume."""
-        if self.link_error is None:
-            try:
-                return max(self.link.poll(), LINK_ERROR + 1)  # whatever a link returns, it is not a link error
-            except Exception as error:
-                self.link_error = f"poll raised {error!r}"
-        return LINK_ERROR
+        """This rank's poll: LINK_ERROR once its link has raised, here or in init or resume; UNKNOWN_STATUS
+        for a value outside KVPoll (kept, to be named in the error)."""
+        if self.link_error is not None:
+            return LINK_ERROR
+        try:
+            value = self.link.poll()
+        except Exception as error:
+            self.link_error = f"poll raised {error!r}"
+            return LINK_ERROR
+        if value in STATUSES:
+            return value
+        self.unknown_status = value
+        return UNKNOWN_STATUS
 
     def local_writes_stopped(self) -> bool:
         """This rank's link has evidence that the sender writes no more; a link that cannot say has none."""
@@ -165,7 +172,7 @@ class ReceiverRequest(Generic[PayloadT]):
             return
         if outcome.cause is not None:
             error_type = self._wiring.spec.causes[outcome.cause]
-            detail = f"poll {_poll_name(value)} in {self.state.name}"
+            detail = f"poll {self._poll_name(value)} in {self.state.name}"
             reason = self._link_error_reason() if value == LINK_ERROR else self._failure_reason()
             self.fire("fail", error=error_type(self.room, f"{detail}: {reason}" if reason else detail))
         else:
@@ -379,6 +386,14 @@ class ReceiverRequest(Generic[PayloadT]):
             return None
         return None if reason is None else str(reason)
 
+    def _poll_name(self, value: int) -> str:
+        if value == LINK_ERROR:
+            return "link_error"
+        if value == UNKNOWN_STATUS:
+            seen = self.unknown_status
+            return "a value outside KVPoll on another rank" if seen is None else f"{seen} (not a KVPoll value)"
+        return _poll_name(value)
+
     def _link_error_reason(self) -> str:
         return self.link_error or "the link raised on another rank"
 
@@ -400,8 +415,6 @@ class ReceiverRequest(Generic[PayloadT]):
 
 
 def _poll_name(value: int) -> str:
-    if value == LINK_ERROR:
-        return "link_error"
     try:
         return KVPoll(value).name
     except ValueError:

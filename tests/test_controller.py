@@ -18,6 +18,7 @@ import pytest
 
 from epd_receiver.fsm import (
     LINK_ERROR,
+    UNKNOWN_STATUS,
     Aborted,
     AuxRow,
     ContractError,
@@ -1623,3 +1624,21 @@ def test_a_link_error_on_this_rank_reaches_the_other_rank_through_the_reduce() -
     assert seen[-1][0] == LINK_ERROR  # what the other rank receives as this rank's poll
     assert type(request.error) is TransportFailed and "init raised" in str(request.error)
     assert request.fenced
+
+
+def test_a_value_above_success_on_one_rank_is_not_lost_under_the_min_and_fails_every_rank() -> None:
+    peer, bench, request = two_ranks_transferring()
+    seen: list[list[int]] = []
+    reduce = peer.min_reduce
+
+    def recording(rooms: Sequence[Room], values: Sequence[int]) -> list[int]:
+        seen.append(list(values))
+        return reduce(rooms, values)
+
+    peer.min_reduce = recording  # type: ignore[method-assign]
+    peer.peer_polls[1] = int(KVPoll.Transferring)  # the other rank sees an honest status
+    bench.links[1].status = 99  # this rank's link returns garbage
+
+    bench.step()
+    assert seen[-1][0] == UNKNOWN_STATUS  # what this rank contributes: below every status
+    assert type(request.error) is ProtocolViolation and "99 (not a KVPoll value)" in str(request.error)
