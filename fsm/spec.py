@@ -7,6 +7,7 @@ the spec fails at import time with the line of thought spelled out, not later as
 from __future__ import annotations
 
 import copy
+import functools
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -103,6 +104,8 @@ def load_spec(source: str | Path | None = None, overlay: Mapping[str, Any] | Non
     key by key; a ``transitions`` list in the overlay replaces the transitions that share its triggers,
     sources and conditions.
     """
+    if source is None and not overlay:
+        return _packaged_spec()
     if source is None:
         text = default_spec_text()
     elif isinstance(source, Path):
@@ -113,6 +116,12 @@ def load_spec(source: str | Path | None = None, overlay: Mapping[str, Any] | Non
     if overlay:
         raw = _merge(raw, overlay)
     return _parse(raw)
+
+
+@functools.cache
+def _packaged_spec() -> ReceiverSpec:
+    """Parsed once per process: every queue of the product reads the same file, and the result is frozen."""
+    return _parse(tomllib.loads(default_spec_text()))
 
 
 def _merge(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
