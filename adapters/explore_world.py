@@ -230,9 +230,11 @@ def fingerprint(world: Bench) -> tuple[object, ...]:
 
 
 def _one_rank(world: World) -> tuple[object, ...]:
-    now, allocator = world.clock.now(), world.allocator
+    now, allocator, queue = world.clock.now(), world.allocator, world.queue
     return (
-        tuple(_request(r, now) for r in world.queue),
+        tuple(_request(r, now) for r in queue),  # live, then held, then fencing: how many live, which fence
+        len(queue),
+        queue.fenced_rooms,
         allocator.free_list(),
         tuple(sorted(allocator.owners().items())),
         tuple(sorted(allocator.fences().items())),
