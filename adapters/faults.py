@@ -97,6 +97,8 @@ class Faults:
         request = self.queue.get(room)
         if request is None or delta == 0 or not self.sender.has_progress(room) or self.sender.pending(room):
             return False
+        if self.sender.misreport_pending(room):
+            return False  # one wrong answer at a time: a second would overwrite the first
         landed, total = self.sender.sent_tokens(room), self.outcomes[room].total_tokens
         status = self.sender.status(room)
         final = status is KVPoll.Success

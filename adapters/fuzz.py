@@ -92,6 +92,7 @@ class ReceiverProtocol(RuleBasedStateMachine):
     world: World
     variant: ClassVar[Variant | None] = None
     last_world: ClassVar[World | None] = None
+    judged_states: ClassVar[int] = 0  # world states the judge ruled on, over every run of this class
 
     def __init__(self) -> None:
         super().__init__()
@@ -151,8 +152,20 @@ class ReceiverProtocol(RuleBasedStateMachine):
 
     # ---- views of the world, in a stable order ----------------------------------------------------
 
+    def _seen(self) -> dict[Any, Any]:
+        """Views computed since the last event: every rule's precondition asks for some between two events,
+        and the world changes only through events (each bumps its version)."""
+        version = self.world.version
+        if getattr(self, "_seen_at", None) != version:
+            self._seen_at, self._views = version, {}
+        return self._views
+
     def _requests(self, *states: State) -> list[ReceiverRequest]:  # type: ignore[type-arg]
-        return sorted((r for r in self.world.queue if not states or r.state in states), key=lambda r: r.room)
+        views = self._seen()
+        if states not in views:
+            ordered = sorted(self.world.queue, key=lambda r: r.room)
+            views[states] = [r for r in ordered if not states or r.state in states]
+        return views[states]  # type: ignore[no-any-return]
 
     def _live(self) -> list[ReceiverRequest]:  # type: ignore[type-arg]
         return [r for r in self._requests() if r.state not in (State.SUCCESS, State.FAILED)]
@@ -290,11 +303,15 @@ class ReceiverProtocol(RuleBasedStateMachine):
 
     def _violations(self, *labels: str) -> list[str]:
         """What the judge found under ``labels`` (every other label, when none is named); judged once per event."""
-        if getattr(self, "_judged_at", None) != self.world.version:
-            self._judged_at, self._judged = self.world.version, self.world.check()
+        views = self._seen()
+        if "judged" not in views:
+            views["judged"] = found = self.world.check()
+            type(self).judged_states += 1
+        else:
+            found = views["judged"]
         if labels:
-            return [v for v in self._judged if catch_label(v) in labels]
-        return [v for v in self._judged if catch_label(v) not in PROPERTIES]
+            return [v for v in found if catch_label(v) in labels]
+        return [v for v in found if catch_label(v) not in PROPERTIES]
 
     # One invariant per property (spec/RECEIVER.md §5), so that a failure names the property it broke.
 

@@ -15,6 +15,7 @@ before it is judged, and a fingerprint of their allocator operations is compared
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 from typing import Generic
 
 from transitions import Machine
@@ -89,7 +90,7 @@ class ReceiverQueue(Generic[PayloadT]):
         """The caller is done with a successful request: its blocks return to the pool."""
         request = self._held.pop(room)
         request.fire("release")
-        self._machine.remove_model(request)
+        self._retire(request)
 
     # ---- the scheduler iteration -----------------------------------------------------------------
 
@@ -185,11 +186,20 @@ class ReceiverQueue(Generic[PayloadT]):
             elif request.fenced:
                 self._fenced[request.room] = request
             else:
-                self._machine.remove_model(request)
+                self._retire(request)
         for request in [r for r in self._fenced.values() if not r.fenced]:
             del self._fenced[request.room]
-            self._machine.remove_model(request)
+            self._retire(request)
         return finished
+
+    def _retire(self, request: ReceiverRequest[PayloadT]) -> None:
+        """Out of the Machine, and rid of the triggers it bound onto the request: those refer back to the
+        request, a cycle that only the garbage collector would break, keeping its payload's memory alive
+        until then (and a payload arena from reusing it)."""
+        self._machine.remove_model(request)
+        bound = vars(request)
+        for name in [n for n, value in bound.items() if isinstance(value, partial)]:
+            del bound[name]
 
     # ---- views -----------------------------------------------------------------------------------
 

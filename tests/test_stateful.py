@@ -3,13 +3,29 @@ on one rank and on simulated tensor-parallel ranks that see statuses, clocks and
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import settings
 
 from epd_receiver.adapters.fuzz import MultiRankProtocol, ReceiverProtocol, protocol_for
 
+ThreeRanks = protocol_for(None, ranks=3)
 TestReceiverProtocol = ReceiverProtocol.TestCase
+# one rank is the cheapest per step: it carries most of the budget of states judged
+TestReceiverProtocol.settings = settings(TestReceiverProtocol.settings, max_examples=2 * settings().max_examples)
 
 TestTwoRanks = MultiRankProtocol.TestCase
-TestThreeRanks = protocol_for(None, ranks=3).TestCase
+TestThreeRanks = ThreeRanks.TestCase
 # three ranks cost half again as much per step; fewer examples keep the suite's budget
 TestThreeRanks.settings = settings(TestThreeRanks.settings, max_examples=max(1, settings().max_examples // 2))
+
+CI_STATES = 50_000  # what a CI run (the derandomized ``ci`` profile) must judge, over the three machines
+
+
+def test_a_ci_run_judges_enough_states() -> None:
+    """Runs last: the three machines above have run under this profile, and together judged this many world
+    states (every invariant after every step)."""
+    counts = [machine.__dict__.get("judged_states", 0) for machine in (ReceiverProtocol, MultiRankProtocol, ThreeRanks)]
+    if settings().database is not None or not all(counts):
+        pytest.skip("counts states only after a full run under the ci profile")
+    print(f"fuzzer: {sum(counts)} states judged ({counts[0]} on one rank, {counts[1]} on two, {counts[2]} on three)")
+    assert sum(counts) >= CI_STATES
