@@ -1440,10 +1440,12 @@ class PeerRank:
         self.peer_writing: set[Room] = set()  # rooms whose sender has not stopped on the other rank
         self.peer_disagrees = False
         self.calls: list[str] = []
+        self.sent: list[list[int]] = []  # what this rank contributed to each reduce
 
     def min_reduce(self, rooms: Sequence[Room], values: Sequence[int]) -> list[int]:
         """The queue's columns, each one value per room: poll, in time, past, landed, sender done."""
         self.calls.append("min_reduce")
+        self.sent.append(list(values))
         n = len(rooms)
         peer = list(values)
         for i, room in enumerate(rooms):
@@ -1610,35 +1612,19 @@ def test_a_link_error_on_this_rank_reaches_the_other_rank_through_the_reduce() -
     bench = Bench.make(ranks=peer)
     bench.links[1] = BrokenLink("init")
     request = bench.queue.add(1, bench.links[1])
-    seen: list[list[int]] = []
-    reduce = peer.min_reduce
-
-    def recording(rooms: Sequence[Room], values: Sequence[int]) -> list[int]:
-        seen.append(list(values))
-        return reduce(rooms, values)
-
-    peer.min_reduce = recording  # type: ignore[method-assign]
     bench.step()  # the init raises here; this rank does not fail alone
     assert request.state is State.TRANSFERRING
     bench.step()
-    assert seen[-1][0] == LINK_ERROR  # what the other rank receives as this rank's poll
+    assert peer.sent[-1][0] == LINK_ERROR  # what the other rank receives as this rank's poll
     assert type(request.error) is TransportFailed and "init raised" in str(request.error)
     assert request.fenced
 
 
 def test_a_value_above_success_on_one_rank_is_not_lost_under_the_min_and_fails_every_rank() -> None:
     peer, bench, request = two_ranks_transferring()
-    seen: list[list[int]] = []
-    reduce = peer.min_reduce
-
-    def recording(rooms: Sequence[Room], values: Sequence[int]) -> list[int]:
-        seen.append(list(values))
-        return reduce(rooms, values)
-
-    peer.min_reduce = recording  # type: ignore[method-assign]
     peer.peer_polls[1] = int(KVPoll.Transferring)  # the other rank sees an honest status
     bench.links[1].status = 99  # this rank's link returns garbage
 
     bench.step()
-    assert seen[-1][0] == UNKNOWN_STATUS  # what this rank contributes: below every status
+    assert peer.sent[-1][0] == UNKNOWN_STATUS  # what this rank contributes: below every status
     assert type(request.error) is ProtocolViolation and "99 (not a KVPoll value)" in str(request.error)
