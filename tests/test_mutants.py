@@ -1,0 +1,270 @@
+"""Behaviour of the core that the protocol tests pass through without pinning down.
+
+Each test here states one observable behaviour of ``fsm/`` that a plausible slip in the code would change
+(a boundary off by one, an argument dropped, a strict check made lenient) and that the controller, spec and
+machine tests above it do not distinguish. spec/MUTATION.md lists what mutation testing of ``fsm/`` finds.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+from test_controller import B, Bench, FakeAllocator, FakeBuffers, FakeLink, two_ranks_transferring
+from test_spec import dump_toml
+
+from epd_receiver.fsm import LINK_ERROR, KVPoll, ReceiverConfig, ReceiverQueue, SingleRank, State, load_spec
+from epd_receiver.fsm.diagram import generated_sections, mermaid, sync_generated, timeouts_markdown
+from epd_receiver.fsm.lockstep import LockstepAllocator
+from epd_receiver.fsm.spec import default_spec_text
+
+# ---- the generated documents --------------------------------------------------------------------------
+
+
+def test_the_diagram_is_mermaid_even_where_graphviz_is_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """transitions prefers (py)graphviz when it can import it; the committed diagram is Mermaid regardless."""
+    import transitions.extensions.diagrams_graphviz as graphviz_backend
+    import transitions.extensions.diagrams_pygraphviz as pygraphviz_backend
+
+    plain = mermaid(load_spec())
+
+    class Unusable:
+        def __getattr__(self, name: str) -> Any:
+            raise AssertionError(f"a graphviz backend was used ({name})")
+
+    monkeypatch.setattr(pygraphviz_backend, "pgv", Unusable())
+    monkeypatch.setattr(graphviz_backend, "pgv", Unusable())
+    assert mermaid(load_spec()) == plain
+
+
+def test_a_deadline_on_a_field_the_config_lacks_is_documented_without_a_default() -> None:
+    """The document can be drawn for a spec that deadlines() would refuse: the default shows as none."""
+    spec = load_spec(overlay={"timeouts": {"RESUMING": "no_such_field_s"}})
+    (row,) = [line for line in timeouts_markdown(spec).splitlines() if line.startswith("| RESUMING ")]
+    assert row == "| RESUMING | `no_such_field_s` | none | fail: timeout |"
+
+
+def _block(name: str, text: str) -> str:
+    return f"<!-- generated:{name} -->\n{text}\n<!-- /generated:{name} -->"
+
+
+def _sections() -> dict[str, str]:
+    """Every generated section as a stale block, by name."""
+    return {name: _block(name, "stale") for name in generated_sections(load_spec())}
+
+
+def test_sync_refreshes_a_block_at_the_very_start_of_the_document() -> None:
+    blocks = _sections()
+    document = "\n\n".join(blocks.values())
+    assert document.startswith("<!-- generated:")
+    synced = sync_generated(document, load_spec())
+    assert "stale" not in synced
+    assert sync_generated(synced, load_spec()) == synced
+
+
+def test_sync_keeps_the_text_outside_the_blocks_even_when_a_block_repeats() -> None:
+    blocks = _sections()
+    first = blocks["states"]
+    document = "\n\n".join(blocks.values()) + "\n\nProse between.\n\n" + first + "\n\nProse after.\n"
+    synced = sync_generated(document, load_spec())
+    assert "Prose between." in synced and "Prose after." in synced
+    assert synced.index("| state | meaning |") < synced.index("Prose between.")
+
+
+@pytest.mark.parametrize("broken", ["missing", "closed before opened"])
+def test_sync_refuses_a_document_whose_block_is_missing_or_inside_out(broken: str) -> None:
+    blocks = _sections()
+    if broken == "missing":
+        del blocks["polls"]
+    else:
+        blocks["polls"] = "<!-- /generated:polls -->\nstale\n<!-- generated:polls -->"
+    expected = "the document has no <!-- generated:polls --> ... <!-- /generated:polls --> block"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        sync_generated("\n\n".join(blocks.values()), load_spec())
+
+
+# ---- overlays -----------------------------------------------------------------------------------------
+
+
+def test_an_overlay_replaces_only_the_transition_with_the_same_conditions() -> None:
+    """payload_landed from TRANSFERRING has a warm-up transition (conditions) and a normal one (none)."""
+    overlay = {
+        "transitions": [
+            {
+                "trigger": "payload_landed",
+                "source": "TRANSFERRING",
+                "dest": "SUCCESS",
+                "unless": ["is_warmup"],
+                "reads": ["aux", "data"],
+                "actions": ["learn_total", "check_total", "expect_no_remainder", "gather_landed"],
+            }
+        ]
+    }
+    spec = load_spec(overlay=overlay)
+    landed = [t for t in spec.transitions if t.trigger == "payload_landed" and t.sources == (State.TRANSFERRING,)]
+    assert [t.conditions for t in landed] == [("is_warmup",), ()]
+    assert landed[1].actions == ("learn_total", "check_total", "expect_no_remainder", "gather_landed")
+
+
+def test_an_overlay_can_supply_the_transitions_a_base_spec_lacks() -> None:
+    raw = tomllib.loads(default_spec_text())
+    transitions = raw.pop("transitions")
+    spec = load_spec(dump_toml(raw), overlay={"transitions": transitions})
+    assert spec.transitions == load_spec().transitions
+
+
+def test_a_loaded_spec_does_not_alias_its_overlay() -> None:
+    """Variants keep their overlays as module constants: loading one must not tie the spec to them."""
+    overlay: dict[str, Any] = {"notes": {"reviewers": {"names": ["a"]}}}
+    spec = load_spec(overlay=overlay)
+    overlay["notes"]["reviewers"]["names"].append("b")
+    assert spec.raw["notes"] == {"reviewers": {"names": ["a"]}}
+
+
+# ---- ranks --------------------------------------------------------------------------------------------
+
+
+def test_a_single_rank_reduces_to_its_own_values_and_always_agrees() -> None:
+    rank = SingleRank()
+    assert rank.size == 1
+    assert rank.min_reduce([1, 2], [4, 0, 3, 9]) == [4, 0, 3, 9]
+    assert rank.same([1]) and rank.same([])
+
+
+class Permissive:
+    """An allocator that accepts any operation: the fingerprint is a function of the operations alone."""
+
+    block_size = B
+    num_blocks = 8
+    free_count = 8
+
+    def alloc(self, owner: int, tokens: int) -> tuple[int, ...] | None:
+        return (0,)
+
+    def free(self, owner: int, blocks: Sequence[int]) -> None: ...
+
+    def fence(self, owner: int, blocks: Sequence[int]) -> None: ...
+
+    def unfence(self, owner: int, blocks: Sequence[int]) -> None: ...
+
+
+@pytest.mark.parametrize("operation", ["alloc", "free", "fence", "unfence"])
+def test_the_lockstep_fingerprint_tells_owners_and_operations_apart(operation: str) -> None:
+    """Two ranks that did the same to the same blocks for different rooms, or something else, have drifted."""
+
+    def digest(name: str, owner: int) -> int:
+        lockstep = LockstepAllocator(Permissive())
+        if name == "alloc":
+            lockstep.alloc(owner, B)
+        else:
+            getattr(lockstep, name)(owner, (0,))
+        return lockstep.digest
+
+    assert digest(operation, 1) != digest(operation, 2)
+    others = {digest(other, 1) for other in ("alloc", "free", "fence", "unfence") if other != operation}
+    assert digest(operation, 1) not in others
+
+
+def test_the_lockstep_fingerprint_remembers_the_whole_history() -> None:
+    """Ranks that differed many operations ago and did the same since still show different fingerprints."""
+
+    def digest(first_owner: int) -> int:
+        lockstep = LockstepAllocator(Permissive())
+        lockstep.alloc(first_owner, B)
+        for _ in range(3):
+            lockstep.free(1, (0,))
+        return lockstep.digest
+
+    assert digest(1) != digest(2)
+
+
+def test_a_link_error_on_another_rank_says_so() -> None:
+    peer, bench, request = two_ranks_transferring()
+    peer.peer_polls[1] = LINK_ERROR  # this rank's link is fine
+    peer.peer_writing.add(1)
+    bench.step()
+    assert request.error is not None
+    assert request.error.detail == "poll link_error in TRANSFERRING: the link raised on another rank"
+
+
+class ShortReduce:
+    """A broken RankGroup of two whose reduce loses the last value it was given."""
+
+    size = 2
+
+    def min_reduce(self, rooms: Sequence[int], values: Sequence[int]) -> list[int]:
+        return list(values)[:-1]
+
+    def same(self, values: Sequence[int]) -> bool:
+        return True
+
+
+def test_a_reduce_that_lost_values_is_not_taken_as_an_answer() -> None:
+    buffers = FakeBuffers(B)
+    queue: ReceiverQueue[Any] = ReceiverQueue(buffers, FakeAllocator(8, B), ReceiverConfig(), ranks=ShortReduce())
+    queue.add(1, FakeLink(KVPoll.WaitingForInput))
+    queue.add(2, FakeLink(KVPoll.WaitingForInput))
+    with pytest.raises(ValueError):
+        queue.step()
+
+
+# ---- configuration ------------------------------------------------------------------------------------
+
+POSITIVE_COUNTS = ("default_alloc_tokens", "max_total_tokens", "lockstep_every")
+TIMEOUTS = ("bootstrap", "admission", "transfer", "blocks", "resume", "drain")
+
+
+@pytest.mark.parametrize("name", POSITIVE_COUNTS)
+def test_a_count_of_zero_is_refused_by_name(name: str) -> None:
+    with pytest.raises(ValueError, match="default_alloc_tokens, max_total_tokens and lockstep_every must be positive"):
+        ReceiverConfig(**{name: 0})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", TIMEOUTS)
+def test_a_deadline_of_zero_is_refused_by_name(name: str) -> None:
+    with pytest.raises(ValueError, match=f"^{name}_timeout_s must be positive or None$"):
+        ReceiverConfig(**{f"{name}_timeout_s": 0.0})  # type: ignore[arg-type]
+
+
+def test_the_smallest_counts_and_deadlines_are_accepted() -> None:
+    tiny = {f"{name}_timeout_s": 1e-9 for name in TIMEOUTS}
+    config = ReceiverConfig(default_alloc_tokens=1, max_total_tokens=1, lockstep_every=1, **tiny)  # type: ignore[arg-type]
+    assert (config.default_alloc_tokens, config.max_total_tokens, config.lockstep_every) == (1, 1, 1)
+    assert ReceiverConfig(**dict.fromkeys(tiny)).drain_timeout_s is None  # type: ignore[arg-type]
+
+
+# ---- what a failure says ------------------------------------------------------------------------------
+
+
+class SilentReasonLink(FakeLink):
+    """A link that offers a failure reason but has none to give (or fails to give it)."""
+
+    def __init__(self, status: int, raises: bool) -> None:
+        super().__init__(status)
+        self.raises = raises
+
+    def failure_reason(self) -> str | None:
+        if self.raises:
+            raise RuntimeError("no reason available")
+        return None
+
+
+@pytest.mark.parametrize("raises", [False, True], ids=["none", "raises"])
+def test_a_sender_failure_without_a_reason_says_only_what_was_polled(raises: bool) -> None:
+    bench = Bench.make()
+    link = bench.links[1] = SilentReasonLink(KVPoll.WaitingForInput, raises)
+    request = bench.queue.add(1, link)
+    bench.step()
+    link.status = int(KVPoll.Failed)
+    bench.step()
+    assert request.error is not None and request.error.detail == "poll Failed in TRANSFERRING"
+
+
+def test_a_client_abort_says_so() -> None:
+    bench = Bench.make()
+    request = bench.add(1)
+    assert bench.queue.abort(1)
+    assert request.error is not None and request.error.detail == "aborted by the client"
