@@ -11,6 +11,9 @@ SGLang itself is not imported.
 One controller step runs per iteration, inside ``pop_transferred()``. Every request that ended in it comes
 out there: a successful one ready for prefill, a failed one reported through the ``on_failed`` hook (SGLang:
 ``prepare_abort`` then ``stream_output``) in the same call, as the fork reports its own failures there.
+A failed request's per-room state in the transport (the fork's status entry and failure record) is cleared
+only once the controller has retired it, in the step its fence lifts (or at once when it fenced nothing):
+until then that status is the evidence the fence waits for.
 """
 
 from __future__ import annotations
@@ -181,6 +184,7 @@ class EmbeddingBridge:
         self._entries: dict[Room, LanguageEntry] = {}
         self._rejected: list[tuple[LanguageEntry, ReceiverError]] = []
         self._payloads: dict[Room, tuple[Any, EmbeddingPayload]] = {}
+        self._failed_links: dict[Room, Any] = {}  # failed requests not yet retired by the controller
         self.releaser = PayloadReleaser(self)
         self.prealloc_queue = PreallocQueue(self)
         self.transfer_queue = TransferQueue(self)
@@ -262,13 +266,22 @@ class EmbeddingBridge:
                 ready.append(entry.req)
             else:
                 failed.append((entry, error))
+                self._failed_links[request.room] = request.link
         for entry, error in failed:
             self._report(entry.req, error)
         gone = {id(r) for r in ready} | {id(entry.req) for entry, _ in failed}
         self.prealloc_queue.forget(gone)
         self.transfer_queue.forget(gone)
+        self._forget_retired()
         self._note_blocks()
         return ready
+
+    def _forget_retired(self) -> None:
+        """Failed requests the controller retired in this step: clear their state in the transport."""
+        for room in [room for room in self._failed_links if self.queue.get(room) is None]:
+            forget = getattr(self._failed_links.pop(room), "forget", None)
+            if forget is not None:
+                forget()
 
     def _finish(self, request: ReceiverRequest[EmbeddingPayload], req: Any) -> ReceiverError | None:
         if request.state is not State.SUCCESS:

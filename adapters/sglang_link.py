@@ -17,7 +17,14 @@ evidence this link trusts, and it is read with the following rules:
   status or the drain deadline, which is slower but never unsafe.
 - **An absent entry**, or any other status, is not evidence. The receiver's ``failure_exception()`` pops
   the entry, so the link reads the table on every call it makes (poll, failure reason, writes_stopped)
-  and latches the first evidence it sees.
+  and latches the first evidence it sees. A later message from the Encode side creates the entry again.
+
+The fork's own queue calls ``failure_exception()`` on every failed request as it reports it, which pops the
+room's status and its failure record. That is too early while the request still fences blocks: the status
+the Encode side sends next is the evidence the fence waits for. So the link pops nothing itself except
+through ``failure_reason()``, and ``forget()``, called once the controller has retired a failed request,
+clears the room's state the fork's way. A delivered request's Success entry stays, as in the fork, whose
+queue never clears a successful room.
 
 A warm-up request's stand-in receiver writes nothing, so its link has stopped from the start. Any other
 receiver may answer ``writes_stopped()`` itself; one that offers neither that nor a manager never yields
@@ -107,6 +114,14 @@ class ReceiverLink:
         """Evidence from the Encode side that it writes no more for this room (module docstring); latched."""
         self._observe()
         return self._stopped
+
+    def forget(self) -> None:
+        """The failed request is retired (no fence left): pop the room's status and failure record, as the
+        fork's queue does through ``failure_exception()`` for a failed request (whatever that raises)."""
+        explain = getattr(self.receiver, "failure_exception", None)
+        if explain is not None:
+            with contextlib.suppress(Exception):
+                explain()
 
     def failure_reason(self) -> str | None:
         """SGLang's ``failure_exception()`` raises the error rather than returning it; both are accepted.

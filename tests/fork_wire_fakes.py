@@ -13,11 +13,17 @@ so die, since neither loop catches anything), the fake records ``died`` and stop
   * otherwise ``int(room)``, and 8 frames or more are a resume, read as frames 4-7 (``conn:78-115``,
     ``conn:526-545``), fewer an init, read as frames 4-6 with frame 5 the number of Language ranks it
     waits for (``conn:608-626``);
-  * it reports ``[room, status]`` in ASCII to the ip and port of the init (``conn:369-379``).
+  * it reports ``[room, status]`` in ASCII to the ip and port of the init (``conn:369-379``);
+  * one refused write marks the session failed (``conn:441-461``), and from then on its transfer worker
+    reports Failed for every chunk of that session without writing (``conn:396-410``); only a new
+    registration of the session clears the mark (``conn:512-521``), and a Language rank registers once
+    per connection (``conn:1019-1040``).
 
 ``ForkLanguage`` is the fork's Language-side manager and receiver, as an Encode side meets it:
   * it asks the bootstrap server for the Encode side's sizes, then for one rank (``conn:1050-1084``),
-    targeting it as ``conn:991-1012`` says;
+    targeting it as ``conn:991-1012`` says; a lookup that fails (an error answer, no answer, or sizes of
+    None because no Encode rank registered yet, on which ``int()`` raises) leaves the fork's failure
+    record (``conn:969-975``, ``conn:1029-1034``) and nothing sent;
   * it registers ``["None", ip, rank_port, session, packed pointers]`` once (``conn:1086-1107``) and sends
     inits of 7 frames (``conn:1118-1160``) and resumes of 8 (``conn:1162-1195``), nothing else: an abort
     stays local (``conn:1224-1230``);
@@ -66,6 +72,7 @@ class ForkEncode:
         self.host = host
         self.received: list[Parsed] = []
         self.died: str | None = None
+        self.failed_sessions: set[str] = set()
         self.pushes: dict[str, zmq.Socket[bytes]] = {}
         body = {"role": "Encode", "tp_size": 1, "dp_size": 1, "rank_ip": host, "rank_port": self.port}
         _put(f"http://{bootstrap}/route", body | {"engine_rank": 0})
@@ -87,6 +94,7 @@ class ForkEncode:
         if room == "None":
             pointers = list(struct.unpack(f"{len(msg[4]) // 8}Q", msg[4]))
             endpoint, port = msg[1].decode("ascii"), int(msg[2].decode("ascii"))
+            self.failed_sessions.discard(session)
             return Parsed("registration", None, session, {"endpoint": endpoint, "port": port, "pointers": pointers})
         number = int(room)
         text = msg[4].decode("ascii")
@@ -102,8 +110,16 @@ class ForkEncode:
         fields["allocated_tokens"] = int(msg[6].decode("ascii"))
         return Parsed("init", number, session, fields)
 
+    def fail(self, parsed: Parsed) -> None:
+        """The write for ``parsed`` was refused: its session is marked failed and Failed reported."""
+        self.failed_sessions.add(parsed.session)
+        self.report(parsed, 0)
+
     def report(self, parsed: Parsed, status: int) -> None:
-        """Send ``[room, status]`` to the ip and port the init or resume named."""
+        """Send ``[room, status]`` to the ip and port the init or resume named: Failed, whatever ``status``
+        says, for a session marked failed (its worker writes nothing for it)."""
+        if parsed.session in self.failed_sessions:
+            status = 0
         endpoint = f"tcp://{parsed.fields['endpoint']}:{parsed.fields['port']}"
         if endpoint not in self.pushes:
             self.pushes[endpoint] = self.context.socket(zmq.PUSH)
@@ -126,20 +142,32 @@ class ForkLanguage:
         self.ip = "127.0.0.1"
         self.port = self.pull.bind_to_random_port(f"tcp://{self.ip}")
         self.session, self.block_size = session, block_size
-        sizes = _get(f"http://{bootstrap}/route?engine_rank=-1&target_dp_group=-1")
-        assert sizes == {"embedding_tp_size": 1, "embedding_dp_size": 1}
-        self.required = 1  # conn:991-998: a single Language rank never outnumbers the Encode side's ranks
-        info = _get(f"http://{bootstrap}/route?engine_rank=0&target_dp_group=0")
-        self.push = self.context.socket(zmq.PUSH)
-        self.push.setsockopt(zmq.LINGER, 0)
-        self.push.connect(f"tcp://{info['rank_ip']}:{info['rank_port']}")
         self.status: dict[int, int] = {}
         self.messages: list[list[bytes]] = []
         self.died: str | None = None
+        self.failure: str | None = None  # the fork's record when bootstrapping failed
+        self.push: zmq.Socket[bytes] | None = None
+        try:
+            sizes = _get(f"http://{bootstrap}/route?engine_rank=-1&target_dp_group=-1")
+            tp_size, dp_size = int(sizes["embedding_tp_size"]), int(sizes["embedding_dp_size"])
+        except Exception:
+            self.failure = f"Could not fetch embedding parallel info from bootstrap_addr: {bootstrap}"
+            return
+        assert (tp_size, dp_size) == (1, 1)
+        self.required = 1  # conn:991-998: a single Language rank never outnumbers the Encode side's ranks
+        try:
+            info = _get(f"http://{bootstrap}/route?engine_rank=0&target_dp_group=0")
+        except Exception:
+            self.failure = "Could not fetch bootstrap info for engine rank: 0 and target_dp_group: 0"
+            return
+        self.push = self.context.socket(zmq.PUSH)
+        self.push.setsockopt(zmq.LINGER, 0)
+        self.push.connect(f"tcp://{info['rank_ip']}:{info['rank_port']}")
         packed = b"".join(struct.pack("Q", pointer) for pointer in pointers)
         self._send(["None", self.ip, str(self.port), session, packed])
 
     def _send(self, frames: list[str | bytes]) -> None:
+        assert self.push is not None, "bootstrapping failed: the fork has no rank to send to"
         self.push.send_multipart([f if isinstance(f, bytes) else f.encode("ascii") for f in frames])
 
     def init(self, room: int, blocks: list[int], allocated: int | None = None) -> None:
@@ -171,4 +199,5 @@ class ForkLanguage:
 
     def close(self) -> None:
         self.pull.close(linger=0)
-        self.push.close(linger=0)
+        if self.push is not None:
+            self.push.close(linger=0)

@@ -117,12 +117,54 @@ class EmbeddingTransferError(Exception):
         super().__init__(f"EmbeddingTransferError(bootstrap_room={room}): {reason}")
 
 
+class BootstrapServer:
+    """``MooncakeEmbeddingBootstrapServer`` (disaggregation/mooncake/conn_multimodal.py:1233-1324) as its
+    routes answer: an Encode rank's ``PUT /route`` sets the sizes once and files the rank under
+    ``(engine_rank // tp_size, engine_rank % tp_size)`` (:1270-1299); ``GET`` with ranks -1 answers the
+    sizes, ``None`` while no Encode rank has registered (:1301-1313); any other ``GET`` looks the rank up,
+    a missing one raising inside the handler, which the HTTP server answers with an error (:1315-1319)."""
+
+    def __init__(self) -> None:
+        self.tp_size: int | None = None
+        self.dp_size: int | None = None
+        self.ranks: dict[tuple[int, int], str] = {}  # (dp group, tp rank) -> the Encode rank's address
+
+    def put(self, address: str, tp_size: int, dp_size: int, engine_rank: int) -> None:
+        if self.tp_size is None:
+            self.tp_size = tp_size
+        if self.dp_size is None:
+            self.dp_size = dp_size
+        assert self.tp_size is not None
+        self.ranks[(engine_rank // self.tp_size, engine_rank % self.tp_size)] = address
+
+
 class Network:
-    """Where each side's messages go: the Encode side behind each bootstrap address (ZMQ PUSH/PULL)."""
+    """Where each side's messages go: the Encode side behind each bootstrap address (ZMQ PUSH/PULL), and
+    the bootstrap server at each address (HTTP)."""
 
     def __init__(self) -> None:
         self.encode_sides: dict[str, EncodeSide] = {}
+        self.bootstrap_servers: dict[str, BootstrapServer] = {}
         self.unreachable: set[str] = set()  # bootstrap servers that do not answer
+
+    def parallel_info(self, address: str) -> tuple[int, int] | None:
+        """``_get_embedding_parallel_info_from_server`` (conn_multimodal.py:1067-1084): the Encode side's
+        sizes, or None when the request raises, which includes ``int(None)`` on a server that answered
+        before any Encode rank registered."""
+        server = self.bootstrap_servers.get(address)
+        if server is None or address in self.unreachable:
+            return None  # the connection is refused
+        try:
+            return int(server.tp_size), int(server.dp_size)  # type: ignore[arg-type]
+        except TypeError:
+            return None
+
+    def rank_info(self, address: str, tp_rank: int, dp_group: int) -> str | None:
+        """``_get_bootstrap_info_from_server`` (conn_multimodal.py:1050-1065): None on any failure."""
+        server = self.bootstrap_servers.get(address)
+        if server is None or address in self.unreachable:
+            return None
+        return server.ranks.get((dp_group, tp_rank))
 
 
 class LanguageManager:
@@ -133,7 +175,8 @@ class LanguageManager:
     record per room (:777-779). ``on_status_message`` is its listening thread (:632-642): a status the
     Encode side sent, with a record first when it is Failed. ``lose_connection`` is the heartbeat
     checker's ``_handle_node_failure`` (:810-841): Failed, set on this side alone, for every room of the
-    address not yet Success.
+    address not yet Success, after forgetting the address's connections and sizes (:813-819), so that the
+    next receiver for it asks the bootstrap server again and registers again.
     """
 
     def __init__(self, network: Network, buf_infos: tuple[list[int], list[int], list[int]], engine_rank: int = 0):
@@ -146,6 +189,10 @@ class LanguageManager:
         self.failure_records: dict[int, str] = {}
         self.failure_lock = threading.Lock()
         self.addr_to_rooms_tracker: defaultdict[str, set[int]] = defaultdict(set)
+        self.tp_size, self.dp_size = 1, 1  # the Language side's own (server_args)
+        self.connection_pool: dict[str, list[str]] = {}
+        self.embedding_tp_size_table: dict[str, int] = {}
+        self.embedding_dp_size_table: dict[str, int] = {}
         self.rank_port = 17001
         self.remote_log: list[tuple[int, KVPoll]] = []  # every status the Encode side sent (test instrumentation)
 
@@ -172,6 +219,9 @@ class LanguageManager:
         self.update_status(room, status)
 
     def lose_connection(self, bootstrap_addr: str) -> list[int]:
+        for key in [k for k in self.connection_pool if k.startswith(bootstrap_addr)]:
+            del self.connection_pool[key]
+        self.embedding_dp_size_table.pop(bootstrap_addr, None)
         affected = []
         for room in self.addr_to_rooms_tracker.pop(bootstrap_addr, set()):
             if room in self.request_status and self.check_status(room) != KVPoll.Success:
@@ -190,13 +240,15 @@ class LanguageManager:
 class MooncakeEmbeddingReceiver:
     """``MooncakeEmbeddingReceiver`` (disaggregation/mooncake/conn_multimodal.py:944-1230).
 
-    The constructor sets Bootstrapping (:961), then Failed with a record when the bootstrap server does not
-    answer and returns early, leaving no ``bootstrap_infos`` (:966-975, :1029-1034), else WaitingForInput
-    (:1045-1048). ``init`` and ``resume_transfer`` send 7 and 8 fields to the Encode side (:1118-1195).
-    ``poll`` reads the manager's status and latches the first Failed or Success (:1197-1205);
-    ``failure_exception`` pops the room's status, concludes Failed and raises with the popped record
-    (:1207-1222); ``abort`` records a failure and concludes Failed on this side only, telling the Encode
-    side nothing (:1224-1230).
+    The constructor sets Bootstrapping (:961). It asks the bootstrap server for the Encode side's sizes
+    once per address (:965-986) and for the target rank once per connection key (address, dp group, tp
+    rank), registering this side's buffers with that rank then, and only then (:1014-1042); either
+    failure records the fork's text, sets Failed and returns early, leaving no ``bootstrap_infos``
+    (:969-975, :1029-1034). Otherwise WaitingForInput (:1044-1048). ``init`` and ``resume_transfer`` send
+    7 and 8 fields to the Encode side (:1118-1195). ``poll`` reads the manager's status and latches the
+    first Failed or Success (:1197-1205); ``failure_exception`` pops the room's status, concludes Failed and
+    raises with the popped record (:1207-1222); ``abort`` records a failure and concludes Failed on this
+    side only, telling the Encode side nothing (:1224-1230).
     """
 
     def __init__(
@@ -206,16 +258,42 @@ class MooncakeEmbeddingReceiver:
         self.bootstrap_addr = bootstrap_addr
         self.embedding_mgr = mgr
         self.session_id = mgr.get_session_id()
-        mgr.update_status(bootstrap_room, KVPoll.Bootstrapping)  # type: ignore[arg-type]
+        room: int = bootstrap_room  # type: ignore[assignment]
+        mgr.update_status(room, KVPoll.Bootstrapping)
         self.conclude_state: KVPoll | None = None
-        if bootstrap_addr in mgr.network.unreachable:
-            mgr.record_failure(bootstrap_room, f"Could not fetch embedding parallel info from {bootstrap_addr}")  # type: ignore[arg-type]
-            mgr.update_status(bootstrap_room, KVPoll.Failed)  # type: ignore[arg-type]
-            return
-        self.required_dst_info_num = 1
-        self.bootstrap_infos = [bootstrap_addr]
-        mgr.addr_to_rooms_tracker[bootstrap_addr].add(bootstrap_room)  # type: ignore[arg-type]
-        mgr.update_status(bootstrap_room, KVPoll.WaitingForInput)  # type: ignore[arg-type]
+        if bootstrap_addr not in mgr.embedding_dp_size_table:
+            sizes = mgr.network.parallel_info(bootstrap_addr)
+            if sizes is None:
+                record = f"Could not fetch embedding parallel info from bootstrap_addr: {bootstrap_addr}"
+                mgr.record_failure(room, record)
+                mgr.update_status(room, KVPoll.Failed)
+                return
+            mgr.embedding_tp_size_table[bootstrap_addr], mgr.embedding_dp_size_table[bootstrap_addr] = sizes
+        tp_size, dp_size = mgr.embedding_tp_size_table[bootstrap_addr], mgr.embedding_dp_size_table[bootstrap_addr]
+        local_tp = mgr.tp_size // mgr.dp_size
+        if local_tp <= tp_size:
+            target_tp_rank, self.required_dst_info_num = mgr.data_args.engine_rank % local_tp, 1
+        else:
+            target_tp_rank, self.required_dst_info_num = mgr.data_args.engine_rank % tp_size, local_tp // tp_size
+        dp_group = prefill_dp_rank if prefill_dp_rank is not None else room % dp_size
+        key = f"{bootstrap_addr}_{dp_group}_{target_tp_rank}"
+        if key not in mgr.connection_pool:
+            address = mgr.network.rank_info(bootstrap_addr, target_tp_rank, dp_group)
+            if address is None:
+                mgr.record_failure(
+                    room,
+                    f"Could not fetch bootstrap info for engine rank: {mgr.data_args.engine_rank} "
+                    f"and target_dp_group: {dp_group}",
+                )
+                mgr.update_status(room, KVPoll.Failed)
+                return
+            self.bootstrap_infos = [address]
+            mgr.connection_pool[key] = self.bootstrap_infos
+            self._send(["None", "host", str(mgr.rank_port), self.session_id, "pointers"])  # the registration
+        else:
+            self.bootstrap_infos = mgr.connection_pool[key]
+        mgr.addr_to_rooms_tracker[bootstrap_addr].add(room)
+        mgr.update_status(room, KVPoll.WaitingForInput)
 
     def _send(self, fields: list[str]) -> None:
         for address in self.bootstrap_infos:  # AttributeError after a failed bootstrap, as in the fork
@@ -308,34 +386,65 @@ class TransferInfo:
     """``TransferEmbeddingInfo`` (disaggregation/mooncake/conn_multimodal.py:60-130): one destination."""
 
     manager: LanguageManager
+    session: str
     dst_blocks: list[int]
     allocated_tokens: int
     sent_tokens: int = 0
     pending: bool = True  # a chunk is queued for the transfer worker
 
 
+TRANSFER_QUEUES = 4  # SGLANG_DISAGGREGATION_QUEUE_SIZE's default (disaggregation/mooncake/conn_multimodal.py:176)
+
+
 class EncodeSide:
     """The fork's Encode side seen from the Language side (disaggregation/mooncake/conn_multimodal.py).
 
-    Its embedding thread takes an init (7 fields) or a resume (8 fields) (:501-625) and queues a chunk;
-    ``transfer`` is its transfer worker (:381-499): ``send_embedding`` (:237-367) writes, from this side's
-    own rows into the destination's registered rows, the bytes of the tokens each block holds, the aux row
-    only with the first block of the first chunk, starting at source block ``sent_tokens // B``; then the
-    status goes to the Language side (``sync_status_to_language_endpoint``, :369-380): Transferring when
-    the remainder did not fit, else Success. ``fail`` is a write that returned an error (:427-447): Failed
-    is sent. The Encode side never learns of a Language-side abort, so a queued chunk is written whenever
-    the test lets it run, before or after the abort.
+    It registers with the bootstrap server at its address (:165, :784-808). Its embedding thread takes a
+    Language side's registration (frame 0 ``"None"``), which clears any failure of that session
+    (:509-521), an init (7 fields) or a resume (8 fields) (:522-625), and a chunk goes on the transfer
+    queue the session's port picks (:745-758, :566-580). ``transfer`` is that queue's worker (:381-499):
+
+    * a session that failed before fails every chunk at once: the Encode side records "Language instance
+      could be dead ..." and sends Failed, writing nothing (:396-410);
+    * ``send_embedding`` (:237-367) first checks the allocation against this side's own block size
+      (:423, :265-274) and the blocks against the tokens (:296-303); either raises inside the worker,
+      which re-raises (:496-499): the worker is gone, no status is sent, and its queue is never served
+      again;
+    * otherwise it writes, from this side's own rows into the rows the session registered, the bytes of
+      the tokens each block holds, the aux row only with the first block of the first chunk, starting at
+      source block ``sent_tokens // B``; then the status goes to the Language side
+      (``sync_status_to_language_endpoint``, :369-380): Transferring when the remainder did not fit, else
+      Success.
+
+    ``fail`` is a write that returned an error (:441-461): the session is marked failed and Failed is
+    sent; only a new registration of the session clears the mark, and a Language side registers once per
+    connection. The Encode side never learns of a Language-side abort, so a queued chunk is written
+    whenever the test lets it run, before or after the abort.
     """
 
-    def __init__(self, address: str, network: Network, block_size: int, hidden_size: int, deepstack_layers: int = 0):
+    def __init__(
+        self,
+        address: str,
+        network: Network,
+        block_size: int,
+        hidden_size: int,
+        deepstack_layers: int = 0,
+        engine_rank: int = 0,
+    ):
         self.address = address
         self.pool = TorchBlockBuffers(256, block_size, hidden_size, deepstack_layers)  # its own buffers
         self.block_size, self.hidden_size, self.deepstack_layers = block_size, hidden_size, deepstack_layers
         self.sources: dict[int, Source] = {}
         self.infos: dict[int, TransferInfo] = {}
         self.next_block = 0
+        self.language_args: dict[str, LanguageManager] = {}  # the registered sessions
+        self.failed_sessions: set[str] = set()
+        self.dead_workers: dict[int, str] = {}  # transfer queue -> what its worker raised
+        self.failure_records: dict[int, str] = {}  # this side's own record of each failed room
+        self.registrations: list[str] = []  # every session that registered (test instrumentation)
         self.writes: list[tuple[int, int]] = []  # (room, destination block) of every row written
         network.encode_sides[address] = self
+        network.bootstrap_servers.setdefault(address, BootstrapServer()).put(address, 1, 1, engine_rank)
 
     def encode(self, room: int, total: int, seed: int) -> Source:
         """The encoder's output for ``room``, set into this side's own rows, aux row in the first one."""
@@ -361,43 +470,72 @@ class EncodeSide:
         return source
 
     def on_message(self, fields: list[str], manager: LanguageManager) -> None:
+        session = fields[3]
+        if fields[0] == "None":
+            self.language_args[session] = manager
+            self.failed_sessions.discard(session)
+            self.registrations.append(session)
+            return
         room, indices = int(fields[0]), [int(i) for i in fields[4].split(",") if i]
         if len(fields) >= 8:  # a resume updates the existing destination (:524-560)
             info = self.infos[room]
             info.sent_tokens, info.allocated_tokens, info.dst_blocks = int(fields[6]), int(fields[7]), indices
             info.pending = True
         else:
-            self.infos[room] = TransferInfo(manager, indices, int(fields[6]))
+            self.infos[room] = TransferInfo(manager, session, indices, int(fields[6]))
 
     def pending(self) -> list[int]:
+        """Rooms with a chunk queued (served or not: a dead worker's queue keeps its chunks forever)."""
         return [room for room, info in self.infos.items() if info.pending]
 
+    def queue_of(self, room: int) -> int:
+        return int(self.infos[room].session.split(":")[1]) % TRANSFER_QUEUES
+
     def transfer(self, room: int) -> None:
+        """The worker of ``room``'s queue takes its chunk (nothing happens when that worker is gone)."""
         info = self.infos[room]
+        worker = self.queue_of(room)
+        if worker in self.dead_workers:
+            return
+        info.pending = False
+        if info.session in self.failed_sessions:
+            self.failure_records[room] = (
+                f"Language instance could be dead, remote mooncake session {info.session} is not alive"
+            )
+            info.manager.on_status_message(room, KVPoll.Failed)
+            return
         source = self.sources[room]
-        b = info.manager.data_args.aux_item_lens[1] // 4  # how the fork derives the block size (:404-409)
-        if info.allocated_tokens // len(info.dst_blocks) != b:
-            raise ValueError("block size mismatch")  # send_embedding's check (:262-272)
-        remaining = source.total - info.sent_tokens
-        tokens = min(remaining, info.allocated_tokens)
+        b = self.block_size  # this side's own, from its own fill-id rows (:423)
+        try:
+            if info.allocated_tokens // len(info.dst_blocks) != b:
+                raise ValueError(f"Block size mismatch: Embedding side uses {b}")
+            remaining = source.total - info.sent_tokens
+            tokens = min(remaining, info.allocated_tokens)
+            if -(-tokens // b) > len(info.dst_blocks):
+                raise ValueError("Insufficient dst blocks")
+        except Exception as error:  # the worker re-raises: its thread ends here
+            self.dead_workers[worker] = f"RuntimeError: Transfer thread failed because of {error}"
+            return
         self._write(room, info, source, tokens)
         info.sent_tokens += tokens
-        info.pending = False
         status = KVPoll.Transferring if tokens < remaining else KVPoll.Success
         info.manager.on_status_message(room, status)
 
     def fail(self, room: int) -> None:
         info = self.infos[room]
         info.pending = False
+        self.failed_sessions.add(info.session)
+        self.failure_records[room] = f"Failed to send embedding chunk of {room}"
         info.manager.on_status_message(room, KVPoll.Failed)
 
     def run(self) -> None:
-        """Every queued chunk is written and its status sent."""
+        """Every queued chunk whose worker is alive is taken, written and its status sent."""
         for room in self.pending():
             self.transfer(room)
 
     def _write(self, room: int, info: TransferInfo, source: Source, tokens: int) -> None:
-        dst_ptrs, item_lens = info.manager.data_args.aux_data_ptrs, info.manager.data_args.aux_item_lens
+        registered = self.language_args[info.session].data_args
+        dst_ptrs, item_lens = registered.aux_data_ptrs, registered.aux_item_lens
         src_ptrs, _, src_item_lens = self.pool.get_buf_infos()
         assert item_lens == src_item_lens, "both sides agree on B, H and K"
         b = self.block_size

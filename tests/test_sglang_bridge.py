@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from sglang_fork import EncodeSide as ForkEncodeSide
 from sglang_fork import (
+    BootstrapServer,
     FakeKVReceiver,
     FinishAbort,
     LanguageManager,
@@ -31,6 +31,7 @@ from sglang_fork import (
     Source,
     prepare_abort,
 )
+from sglang_fork import EncodeSide as ForkEncodeSide
 
 from epd_receiver.adapters import payload
 from epd_receiver.adapters.buffers import TorchBlockBuffers
@@ -56,6 +57,7 @@ from epd_receiver.fsm import ReceiverConfig
 B, H, K, N, D = 4, 8, 2, 16, 8  # block size, hidden size, deepstack layers, pool blocks, default tokens
 PORT = 8998
 SLOW, FAST = "10.0.0.1", "10.0.0.2"  # two Encode instances: one whose writes come late, one prompt
+BROKEN = "10.0.0.3"  # a third, whose write is refused in the loop test (which poisons its session there)
 FORK_MM = sglang_multimodal_inputs(MultimodalInputs, MultimodalDataItem, Modality.IMAGE)
 
 
@@ -77,7 +79,8 @@ class Fork:
         self.clock = ManualClock()
         self.scheduler = LanguageScheduler(H, deepstack_layers, attn_tp_cpu_group=group)
         self.encode = {
-            host: ForkEncodeSide(f"{host}:{PORT}", self.network, B, H, deepstack_layers) for host in (SLOW, FAST)
+            host: ForkEncodeSide(f"{host}:{PORT}", self.network, B, H, deepstack_layers)
+            for host in (SLOW, FAST, BROKEN)
         }
         environ = {
             "SGLANG_EMBEDDING_CACHE_BUFFER_SIZE": str(num_blocks),
@@ -314,6 +317,83 @@ def test_a_sender_failure_is_answered_inside_pop_transferred_with_prepare_abort_
     fork.assert_clean()
 
 
+def test_after_one_refused_write_the_encode_side_fails_the_sessions_every_request_and_nothing_is_fenced() -> None:
+    """The fork's Encode side marks the Language session failed at the first refused write and from then on
+    fails every chunk of it without writing, until the session registers again, which a Language side
+    does once per connection (or after losing the address's heartbeat). Each of those Failed statuses is
+    the Encode side's own word: the bridge answers the requests and fences nothing."""
+    fork = Fork()
+    side, session = fork.encode[SLOW], fork.manager.get_session_id()
+    resumed = fork.arrive(1, total=21, own_length=5, host=SLOW)
+    fork.iterate(2)  # its first chunk landed, its resume is queued on the Encode side
+    assert side.writes and fork.bridge.queue.get(1).resumes == 1  # type: ignore[union-attr]
+    refused = fork.arrive(2, total=8, own_length=2, host=SLOW)
+    fork.iterate(1, deliver=False)
+    side.fail(2)  # one refused write: the session is poisoned on this Encode side
+    assert side.failed_sessions == {session}
+    later = [fork.arrive(room, total=total, own_length=2, host=SLOW) for room, total in ((3, 8), (4, 13))]
+    prompt = fork.arrive(5, total=9, own_length=3)  # another Encode side: unaffected
+    written = len(side.writes)
+    for _ in range(5):
+        fork.iterate(1)
+        assert fork.bridge.allocator.fenced_count == 0  # every Failed came from the Encode side: no fence
+    assert len(side.writes) == written  # the resume and both later requests: nothing written
+    assert fork.scheduler.streamed == [resumed, refused, *later]
+    for req in (resumed, refused, *later):
+        assert "Failed to get embedding data" in aborted_with_500(req)
+    dead = f"Language instance could be dead, remote mooncake session {session} is not alive"
+    assert {room: side.failure_records[room] for room in (1, 3, 4)} == dict.fromkeys((1, 3, 4), dead)
+    assert side.registrations == [session]  # registered once: nothing lifted the mark
+    assert fork.scheduler.waiting_queue == [prompt] and delivered_mismatch(prompt, fork.source(prompt)) is None
+    fork.scheduler.run_prefill()
+    fork.assert_clean()
+
+    fork.manager.lose_connection(f"{SLOW}:{PORT}")  # the heartbeat gave up: the address is asked for again
+    again = fork.arrive(6, total=8, own_length=2, host=SLOW)
+    fork.iterate(3)
+    assert side.registrations == [session, session] and side.failed_sessions == set()
+    assert fork.scheduler.waiting_queue == [again] and delivered_mismatch(again, fork.source(again)) is None
+    fork.scheduler.run_prefill()
+    fork.assert_clean()
+
+
+def test_a_block_size_mismatch_ends_the_encode_workers_thread_and_the_deadlines_answer_and_unfence() -> None:
+    """The fork's block-size check raises inside the transfer worker, which dies: no status is ever sent
+    for the room, and the chunks queued behind it (the same session's) are never taken. Only the bridge's
+    deadlines end it: the transfer deadline fails the requests, whose blocks stay fenced (nothing says
+    the Encode side stopped) until the drain deadline."""
+    fork = Fork(transfer_timeout_s=TRANSFER_TIMEOUT, drain_timeout_s=DRAIN)
+    odd = ForkEncodeSide(f"{SLOW}:{PORT}", fork.network, 2 * B, H)  # its blocks hold 2B tokens, ours B
+    fork.encode[SLOW] = odd
+    first = fork.arrive(1, total=8, own_length=2, host=SLOW)
+    fork.iterate(3)
+    assert list(odd.dead_workers.values()) == [
+        "RuntimeError: Transfer thread failed because of Block size mismatch: Embedding side uses 8"
+    ]
+    behind = fork.arrive(2, total=6, own_length=2, host=SLOW)  # the same session: the same dead queue
+    prompt = fork.arrive(3, total=7, own_length=7)
+    fork.iterate(3)
+    assert odd.pending() == [2] and odd.writes == []  # room 1's chunk went down with the worker; 2's waits
+    assert [room for room, _ in fork.manager.remote_log if room in (1, 2)] == []  # no status, ever
+    assert fork.scheduler.waiting_queue == [prompt] and fork.scheduler.streamed == []
+    fork.scheduler.run_prefill()
+    held = {room: tuple(sorted(fork.bridge.queue.get(room).blocks)) for room in (1, 2)}  # type: ignore[union-attr]
+
+    fork.clock.advance(TRANSFER_TIMEOUT + 1)
+    fork.iterate(1)
+    assert set(fork.scheduler.streamed) == {first, behind}
+    assert all("TRANSFERRING for more than" in aborted_with_500(req) for req in (first, behind))
+    assert fork.bridge.allocator.fences() == held
+    fork.clock.advance(DRAIN - 1)
+    fork.iterate(2)
+    assert fork.bridge.allocator.fences() == held  # still nothing from the Encode side
+    fork.clock.advance(2)
+    fork.iterate(1)
+    assert fork.bridge.allocator.fences() == {} and odd.writes == []
+    assert fork.manager.request_status == {3: KVPoll.Success} and fork.manager.failure_records == {}
+    fork.assert_clean()
+
+
 def test_a_prompt_longer_than_its_expansion_is_answered_and_frees_everything() -> None:
     fork = Fork()
     req = fork.arrive(1, total=5, own_length=9)
@@ -323,12 +403,30 @@ def test_a_prompt_longer_than_its_expansion_is_answered_and_frees_everything() -
     fork.assert_clean()
 
 
-def test_a_failed_bootstrap_is_answered_and_holds_nothing() -> None:
+ELSEWHERE = "10.0.0.7"  # an address no Encode side of the harness serves
+
+
+@pytest.mark.parametrize("case", ["no server answers", "no Encode rank registered yet", "no such rank"])
+def test_a_failed_bootstrap_is_answered_with_the_forks_record_and_holds_nothing(case: str) -> None:
     fork = Fork()
-    fork.network.unreachable.add(f"{FAST}:{PORT}")
-    req = fork.arrive(1, total=8, own_length=1)
+    address = f"{ELSEWHERE}:{PORT}"
+    if case == "no server answers":
+        fork.network.unreachable.add(address)
+        record = f"Could not fetch embedding parallel info from bootstrap_addr: {address}"
+    elif case == "no Encode rank registered yet":  # its sizes are None: int(None) raises inside the fetch
+        fork.network.bootstrap_servers[address] = BootstrapServer()
+        record = f"Could not fetch embedding parallel info from bootstrap_addr: {address}"
+    else:  # an Encode rank filed under dp group 1; a tp-1 dp-1 Language rank asks for group 0
+        ForkEncodeSide(address, fork.network, B, H, engine_rank=1)
+        record = "Could not fetch bootstrap info for engine rank: 0 and target_dp_group: 0"
+    req = Req("r1", [0], bootstrap_host=ELSEWHERE, bootstrap_room=1)
+    fork.scheduler.process_input_requests([req])
+    receiver = fork.entry(req).embedding_receiver.receiver
+    assert not hasattr(receiver, "bootstrap_infos")  # the fork's constructor returned early
+    assert fork.manager.request_status[1] == KVPoll.Failed and fork.manager.failure_records[1] == record
     fork.iterate(2)
-    assert fork.scheduler.streamed == [req] and "Could not fetch" in aborted_with_500(req)
+    assert fork.scheduler.streamed == [req] and record in aborted_with_500(req)
+    assert 1 not in fork.manager.request_status and 1 not in fork.manager.failure_records
     fork.assert_clean()
 
 
@@ -365,8 +463,13 @@ def test_the_schedulers_abort_fails_the_request_and_fences_its_blocks_while_the_
     assert fork.scheduler.streamed == [req] and "aborted" in aborted_with_500(req)
     fork.iterate(3, deliver=False)
     assert fork.bridge.allocator.fences() == {1: tuple(sorted(held))}  # its own Failed lifts nothing
+    # the fork's queue would have popped the room's status and record when it reported the request; kept
+    # while fenced, the status is where the Encode side's word arrives
+    assert fork.manager.request_status[1] == KVPoll.WaitingForInput
+    assert fork.manager.failure_records[1] == "Aborted by AbortReq."
     fork.encode[SLOW].run()  # the Encode side never heard of the abort: it writes, then says Success
     fork.iterate(1, deliver=False)
+    assert 1 not in fork.manager.request_status and 1 not in fork.manager.failure_records  # retired: cleared
     fork.assert_clean()
 
 
@@ -471,10 +574,10 @@ class _Table:
     def __init__(self) -> None:
         self.network = Network()
         self.manager = LanguageManager(self.network, ([0] * 4, [0] * 4, [B * H * 2, B * 4, 3 * B * 4, 64]))
-        self.network.encode_sides[f"{SLOW}:{PORT}"] = None  # type: ignore[assignment]
+        ForkEncodeSide(f"{SLOW}:{PORT}", self.network, B, H)  # registered with its bootstrap server
 
-    def receiver(self, room: int) -> MooncakeEmbeddingReceiver:
-        return MooncakeEmbeddingReceiver(self.manager, f"{SLOW}:{PORT}", room)
+    def receiver(self, room: int, address: str = f"{SLOW}:{PORT}") -> MooncakeEmbeddingReceiver:
+        return MooncakeEmbeddingReceiver(self.manager, address, room)
 
 
 def test_only_what_the_encode_side_reported_counts_as_evidence() -> None:
@@ -489,11 +592,12 @@ def test_only_what_the_encode_side_reported_counts_as_evidence() -> None:
     }
     for name, (room, event, expected) in cases.items():
         t.receiver(room)
+        assert m.request_status[room] == KVPoll.WaitingForInput, name
         event()
         assert remote_evidence(m, room) is expected, name
     assert remote_evidence(m, 99) is False  # no entry at all
-    t.network.unreachable.add(f"{SLOW}:{PORT}")
-    t.receiver(6)  # a failed bootstrap sets Failed on this side alone
+    t.network.unreachable.add(f"{BROKEN}:{PORT}")
+    t.receiver(6, f"{BROKEN}:{PORT}")  # a failed bootstrap sets Failed on this side alone
     assert m.request_status[6] == KVPoll.Failed and remote_evidence(m, 6) is False
 
 
@@ -605,7 +709,8 @@ def run_story(link_factory: Callable[..., Any]) -> tuple[Story, dict[str, Req]]:
 
     abort: A is aborted through the scheduler while its chunk is queued on the slow side;
     deadline: B's Encode side is silent past the transfer deadline;
-    sender failure: C's Encode side reports Failed;
+    sender failure: C's Encode side (an instance of its own: from then on it fails the session's every
+    chunk) reports Failed;
     heartbeat: the manager loses the slow side's heartbeat while D transfers (Failed on this side only);
     drain: E is aborted, its late chunk is partial (Transferring, not terminal), so only the drain
     deadline ends its fence;
@@ -633,9 +738,9 @@ def run_story(link_factory: Callable[..., Any]) -> tuple[Story, dict[str, Req]]:
     reqs["b"] = fork.arrive(21, total=7, own_length=7)
     story.until(answered(reqs["b"]))
 
-    reqs["C"] = fork.arrive(30, total=8, own_length=2, host=SLOW)
+    reqs["C"] = fork.arrive(30, total=8, own_length=2, host=BROKEN)
     story.until(transferring(30))
-    fork.encode[SLOW].fail(30)
+    fork.encode[BROKEN].fail(30)
     reqs["c"] = fork.arrive(31, total=6, own_length=1)
     story.until(answered(reqs["c"]))
 
@@ -675,6 +780,20 @@ def test_the_fork_loop_fences_every_late_write_and_lifts_only_on_the_encode_side
     assert story.lifted_by == {10: "remote status", 20: "remote status", 40: "remote status", 50: "drain deadline"}
     assert 30 not in story.fenced_at  # a sender that reported Failed fences nothing
     fork.assert_clean()
+
+
+def test_retired_rooms_leave_the_forks_tables_as_its_own_queue_leaves_them() -> None:
+    """After aborts, a timeout, sender and heartbeat failures and a drain, every failed room is gone from
+    the fork's manager (status and failure record), as the fork's queue pops them through
+    ``failure_exception()``; the bridge does it once the room is retired, so late statuses that arrived
+    while it was fenced are gone too. What stays is what the fork also leaves: the Success entry of
+    every delivered room, which its queue never clears."""
+    story, reqs = run_story(ReceiverLink)
+    manager = story.fork.manager
+    delivered = {reqs[name].bootstrap_room for name in "abcdeR"}
+    assert manager.request_status == dict.fromkeys(delivered, KVPoll.Success)
+    assert manager.failure_records == {}
+    story.fork.assert_clean()
 
 
 def test_the_same_loop_catches_a_link_that_takes_its_own_failed_as_the_senders_word() -> None:
