@@ -159,3 +159,25 @@ def test_an_abort_waits_for_the_encode_rank_to_say_it_understands_one(
             break
         receiver.wait(0.01)
     assert link.writes_stopped() and receiver.dropped == {}
+
+
+def test_after_one_refused_write_the_fork_fails_every_later_room_of_the_session(
+    pair: tuple[MooncakeReceiver, ForkEncode],
+) -> None:
+    """The fork's Encode marks a session failed at its first refused write and reports Failed, writing
+    nothing, for every later room of it (conn_multimodal.py:388-410, 441-461): each is evidence that the
+    sender stopped, so our links fence nothing; a new registration would clear it."""
+    receiver, fork = pair
+    receiver.connect(wait_s=0.2)
+    fork.pump()
+    refused = receiver.link(5)
+    refused.init([1], B)
+    (init,) = fork.pump()
+    fork.fail(init)
+    settle(receiver, refused, KVPoll.Failed)
+    later = receiver.link(6)
+    later.init([2], B)
+    (second,) = fork.pump()
+    fork.report(second, KVPoll.Success)  # what it would have said; the failed session turns it into Failed
+    settle(receiver, later, KVPoll.Failed)
+    assert refused.writes_stopped() and later.writes_stopped()
