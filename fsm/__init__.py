@@ -4,6 +4,7 @@ from .errors import (
     Aborted,
     ContractError,
     CorruptAux,
+    DuplicateRoom,
     IntegrityError,
     OwnershipError,
     PoolTooSmall,
@@ -18,6 +19,7 @@ from .errors import (
     SpecError,
     TimedOut,
     TransportFailed,
+    UnknownRoom,
 )
 from .kvpoll import LINK_ERROR, UNKNOWN_STATUS, KVPoll
 from .ports import AuxRow, BlockAllocator, BlockBuffers, Clock, MonotonicClock, RankGroup, SingleRank, TransportLink
@@ -36,6 +38,7 @@ __all__ = [
     "Clock",
     "ContractError",
     "CorruptAux",
+    "DuplicateRoom",
     "IntegrityError",
     "KVPoll",
     "MonotonicClock",
@@ -60,5 +63,6 @@ __all__ = [
     "TimedOut",
     "TransportFailed",
     "TransportLink",
+    "UnknownRoom",
     "load_spec",
 ]

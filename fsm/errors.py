@@ -100,5 +100,20 @@ class SpecError(ContractError):
     """spec/receiver.toml is inconsistent, or disagrees with the code."""
 
 
+class UnknownRoom(ContractError, KeyError):
+    """The caller named a room the queue does not hold (never added, or already retired)."""
+
+    def __init__(self, room: Room, what: str) -> None:
+        super().__init__(f"room {room}: {what}")
+        self.room = room
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class DuplicateRoom(ContractError, ValueError):
+    """The caller added a room the queue already holds."""
+
+
 class RankDivergence(ContractError):
     """The ranks' queues are out of lockstep (different rooms polled, different allocator operations)."""

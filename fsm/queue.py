@@ -20,7 +20,7 @@ from typing import Generic
 
 from transitions import Machine
 
-from .errors import Aborted, PoolTooSmall, RankDivergence, Room
+from .errors import Aborted, DuplicateRoom, PoolTooSmall, RankDivergence, Room, UnknownRoom
 from .lockstep import LockstepAllocator
 from .machine import build_machine
 from .ports import BlockAllocator, BlockBuffers, Clock, MonotonicClock, PayloadT, RankGroup, SingleRank, TransportLink
@@ -72,7 +72,7 @@ class ReceiverQueue(Generic[PayloadT]):
     def add(self, room: Room, link: TransportLink, *, warmup: bool = False) -> ReceiverRequest[PayloadT]:
         """Track a new request; a ``warmup`` one (a health check) takes no blocks and reads nothing."""
         if room in self._live or room in self._held or room in self._fenced:
-            raise ValueError(f"room {room} is already in the queue")
+            raise DuplicateRoom(f"room {room} is already in the queue")
         request = self._request_class(room, link, self._wiring, warmup=warmup)
         self._machine.add_model(request)
         self._live[room] = request
@@ -88,7 +88,10 @@ class ReceiverQueue(Generic[PayloadT]):
 
     def release(self, room: Room) -> None:
         """The caller is done with a successful request: its blocks return to the pool."""
-        request = self._held.pop(room)
+        request = self._held.pop(room, None)
+        if request is None:
+            where = "has not succeeded yet" if room in self._live or room in self._fenced else "is not in the queue"
+            raise UnknownRoom(room, f"release of a request that {where}")
         request.fire("release")
         self._retire(request)
 

@@ -23,6 +23,7 @@ from epd_receiver.fsm import (
     AuxRow,
     ContractError,
     CorruptAux,
+    DuplicateRoom,
     IntegrityError,
     KVPoll,
     OwnershipError,
@@ -41,6 +42,7 @@ from epd_receiver.fsm import (
     State,
     TimedOut,
     TransportFailed,
+    UnknownRoom,
     load_spec,
 )
 
@@ -1628,3 +1630,14 @@ def test_a_value_above_success_on_one_rank_is_not_lost_under_the_min_and_fails_e
     bench.step()
     assert peer.sent[-1][0] == UNKNOWN_STATUS  # what this rank contributes: below every status
     assert type(request.error) is ProtocolViolation and "99 (not a KVPoll value)" in str(request.error)
+
+
+def test_release_of_a_room_the_queue_does_not_hold_raises_a_typed_error_naming_it() -> None:
+    bench = Bench.make()
+    bench.add(1)
+    with pytest.raises(UnknownRoom, match=r"room 7: .*not in the queue"):
+        bench.queue.release(7)
+    with pytest.raises(UnknownRoom, match=r"room 1: .*has not succeeded yet"):
+        bench.queue.release(1)
+    with pytest.raises(DuplicateRoom, match="room 1"):
+        bench.add(1)
