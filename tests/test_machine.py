@@ -107,6 +107,12 @@ def test_machine_states_initial_and_strictness_match_the_spec() -> None:
     assert MACHINE.send_event is True
 
 
+def test_a_built_machine_drives_no_model_until_a_request_is_added() -> None:
+    machine = build_machine(SPEC, ReceiverRequest)
+    assert machine.models == []
+    assert not hasattr(machine, "state")  # not even itself: the Machine is shared, it has no state of its own
+
+
 def test_a_model_gets_no_automatic_to_state_triggers() -> None:
     machine = build_machine(SPEC, ReceiverRequest)
     model = ReceiverRequest.__new__(ReceiverRequest)  # no ports needed to inspect what the Machine binds

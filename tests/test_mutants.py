@@ -13,10 +13,30 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from test_controller import B, Bench, FakeAllocator, FakeBuffers, FakeLink, two_ranks_transferring
+from test_controller import (
+    B,
+    Bench,
+    FakeAllocator,
+    FakeBuffers,
+    FakeClock,
+    FakeLink,
+    PeerRank,
+    ProgressLink,
+    two_ranks_transferring,
+)
 from test_spec import dump_toml
 
-from epd_receiver.fsm import LINK_ERROR, KVPoll, ReceiverConfig, ReceiverQueue, SingleRank, State, load_spec
+from epd_receiver.fsm import (
+    LINK_ERROR,
+    KVPoll,
+    RankDivergence,
+    ReceiverConfig,
+    ReceiverQueue,
+    SingleRank,
+    State,
+    TimedOut,
+    load_spec,
+)
 from epd_receiver.fsm.diagram import generated_sections, mermaid, sync_generated, timeouts_markdown
 from epd_receiver.fsm.lockstep import LockstepAllocator
 from epd_receiver.fsm.spec import default_spec_text
@@ -141,8 +161,11 @@ class Permissive:
     num_blocks = 8
     free_count = 8
 
+    def __init__(self, grant: tuple[int, ...] | None = (0,)) -> None:
+        self.grant = grant
+
     def alloc(self, owner: int, tokens: int) -> tuple[int, ...] | None:
-        return (0,)
+        return self.grant
 
     def free(self, owner: int, blocks: Sequence[int]) -> None: ...
 
@@ -166,6 +189,18 @@ def test_the_lockstep_fingerprint_tells_owners_and_operations_apart(operation: s
     assert digest(operation, 1) != digest(operation, 2)
     others = {digest(other, 1) for other in ("alloc", "free", "fence", "unfence") if other != operation}
     assert digest(operation, 1) not in others
+
+
+@pytest.mark.parametrize("other", [(1,), (0, 1), None], ids=["other-block", "more-blocks", "refused"])
+def test_the_lockstep_fingerprint_tells_what_an_allocation_granted(other: tuple[int, ...] | None) -> None:
+    """Ranks whose allocators answered the same request differently have drifted."""
+
+    def digest(grant: tuple[int, ...] | None) -> int:
+        lockstep = LockstepAllocator(Permissive(grant))
+        assert lockstep.alloc(1, B) == grant
+        return lockstep.digest
+
+    assert digest((0,)) != digest(other)
 
 
 def test_the_lockstep_fingerprint_remembers_the_whole_history() -> None:
@@ -268,3 +303,136 @@ def test_a_client_abort_says_so() -> None:
     request = bench.add(1)
     assert bench.queue.abort(1)
     assert request.error is not None and request.error.detail == "aborted by the client"
+
+
+# ---- the queue ----------------------------------------------------------------------------------------
+
+
+def test_a_queue_refuses_buffers_and_an_allocator_of_different_block_sizes() -> None:
+    with pytest.raises(ValueError, match=r"^buffers have B=4, allocator B=8$"):
+        ReceiverQueue(FakeBuffers(4), FakeAllocator(8, 8))
+
+
+def test_the_lockstep_check_runs_every_lockstep_every_iterations_and_names_the_iteration() -> None:
+    peer, bench, _ = two_ranks_transferring(lockstep_every=4)  # one iteration so far
+    peer.peer_disagrees = True
+    bench.step(2)  # iterations 2 and 3 compare nothing
+    with pytest.raises(RankDivergence, match=r"^iteration 4: the ranks' allocator operations differ"):
+        bench.step()
+
+
+def test_with_ranks_a_deadline_is_past_only_after_it_not_at_it() -> None:
+    clock = FakeClock()
+    _, bench, request = two_ranks_transferring(clock=clock, transfer_timeout_s=10.0)
+    clock.t = 10.0
+    bench.step()
+    assert request.state is State.TRANSFERRING
+    clock.t = 10.5
+    bench.step()
+    assert request.state is State.FAILED and isinstance(request.error, TimedOut)
+
+
+class CountingLink(FakeLink):
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.polls = 0
+
+    def poll(self) -> int:
+        self.polls += 1
+        return super().poll()
+
+
+def test_an_aborted_request_that_holds_nothing_is_not_polled_again() -> None:
+    bench = Bench.make()
+    link = bench.links[1] = CountingLink(KVPoll.Bootstrapping)
+    request = bench.queue.add(1, link)
+    bench.step()
+    assert bench.queue.abort(1) and request.fenced == ()
+    polls = link.polls
+    assert bench.step() == [request]
+    assert link.polls == polls and bench.queue.get(1) is None
+
+
+def test_a_fence_of_a_request_aborted_since_the_last_iteration_lifts_in_the_next_one() -> None:
+    """The abort's own iteration polls the fence: a sender that stopped by then frees the blocks at once."""
+    bench = Bench.make()
+    request = bench.add(1)
+    bench.step()  # init sent for (0, 1)
+    assert bench.queue.abort(1) and request.fenced == (0, 1)
+    bench.links[1].status = int(KVPoll.Failed)  # the sender stopped
+    assert bench.step() == [request]
+    assert request.fenced == () and bench.queue.get(1) is None and bench.allocator.free_count == 8
+
+
+def test_a_request_too_large_for_the_pool_is_told_how_many_blocks_it_needs() -> None:
+    bench = Bench.make(num_blocks=2, default_alloc=9)  # ceil(9 / 4) = 3 blocks
+    request = bench.add(1)
+    bench.step()
+    assert request.error is not None and request.error.detail == "needs 3 blocks, the pool has 2"
+
+
+def progress_request(bench: Bench, total: int, room: int = 1) -> tuple[ProgressLink, Any]:
+    """A request whose link reports progress, its init sent; its first chunk of 8 has landed (not yet read)."""
+    link = ProgressLink()
+    bench.links[room] = link
+    request = bench.queue.add(room, link)
+    bench.step()
+    bench.land(room, total, KVPoll.Transferring)
+    link.landed = 8
+    return link, request
+
+
+def test_with_progress_a_remainder_of_one_token_gets_its_block() -> None:
+    bench = Bench.make(num_blocks=3)
+    link, request = progress_request(bench, total=9)
+    bench.step()
+    assert request.state is State.RESUMING and link.resumes == [((2,), 8, 4)]
+
+
+def test_with_progress_an_empty_pool_grants_no_round_of_zero_blocks() -> None:
+    bench = Bench.make(num_blocks=4)
+    links = {room: ProgressLink() for room in (1, 2)}
+    requests = {room: bench.queue.add(room, link) for room, link in links.items()}
+    bench.links.update(links)
+    bench.step()  # A0 = (0, 1) and (2, 3)
+    for room, link in links.items():
+        bench.land(room, 30, KVPoll.Transferring)
+        link.landed = 8
+    bench.step()  # both chunks are read; the first remainder takes every block
+    assert links[1].resumes == [((0, 1, 2, 3), 8, 16)]
+    assert requests[2].state is State.WAITING_FOR_BLOCKS and links[2].resumes == []
+
+
+def test_with_ranks_a_sender_s_progress_is_reduced_and_rounds_are_read() -> None:
+    peer = PeerRank()
+    bench = Bench.make(num_blocks=3, ranks=peer)
+    link, request = progress_request(bench, total=30)
+    bench.step()
+    assert request.state is State.RESUMING and link.resumes == [((2, 0, 1), 8, 12)]
+    link.landed = 20
+    bench.step()
+    assert request.reads == 2 and link.resumes[-1] == ((2, 0, 1), 20, 12)
+
+
+class RecordingPeer(PeerRank):
+    def __init__(self) -> None:
+        super().__init__()
+        self.compared: list[list[int]] = []
+
+    def same(self, values: Sequence[int]) -> bool:
+        self.compared.append(list(values))
+        return True
+
+
+def test_the_lockstep_check_compares_a_fingerprint_of_this_rank_s_allocations() -> None:
+    def compared(rooms: int) -> list[int]:
+        peer = RecordingPeer()
+        bench = Bench.make(ranks=peer, lockstep_every=2)
+        for room in range(rooms):
+            bench.add(room)
+        bench.step(2)  # nothing lands: the only comparison is the lockstep check of iteration 2
+        (values,) = peer.compared
+        return values
+
+    assert compared(1) == compared(1)
+    assert compared(1) != compared(2)
