@@ -20,6 +20,7 @@ from test_controller import (
     FakeBuffers,
     FakeClock,
     FakeLink,
+    FakePayload,
     PeerRank,
     ProgressLink,
     two_ranks_transferring,
@@ -28,8 +29,11 @@ from test_spec import dump_toml
 
 from epd_receiver.fsm import (
     LINK_ERROR,
+    UNKNOWN_STATUS,
+    AuxRow,
     KVPoll,
     RankDivergence,
+    ReadOutsideWindow,
     ReceiverConfig,
     ReceiverQueue,
     SingleRank,
@@ -436,3 +440,142 @@ def test_the_lockstep_check_compares_a_fingerprint_of_this_rank_s_allocations() 
 
     assert compared(1) == compared(1)
     assert compared(1) != compared(2)
+
+
+# ---- the request --------------------------------------------------------------------------------------
+
+
+def test_a_request_is_not_a_warm_up_unless_it_is_said_to_be() -> None:
+    from epd_receiver.fsm.request import ReceiverRequest, Wiring, deadlines, poll_table
+
+    spec, config = load_spec(), ReceiverConfig()
+    buffers, allocator = FakeBuffers(B), FakeAllocator(8, B)
+    wiring = Wiring(
+        spec, poll_table(spec), buffers, allocator, config, FakeClock(), deadlines(spec, config), SingleRank()
+    )
+    assert ReceiverRequest(1, FakeLink(), wiring).warmup is False
+
+
+def test_a_read_outside_its_window_names_the_room() -> None:
+    bench = Bench.make()
+    request = bench.add(7)
+    bench.step()
+    with pytest.raises(ReadOutsideWindow, match=r"^room 7: read of blocks \[0, 1\]; granted: None$"):
+        request._window.gather(request.blocks, B, FakePayload(B, 0, [None] * B), 0)
+    with pytest.raises(ReadOutsideWindow, match=r"^room 7: aux read of block 0; granted: None"):
+        request._window.read_aux(0)
+
+
+def test_a_value_outside_kvpoll_seen_only_on_another_rank_says_so() -> None:
+    peer, bench, request = two_ranks_transferring()
+    peer.peer_polls[1] = UNKNOWN_STATUS  # this rank's link returned an honest status
+    bench.step()
+    assert request.error is not None
+    assert request.error.detail == "poll a value outside KVPoll on another rank in TRANSFERRING"
+
+
+def test_a_link_without_progress_contributes_nothing_landed_to_the_reduce() -> None:
+    peer, bench, _ = two_ranks_transferring()
+    seen: list[list[int]] = []
+    reduce = peer.min_reduce
+
+    def recording(rooms: Sequence[int], values: Sequence[int]) -> list[int]:
+        seen.append(list(values))
+        return reduce(rooms, values)
+
+    peer.min_reduce = recording  # type: ignore[method-assign]
+    bench.step()
+    poll, _, _, landed, _ = seen[-1]  # poll, in time, past, landed, sender done
+    assert landed == 0 and poll == KVPoll.WaitingForInput
+
+
+class UnsureLink(FakeLink):
+    """A link that raises when asked whether its sender stopped: that is no evidence that it did."""
+
+    def writes_stopped(self) -> bool:
+        raise ConnectionError("peer reset")
+
+
+def test_a_link_that_cannot_say_whether_its_sender_stopped_keeps_the_fence() -> None:
+    bench = Bench.make()
+    link = bench.links[1] = UnsureLink(KVPoll.WaitingForInput)
+    request = bench.queue.add(1, link)
+    bench.step()
+    assert bench.queue.abort(1) and request.fenced == (0, 1)
+    link.status = int(KVPoll.Failed)
+    bench.step(3)
+    assert request.fenced == (0, 1) and bench.queue.fenced_rooms == (1,)
+
+
+# ---- what the ranks compare, and what a failure says ----------------------------------------------------
+
+
+def test_the_ranks_compare_t_s_and_the_checksum_this_rank_read() -> None:
+    for checksum, expected in ((None, -1), (0xDEAD, 0xDEAD)):
+        peer = RecordingPeer()
+        bench = Bench.make(ranks=peer)
+        bench.add(1)
+        bench.step()
+        bench.buffers.aux[0] = AuxRow(20, 7, checksum=checksum)
+        bench.links[1].status = int(KVPoll.Transferring)
+        bench.step()
+        assert peer.compared[0] == [20, 8, expected]  # T, S = |A0|*B, the checksum (-1: none, never a CRC32)
+
+
+def test_ranks_that_read_different_totals_fail_with_what_this_rank_read() -> None:
+    peer, bench, request = two_ranks_transferring()
+    peer.peer_disagrees = True
+    bench.land(1, 20, KVPoll.Transferring)
+    bench.step()
+    assert request.error is not None and request.error.room == 1
+    assert request.error.detail == "the ranks differ on (T, S, checksum); this rank read [20, 8, -1]"
+
+
+def test_ranks_compare_the_payload_they_assembled_unless_told_not_to() -> None:
+    for compare in (True, False):
+        peer = RecordingPeer()
+        bench = Bench.make(ranks=peer, compare_payloads=compare)
+        request = bench.add(1)
+        bench.step()
+        bench.land(1, 8, KVPoll.Success)
+        bench.step()
+        assert request.state is State.SUCCESS and request.payload is not None
+        checksum = bench.buffers.checksum(request.payload)
+        assert peer.compared == ([[8, 8, -1], [checksum]] if compare else [[8, 8, -1]])
+
+
+def test_ranks_that_assembled_different_payloads_fail_saying_so() -> None:
+    peer, bench, request = two_ranks_transferring()
+    answers = iter([True, False])  # the same (T, S, checksum), not the same payload
+    peer.same = lambda values: next(answers)  # type: ignore[method-assign]
+    bench.land(1, 8, KVPoll.Success)
+    bench.step()
+    assert request.error is not None and request.error.room == 1
+    assert request.error.detail == "the ranks assembled different payloads"
+
+
+@pytest.mark.parametrize(
+    ("total", "status", "detail"),
+    [
+        (0, KVPoll.Success, "aux[0] of block 0 is 0, outside 1..1000"),
+        (6, KVPoll.Transferring, "Transferring, but T=6 fits in the 8 tokens allocated"),
+        (9, KVPoll.Success, "Success, but T=9 exceeds the 8 tokens allocated"),
+    ],
+    ids=["corrupt", "fits", "exceeds"],
+)
+def test_a_total_that_cannot_be_true_is_named_in_the_error(total: int, status: KVPoll, detail: str) -> None:
+    bench = Bench.make(max_total=1000)
+    request = bench.add(1)
+    bench.step()
+    bench.land(1, total, status)
+    bench.step()
+    assert request.error is not None and request.error.detail == detail
+
+
+def test_a_landed_count_that_does_not_match_is_named_in_the_error() -> None:
+    bench = Bench.make(num_blocks=3)
+    link, request = progress_request(bench, total=30)
+    link.landed = 7  # a whole A0 holds 8
+    bench.step()
+    assert request.error is not None
+    assert request.error.detail == "the sender reports 7 tokens landed; after 0 the allocation holds 8"
