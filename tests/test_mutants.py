@@ -16,6 +16,7 @@ import pytest
 from test_controller import (
     B,
     Bench,
+    BrokenLink,
     FakeAllocator,
     FakeBuffers,
     FakeClock,
@@ -579,3 +580,38 @@ def test_a_landed_count_that_does_not_match_is_named_in_the_error() -> None:
     bench.step()
     assert request.error is not None
     assert request.error.detail == "the sender reports 7 tokens landed; after 0 the allocation holds 8"
+
+
+@pytest.mark.parametrize("broken", ["init", "resume"])
+def test_a_link_that_raised_is_named_with_what_it_was_asked(broken: str) -> None:
+    bench = Bench.make()
+    link = bench.links[1] = BrokenLink(broken)
+    request = bench.queue.add(1, link)
+    bench.step()
+    if broken == "resume":
+        bench.land(1, 20, KVPoll.Transferring)
+        bench.step()
+    state = request.state.name
+    bench.step()
+    assert request.error is not None
+    assert request.error.detail == f"poll link_error in {state}: {broken} raised ConnectionError('peer reset')"
+
+
+class AbortRaisingLink(FakeLink):
+    def abort(self) -> None:
+        super().abort()
+        raise ConnectionError("peer reset")
+
+
+@pytest.mark.parametrize("how", ["abort", "sender failed"])
+def test_a_link_that_raises_when_told_of_the_failure_does_not_stop_the_failure(how: str) -> None:
+    bench = Bench.make()
+    link = bench.links[1] = AbortRaisingLink(KVPoll.WaitingForInput)
+    request = bench.queue.add(1, link)
+    bench.step()
+    if how == "abort":
+        assert bench.queue.abort(1)
+    else:
+        link.status = int(KVPoll.Failed)
+    bench.step()
+    assert request.state is State.FAILED and link.aborts == 1
