@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import tomllib
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -38,13 +39,14 @@ from epd_receiver.fsm import (
     ReceiverConfig,
     ReceiverQueue,
     SingleRank,
+    SpecError,
     State,
     TimedOut,
     load_spec,
 )
 from epd_receiver.fsm.diagram import generated_sections, mermaid, sync_generated, timeouts_markdown
 from epd_receiver.fsm.lockstep import LockstepAllocator
-from epd_receiver.fsm.spec import default_spec_text
+from epd_receiver.fsm.spec import ReceiverSpec, default_spec_text
 
 # ---- the generated documents --------------------------------------------------------------------------
 
@@ -615,3 +617,78 @@ def test_a_link_that_raises_when_told_of_the_failure_does_not_stop_the_failure(h
         link.status = int(KVPoll.Failed)
     bench.step()
     assert request.state is State.FAILED and link.aborts == 1
+
+
+# ---- parsing the spec afresh ---------------------------------------------------------------------------
+# load_spec() hands out the packaged spec parsed once per process; these parse its text again.
+
+RECEIVER_MD = Path(__file__).parent.parent / "spec" / "RECEIVER.md"
+
+
+def fresh_spec() -> ReceiverSpec:
+    return load_spec(default_spec_text())
+
+
+def test_a_fresh_parse_of_the_packaged_text_is_the_packaged_spec() -> None:
+    assert fresh_spec() == load_spec()
+
+
+def test_a_fresh_parse_of_the_packaged_text_draws_the_committed_document() -> None:
+    document = RECEIVER_MD.read_text(encoding="utf-8")
+    assert sync_generated(document, fresh_spec()) == document
+
+
+def test_a_fresh_parse_keeps_every_doc_of_the_text() -> None:
+    raw = tomllib.loads(default_spec_text())
+    spec = fresh_spec()
+    for table, parsed in (("events", spec.events), ("actions", spec.actions), ("guards", spec.guards)):
+        assert parsed == {name: body["doc"] for name, body in raw[table].items()}, table
+        assert all(parsed.values()), table
+    assert spec.state_docs == {State[name]: body["doc"] for name, body in raw["states"].items()}
+
+
+def test_a_fresh_parse_has_the_packaged_machine_causes_and_deadlines() -> None:
+    from epd_receiver.fsm import errors
+    from epd_receiver.fsm.spec import PollOutcome, TimeoutSpec
+
+    spec = fresh_spec()
+    assert (spec.initial, spec.terminal, spec.on_error) == (
+        State.BOOTSTRAPPING,
+        frozenset({State.SUCCESS, State.FAILED}),
+        "fail",
+    )
+    assert spec.causes == {
+        "timeout": errors.TimedOut,
+        "sender_failed": errors.SenderFailed,
+        "premature_status": errors.ProtocolViolation,
+        "status_regression": errors.ProtocolViolation,
+        "unknown_status": errors.ProtocolViolation,
+        "transport_failed": errors.TransportFailed,
+    }
+    assert spec.unknown_poll == PollOutcome("fail", "unknown_status")
+    assert spec.link_error_poll == PollOutcome("fail", "transport_failed")
+    stopped = PollOutcome("sender_stopped", guard="senders_stopped")
+    assert spec.unknown_polls == {State.FAILED: stopped} and spec.link_error_polls == {State.FAILED: stopped}
+    assert spec.timeouts[State.FAILED] == TimeoutSpec("drain_timeout_s", "drain_expired")
+    assert spec.timeouts[State.RESUMING] == TimeoutSpec("resume_timeout_s", "fail", "timeout")
+    assert len(spec.timeouts) == 6
+    assert spec.transitions_from(State.SUCCESS)[0].internal
+    assert spec.polls[State.FAILED][KVPoll.Success] == stopped
+
+
+def test_an_entry_without_a_doc_has_an_empty_one() -> None:
+    raw = tomllib.loads(default_spec_text())
+    raw["states"]["FAILED"] = {}
+    for table in ("events", "actions", "guards"):
+        raw[table][f"undocumented_{table}"] = {"note": "no doc"}
+    spec = load_spec(dump_toml(raw))
+    assert spec.state_docs[State.FAILED] == ""
+    assert (spec.events["undocumented_events"], spec.actions["undocumented_actions"]) == ("", "")
+    assert spec.guards["undocumented_guards"] == ""
+
+
+def test_a_spec_without_states_is_refused_as_inconsistent() -> None:
+    raw = tomllib.loads(default_spec_text())
+    del raw["states"]
+    with pytest.raises(SpecError, match=r"states in spec \[\] differ"):
+        load_spec(dump_toml(raw))
