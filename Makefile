@@ -33,8 +33,14 @@ model: $(READY) spec/node_modules/.bin/quint
 test: lint model
 	EPD_REQUIRE_QUINT=1 $(PY) -m pytest -q $(ARGS)
 
+# The random walk takes a new seed each day (WALK_SEED=N repeats a night's walk; it prints its seed):
+# a million judged steps on one rank, then runs of one to three ranks.
+WALK_SEED := $(or $(WALK_SEED),$(shell date +%Y%m%d))
+
 fuzz-nightly: $(READY)
 	HYPOTHESIS_PROFILE=nightly $(PY) -m pytest -q tests/test_stateful.py
+	$(VENV)/bin/epd-receiver walk --steps 1000000 --seed $(WALK_SEED)
+	$(VENV)/bin/epd-receiver walk --steps 100000 --ranks 0 --seed $(WALK_SEED)
 
 docs: $(READY)
 	$(VENV)/bin/epd-receiver spec sync

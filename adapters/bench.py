@@ -417,6 +417,15 @@ def fuzz_rate(steps: int, seed: int = 0) -> float | None:
     return round(counted[0] / elapsed, 1)
 
 
+def walk_rate(steps: int, seed: int = 0) -> float:
+    """Judged steps per second of the random walk (``walk.py``) on one rank, as ``fuzz_rate``: every
+    invariant judged after each event; building the worlds and draining them are in the time, and an
+    event the World refused is judged but not counted. (Whether the walk is clean is the tests' business.)"""
+    from .walk import walk
+
+    return walk(steps, seed).steps_per_s
+
+
 # ---- the whole bench -------------------------------------------------------------------------------
 
 
@@ -445,6 +454,8 @@ def _run_bench(config: BenchConfig) -> dict[str, Any]:
     result["assembly_vs_cat_baseline"] = min(c["assembly_vs_cat_baseline"] for c in cases)
     result["peak_extra_memory_ratio"] = max(c["peak_extra_memory_ratio"] for c in cases)
     result["fuzz_steps_per_s"] = fuzz_rate(config.fuzz_steps, config.seed)
+    # twenty times the fuzzer's steps: at the walk's rate, a span of the same order as the fuzzer's
+    result["walk_steps_per_s"] = walk_rate(20 * config.fuzz_steps, config.seed)
     result["goals"] = {key: _verdict(key, result[key]) for key in GOALS}
     result["machine"] = {
         "cpus": os.cpu_count(),

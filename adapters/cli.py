@@ -85,6 +85,13 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--variant", choices=sorted(VARIANTS), help="hunt a catalogued bug variant instead")
     exp.add_argument("--json", action="store_true", help="the counts, and the first violation as a scenario")
 
+    walk = commands.add_parser("walk", help="a seeded random walk over the World's vocabulary, judged every event")
+    walk.add_argument("--steps", type=int, default=100_000, help="judged events to walk")
+    walk.add_argument("--seed", type=int, default=0)
+    walk.add_argument("--ranks", type=int, choices=(0, 1, 2, 3), default=1, help="ranks per run (0: draw 1 to 3)")
+    walk.add_argument("--variant", choices=sorted(VARIANTS), help="hunt a catalogued bug variant instead")
+    walk.add_argument("--json", action="store_true", help="the counts, and the first violation as a scenario")
+
     spec = commands.add_parser("spec", help="the specification")
     spec_commands = spec.add_subparsers(dest="spec_command", required=True)
     spec_commands.add_parser("diagram", help="print the Mermaid state diagram generated from the Machine")
@@ -108,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _explore(args)
     if args.command == "variants":
         return _variants(args)
+    if args.command == "walk":
+        return _walk(args)
     if args.spec_command == "sync":
         return _sync(args)
     if args.spec_command == "check":
@@ -285,6 +294,13 @@ def _explore(args: argparse.Namespace) -> int:
     from .explore import command
 
     return command(args.depth, args.ranks, VARIANTS[args.variant] if args.variant else None, args.json)
+
+
+def _walk(args: argparse.Namespace) -> int:
+    from .walk import command
+
+    variant = VARIANTS[args.variant] if args.variant else None
+    return command(args.steps, args.seed, args.ranks or None, variant, args.json)
 
 
 def _variants(args: argparse.Namespace) -> int:
