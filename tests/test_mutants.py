@@ -692,3 +692,36 @@ def test_a_spec_without_states_is_refused_as_inconsistent() -> None:
     del raw["states"]
     with pytest.raises(SpecError, match=r"states in spec \[\] differ"):
         load_spec(dump_toml(raw))
+
+
+@pytest.mark.parametrize("table", ["events", "actions", "guards", "transitions", "causes", "polls"])
+def test_a_spec_missing_a_whole_table_is_refused_as_inconsistent(table: str) -> None:
+    raw = tomllib.loads(default_spec_text())
+    del raw[table]
+    with pytest.raises(SpecError):
+        load_spec(dump_toml(raw))
+
+
+def test_a_spec_that_says_nothing_of_a_link_error_is_refused() -> None:
+    raw = tomllib.loads(default_spec_text())
+    del raw["polls"]["link_error"]
+    with pytest.raises(SpecError, match=r"^polls\.link_error must be 'fail:CAUSE'"):
+        load_spec(dump_toml(raw))
+
+
+@pytest.mark.parametrize(
+    ("overlay", "where"),
+    [
+        ({"machine": {"terminal": ["SUCCESS", "LIMBO"]}}, "machine.terminal: unknown state 'LIMBO'"),
+        ({"polls": {"unknown": "fail:gremlins"}}, "polls.unknown: cause 'gremlins' not declared"),
+        ({"polls": {"link_error": "fail:gremlins"}}, "polls.link_error: cause 'gremlins' not declared"),
+        ({"polls": {"LIMBO": {"Failed": "noop"}}}, "polls: unknown state 'LIMBO'"),
+        ({"polls": {"RESUMING": {"Sucess": "noop"}}}, "polls.RESUMING: 'Sucess' is not a KVPoll value"),
+        ({"polls": {"RESUMING": {"Failed": "fail:gremlins"}}}, "polls.RESUMING.Failed: cause 'gremlins' not declared"),
+        ({"polls": {"RESUMING": {"unknown": "fail:gremlins"}}}, "polls.RESUMING.unknown: cause 'gremlins'"),
+    ],
+    ids=["terminal", "unknown", "link_error", "state", "value", "cell", "special-cell"],
+)
+def test_a_spec_error_says_where_it_is(overlay: dict[str, Any], where: str) -> None:
+    with pytest.raises(SpecError, match=f"^{re.escape(where)}"):
+        load_spec(overlay=overlay)
