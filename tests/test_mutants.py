@@ -719,9 +719,19 @@ def test_a_spec_that_says_nothing_of_a_link_error_is_refused() -> None:
         ({"polls": {"RESUMING": {"Sucess": "noop"}}}, "polls.RESUMING: 'Sucess' is not a KVPoll value"),
         ({"polls": {"RESUMING": {"Failed": "fail:gremlins"}}}, "polls.RESUMING.Failed: cause 'gremlins' not declared"),
         ({"polls": {"RESUMING": {"unknown": "fail:gremlins"}}}, "polls.RESUMING.unknown: cause 'gremlins'"),
+        ({"machine": {"initial": "LIMBO"}}, "machine.initial: unknown state 'LIMBO'"),
+        ({"timeouts": {"LIMBO": "resume_timeout_s"}}, "timeouts: unknown state 'LIMBO'"),
     ],
-    ids=["terminal", "unknown", "link_error", "state", "value", "cell", "special-cell"],
+    ids=["terminal", "unknown", "link_error", "state", "value", "cell", "special-cell", "initial", "timeouts"],
 )
 def test_a_spec_error_says_where_it_is(overlay: dict[str, Any], where: str) -> None:
     with pytest.raises(SpecError, match=f"^{re.escape(where)}"):
         load_spec(overlay=overlay)
+
+
+def test_a_state_s_own_rule_for_a_value_outside_kvpoll_fails_with_its_cause() -> None:
+    from epd_receiver.fsm.spec import PollOutcome
+
+    spec = load_spec(overlay={"polls": {"RESUMING": {"unknown": "fail:premature_status"}}})
+    assert spec.unknown_poll_in(State.RESUMING) == PollOutcome("fail", "premature_status")
+    assert spec.unknown_poll_in(State.TRANSFERRING) == PollOutcome("fail", "unknown_status")
