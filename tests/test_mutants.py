@@ -709,6 +709,12 @@ def test_a_spec_that_says_nothing_of_a_link_error_is_refused() -> None:
         load_spec(dump_toml(raw))
 
 
+def _one_transition(**changes: Any) -> dict[str, Any]:
+    """An overlay that replaces BOOTSTRAPPING's handshake_done transition with ``changes`` applied."""
+    transition = {"trigger": "handshake_done", "source": "BOOTSTRAPPING", "dest": "WAITING_FOR_INPUT", **changes}
+    return {"transitions": [transition]}
+
+
 @pytest.mark.parametrize(
     ("overlay", "where"),
     [
@@ -721,8 +727,33 @@ def test_a_spec_that_says_nothing_of_a_link_error_is_refused() -> None:
         ({"polls": {"RESUMING": {"unknown": "fail:gremlins"}}}, "polls.RESUMING.unknown: cause 'gremlins'"),
         ({"machine": {"initial": "LIMBO"}}, "machine.initial: unknown state 'LIMBO'"),
         ({"timeouts": {"LIMBO": "resume_timeout_s"}}, "timeouts: unknown state 'LIMBO'"),
+        ({"timeouts": {"RESUMING": {"event": "fail"}}}, "timeouts.RESUMING: a field name"),
+        (_one_transition(trigger="teleport"), "transition 'teleport': event not declared under [events]"),
+        (_one_transition(reads="aux"), "transition 'handshake_done': reads is a list"),
+        (
+            _one_transition(reads=["disk"]),
+            "transition 'handshake_done': undeclared actions [], guards [], reads ['disk']",
+        ),
+        (_one_transition(source="LIMBO"), "transition 'handshake_done': unknown state 'LIMBO'"),
+        (_one_transition(dest="LIMBO"), "transition 'handshake_done': unknown state 'LIMBO'"),
     ],
-    ids=["terminal", "unknown", "link_error", "state", "value", "cell", "special-cell", "initial", "timeouts"],
+    ids=[
+        "terminal",
+        "unknown",
+        "link_error",
+        "state",
+        "value",
+        "cell",
+        "special-cell",
+        "initial",
+        "timeouts",
+        "timeout-table",
+        "event",
+        "reads-string",
+        "reads-kind",
+        "source",
+        "dest",
+    ],
 )
 def test_a_spec_error_says_where_it_is(overlay: dict[str, Any], where: str) -> None:
     with pytest.raises(SpecError, match=f"^{re.escape(where)}"):
@@ -735,3 +766,13 @@ def test_a_state_s_own_rule_for_a_value_outside_kvpoll_fails_with_its_cause() ->
     spec = load_spec(overlay={"polls": {"RESUMING": {"unknown": "fail:premature_status"}}})
     assert spec.unknown_poll_in(State.RESUMING) == PollOutcome("fail", "premature_status")
     assert spec.unknown_poll_in(State.TRANSFERRING) == PollOutcome("fail", "unknown_status")
+
+
+def test_a_spec_without_deadlines_loads_and_waits_forever() -> None:
+    raw = tomllib.loads(default_spec_text())
+    del raw["timeouts"]
+    spec = load_spec(dump_toml(raw))
+    assert spec.timeouts == {}
+    from epd_receiver.fsm.request import deadlines
+
+    assert deadlines(spec, ReceiverConfig()) == {}
