@@ -736,6 +736,10 @@ def _one_transition(**changes: Any) -> dict[str, Any]:
         ),
         (_one_transition(source="LIMBO"), "transition 'handshake_done': unknown state 'LIMBO'"),
         (_one_transition(dest="LIMBO"), "transition 'handshake_done': unknown state 'LIMBO'"),
+        (
+            {"polls": {"RESUMING": {"Failed": "fail"}}},
+            "polls.RESUMING.Failed: 'fail' needs a cause: write 'fail:CAUSE'",
+        ),
     ],
     ids=[
         "terminal",
@@ -753,6 +757,7 @@ def _one_transition(**changes: Any) -> dict[str, Any]:
         "reads-kind",
         "source",
         "dest",
+        "fail-without-cause",
     ],
 )
 def test_a_spec_error_says_where_it_is(overlay: dict[str, Any], where: str) -> None:
