@@ -740,6 +740,20 @@ def _one_transition(**changes: Any) -> dict[str, Any]:
             {"polls": {"RESUMING": {"Failed": "fail"}}},
             "polls.RESUMING.Failed: 'fail' needs a cause: write 'fail:CAUSE'",
         ),
+        ({"polls": {"WAITING_FOR_BLOCKS": {"Success": "payload_landed"}}}, "polls.WAITING_FOR_BLOCKS.Success: no tr"),
+        (
+            {"polls": {"RESUMING": {"Transferring": "round_landed if is_lucky"}}},
+            "polls.RESUMING.Transferring: guard",
+        ),
+        (
+            {"polls": {"FAILED": {"unknown": "fail:unknown_status"}}},
+            "polls.FAILED.unknown: a terminal",
+        ),
+        (
+            {"polls": {"RESUMING": {"unknown": "handshake_done"}}},
+            "polls.RESUMING.unknown: no transition",
+        ),
+        ({"timeouts": {"SUCCESS": "transfer_timeout_s"}}, "timeouts.SUCCESS: no transition for 'fail'"),
     ],
     ids=[
         "terminal",
@@ -758,6 +772,11 @@ def _one_transition(**changes: Any) -> dict[str, Any]:
         "source",
         "dest",
         "fail-without-cause",
+        "cell-fires-nothing",
+        "cell-guard",
+        "terminal-special",
+        "special-fires-nothing",
+        "deadline-fires-nothing",
     ],
 )
 def test_a_spec_error_says_where_it_is(overlay: dict[str, Any], where: str) -> None:
@@ -781,3 +800,10 @@ def test_a_spec_without_deadlines_loads_and_waits_forever() -> None:
     from epd_receiver.fsm.request import deadlines
 
     assert deadlines(spec, ReceiverConfig()) == {}
+
+
+def test_deadlines_without_a_timeout_cause_are_refused_saying_so() -> None:
+    raw = tomllib.loads(default_spec_text())
+    del raw["causes"]["timeout"]
+    with pytest.raises(SpecError, match=r"^timeouts need a `timeout` entry under \[causes\]$"):
+        load_spec(dump_toml(raw))
