@@ -807,3 +807,18 @@ def test_deadlines_without_a_timeout_cause_are_refused_saying_so() -> None:
     del raw["causes"]["timeout"]
     with pytest.raises(SpecError, match=r"^timeouts need a `timeout` entry under \[causes\]$"):
         load_spec(dump_toml(raw))
+
+
+def test_a_read_before_any_event_is_outside_every_window() -> None:
+    bench = Bench.make()
+    request = bench.add(3)
+    with pytest.raises(ReadOutsideWindow, match=r"^room 3: aux read of block 0; granted: None \(only A0\[0\]\)$"):
+        request._window.read_aux(0)
+    with pytest.raises(ReadOutsideWindow, match=r"^room 3: read of blocks \[0\]; granted: None$"):
+        request._window.gather((0,), B, FakePayload(B, 0, [None] * B), 0)
+
+
+def test_an_unknown_status_treated_as_harmless_is_refused_saying_why() -> None:
+    expected = "polls.unknown must be 'fail:CAUSE': an unknown status is never harmless"
+    with pytest.raises(SpecError, match=f"^{re.escape(expected)}$"):
+        load_spec(overlay={"polls": {"unknown": "noop"}})
