@@ -262,7 +262,7 @@ TIMEOUTS = ("bootstrap", "admission", "transfer", "blocks", "resume", "drain")
 @pytest.mark.parametrize("name", POSITIVE_COUNTS)
 def test_a_count_of_zero_is_refused_by_name(name: str) -> None:
     with pytest.raises(
-        ValueError, match="^default_alloc_tokens, max_total_tokens and lockstep_every must be positive$"
+        ValueError, match=r"^default_alloc_tokens, max_total_tokens and lockstep_every must be positive$"
     ):
         ReceiverConfig(**{name: 0})  # type: ignore[arg-type]
 
