@@ -109,6 +109,16 @@ EVENTS_ALL = frozenset(
 )
 
 
+# The rest of the fault vocabulary: lies about status and progress, links that raise, an abort after the
+# end. Not in the standard worlds' vocabulary (their bounds were chosen without them); the random walk
+# uses them, and a world may name them.
+EVENTS_FAULTS = frozenset({"misreport", "misreport_landed", "break_link", "abort_ended"})
+# A few values of each: outside KVPoll above and below, Failed, and each status (the World keeps only
+# those the receiver can tell, or that are harmless).
+MISREPORTS = (-1, 0, 1, 2, 3, 4, 9)
+LANDED_ERRORS = (-1, 1)
+
+
 @dataclass(frozen=True, slots=True)
 class Vocabulary:
     """The arrivals a small world offers, how many requests may arrive, the events it uses (World's method
@@ -180,10 +190,11 @@ def _can_land(world: World, room: int) -> bool:
 
 def _request_events(world: Bench, request: Request, vocabulary: Vocabulary) -> list[Event]:
     room, sender = request.room, _ranks(world)[0].sender
+    ended = [Event("abort", (room,))] if "abort_ended" in vocabulary.events else []
     if request.state is State.SUCCESS:
-        return [] if world.outcomes[room].released else [Event("release", (room,))]
+        return ended + ([] if world.outcomes[room].released else [Event("release", (room,))])
     if request.state is State.FAILED:
-        return []
+        return ended
     events = [Event("abort", (room,))]
     if room not in sender.rooms():  # a warm-up: its stand-in sender takes no faults
         return events
@@ -198,6 +209,19 @@ def _request_events(world: Bench, request: Request, vocabulary: Vocabulary) -> l
             events += [Event("corrupt_aux", (room, value), options) for value in vocabulary.corrupt_totals]
         if request.state in (State.TRANSFERRING, State.RESUMING) and sender.source(room).checksum is not None:
             events.append(Event("corrupt_data", (room,), options))
+        events += _lies(room, options, vocabulary)
+    return events
+
+
+def _lies(room: int, options: Options, vocabulary: Vocabulary) -> list[Event]:
+    """The rest of the fault vocabulary, where the world names it (the World refuses what cannot apply)."""
+    events = []
+    if "misreport" in vocabulary.events:
+        events += [Event("misreport", (room, status), options) for status in MISREPORTS]
+    if "misreport_landed" in vocabulary.events:
+        events += [Event("misreport_landed", (room, delta), options) for delta in LANDED_ERRORS]
+    if "break_link" in vocabulary.events:
+        events += [Event("break_link", (room, call), options) for call in ("poll", "init", "resume")]
     return events
 
 

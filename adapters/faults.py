@@ -89,28 +89,59 @@ class Faults:
         self.faulted.add(room)
         return self._misreport(room, status, alone=alone)
 
-    def misreport_landed(self, room: Room, delta: int, *, alone: bool = False) -> bool:
+    def misreport_landed(self, room: Room, delta: int, *, alone: bool = False, checked: bool = True) -> bool:
         """A sender that reports progress answers the next landed-count query ``delta`` tokens off, when a
-        chunk has landed and is unread (the count is checked then); refused anywhere else."""
+        chunk has landed and is unread (the count is checked then); refused anywhere else. On several ranks
+        the count is checked only if every rank's chunk has landed (``checked``), since the reduced status
+        moves only then, and a count above the others' vanishes under the MIN (``alone``)."""
         self._log({"misreport": {"room": room, "landed": delta}})
         self.faulted.add(room)
+        if not self.landed_misreport_applies(room, delta):
+            return False
+        request = self.queue.get(room)
+        final = self.sender.status(room) is KVPoll.Success
+        self.sender.misreport_landed(room, delta)
+        caught = checked and (
+            (delta < 0 and (final or request.state is State.TRANSFERRING)) or (delta > 0 and not alone)
+        )
+        if caught:
+            self.judge.expect_failure.add(room)
+        else:
+            self.judge.silenced.add(room)  # a count that goes unnoticed delays the round: a deadline may pass
+        return True
+
+    def chunk_unread(self, room: Room) -> bool:
+        """A chunk has landed and its status is out, and the receiver has not read it yet."""
+        return self.first_chunk_unread(room) or self._round_unread(room)
+
+    def landed_misreport_applies(self, room: Room, delta: int) -> bool:
+        """A landed count ``delta`` off is checked at the next poll: a chunk has landed and is unread, and
+        the count is not one the receiver reads as "no whole round yet"; one wrong answer at a time."""
         request = self.queue.get(room)
         if request is None or delta == 0 or not self.sender.has_progress(room) or self.sender.pending(room):
             return False
         if self.sender.misreport_pending(room):
-            return False  # one wrong answer at a time: a second would overwrite the first
+            return False  # a second would overwrite the first
         landed, total = self.sender.sent_tokens(room), self.outcomes[room].total_tokens
-        status = self.sender.status(room)
-        final = status is KVPoll.Success
-        if landed + delta < 0 or not (self.first_chunk_unread(room) or self._round_unread(room)):
+        final = self.sender.status(room) is KVPoll.Success
+        if landed + delta < 0 or not self.chunk_unread(room):
             return False
-        if delta > 0 and request.state is State.RESUMING and not final and landed + delta >= total:
-            return False  # a count at or past T is read as "not a whole round yet": it would go unnoticed
-        self.sender.misreport_landed(room, delta)
-        caught = (delta < 0 and (final or request.state is State.TRANSFERRING)) or (delta > 0 and not alone)
-        if caught:
-            self.judge.expect_failure.add(room)
-        return True
+        return not (delta > 0 and request.state is State.RESUMING and not final and landed + delta >= total)
+
+    def misreport_applies(self, room: Room, status: int) -> bool:
+        """The next poll may answer ``status``: the request is live and its link will ask the sender, no
+        other wrong answer is pending, and the value is no undetectable lie (ahead of the truth, yet within
+        what the sender could truthfully say)."""
+        request = self.queue.get(room)
+        if request is None or request.state not in _FLOOR or room not in self.sender.rooms():
+            return False
+        if self.sender.misreport_pending(room) or self.sender.status(room) is KVPoll.Failed:
+            return False  # one answer at a time, and a failed sender's Failed cannot be contradicted
+        link = self._concluding.get(room)
+        if link is not None and (link.concluded is not None or status == KVPoll.Success):
+            return False  # such a link latches a terminal status: never asks again, or keeps a lie for good
+        low, high = self._misreport_kind(request.state, status)
+        return low or high or status <= self.sender.status(room)
 
     def break_link(self, room: Room, call: str) -> bool:
         """The link of ``room`` raises from now on whenever the controller calls ``call`` (a dead socket)."""
@@ -176,24 +207,23 @@ class Faults:
     # ---- helpers ---------------------------------------------------------------------------------
 
     def _misreport(self, room: Room, status: int, *, alone: bool) -> bool:
-        request = self.queue.get(room)
-        if request is None or request.state not in _FLOOR or room not in self.sender.rooms():
+        if not self.misreport_applies(room, status):
             return False
-        if self.sender.misreport_pending(room) or self.sender.status(room) is KVPoll.Failed:
-            return False  # one answer at a time, and a failed sender's Failed cannot be contradicted
-        link = self._concluding.get(room)
-        if link is not None and link.concluded is not None:
-            return False  # a link that latched a terminal status never asks the sender again
-        low = status not in _STATUSES or status == KVPoll.Failed or status < _FLOOR[request.state]
-        high = status in _STATUSES and status > _CEILING[request.state]
-        if not (low or high) and status > self.sender.status(room):
-            return False  # ahead of the truth yet plausible: an undetectable lie
+        low, high = self._misreport_kind(self.queue.get(room).state, status)
         self.sender.misreport(room, status)
         if low or (high and not alone):
             self.judge.expect_failure.add(room)
         else:
             self.judge.silenced.add(room)  # a stale answer delays the sender's news: a deadline may pass first
         return True
+
+    @staticmethod
+    def _misreport_kind(state: State, status: int) -> tuple[bool, bool]:
+        """(low, high): below what the receiver has seen (or no status, or Failed), which reaches every rank
+        under the MIN; above what the sender could truthfully say, which a lower answer on another rank hides."""
+        low = status not in _STATUSES or status == KVPoll.Failed or status < _FLOOR[state]
+        high = status in _STATUSES and status > _CEILING[state]
+        return low, high
 
     def _round_unread(self, room: Room) -> bool:
         """A resume's chunk has landed and its status is out, and the receiver has not read it yet."""

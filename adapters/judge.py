@@ -79,6 +79,7 @@ class Judge:
     def arrived(self, request: Request, total_tokens: int, *, warmup: bool) -> None:
         self.outcomes[request.room] = Outcome(request.room, total_tokens, [request.state], warmup=warmup)
         self.entered[request.room] = self.world.clock.now()
+        self.stage[request.room] = self._stage_of(request)
 
     def add(self, found: Sequence[str]) -> None:
         self.violations += [v for v in found if v not in self.violations]
@@ -107,7 +108,7 @@ class Judge:
         messages = sender.room_messages(owner)
         if not messages or messages[-1].blocks != blocks:
             self.violations.append(f"I1: room {owner} read {list(blocks)}, not the allocation it sent last")
-        if sender.status(owner) not in (KVPoll.Transferring, KVPoll.Success):
+        if not {KVPoll.Transferring, KVPoll.Success} & set(sender.published(owner)):
             self.violations.append(f"I1: room {owner} read before any chunk landed")
 
     def wrote(self, writes: Sequence[tuple[Room, int]]) -> None:
@@ -124,8 +125,7 @@ class Judge:
         world = self.world
         for request in [*world.queue, *ended]:
             room = request.room
-            sender_rooms = world.sender.rooms()
-            stage = (request.state, len(world.sender.room_messages(room)) if room in sender_rooms else -1)
+            stage = self._stage_of(request)
             seen = self.outcomes[room].states
             last = seen[-1]
             if request.state is State.FAILED and last is not State.FAILED and isinstance(request.error, TimedOut):
@@ -256,6 +256,12 @@ class Judge:
         self.add(self._visible_now())
 
     # ---- helpers ---------------------------------------------------------------------------------
+
+    def _stage_of(self, request: Request) -> tuple[State, int]:
+        """A state, and for a resuming request the round: a deadline counts from the entry of either."""
+        sender = self.world.sender
+        room = request.room
+        return request.state, len(sender.room_messages(room)) if room in sender.rooms() else -1
 
     def _of(self, invariant: str) -> list[str]:
         return [v for v in self.check() if label(v) == invariant]

@@ -225,15 +225,18 @@ class ReplicaWorld:
         self._log("misreport", {"room": room, "status": status}, ranks)
         if self._misreport_pending(room):
             return False
-        alone = ranks is not None and len(set(ranks)) < len(self.ranks)
-        return any([self.ranks[r].misreport(room, status, alone=alone) for r in self._named(ranks)])
+        taking = [r for r in self._named(ranks) if self.ranks[r].misreport_applies(room, status)]
+        alone = len(taking) < len(self.ranks)
+        return any([self.ranks[r].misreport(room, status, alone=alone) for r in taking])
 
     def misreport_landed(self, room: Room, delta: int, ranks: Sequence[int] | None = None) -> bool:
         self._log("misreport", {"room": room, "landed": delta}, ranks)
         if self._misreport_pending(room):
             return False
-        alone = ranks is not None and len(set(ranks)) < len(self.ranks)
-        return any([self.ranks[r].misreport_landed(room, delta, alone=alone) for r in self._named(ranks)])
+        taking = [r for r in self._named(ranks) if self.ranks[r].landed_misreport_applies(room, delta)]
+        alone = len(taking) < len(self.ranks)  # the others answer the truth, and the MIN may keep it
+        checked = all(world.chunk_unread(room) for world in self.ranks)
+        return any([self.ranks[r].misreport_landed(room, delta, alone=alone, checked=checked) for r in taking])
 
     def _misreport_pending(self, room: Room) -> bool:
         return any(world.sender.misreport_pending(room) for world in self.ranks)

@@ -276,16 +276,16 @@ class InProcessSender:
     # ---- what the receiver sends -----------------------------------------------------------------
 
     def on_init(self, room: Room, blocks: Sequence[int], allocated_tokens: int) -> None:
-        self._raise_if_broken(room, "init")
         state = self._record(room, "init", blocks, 0, allocated_tokens)
+        self._raise_if_broken(room, "init")  # the message is on record, but the sender never acts on it
         if state.status is KVPoll.Failed:
             return
         if self._check_geometry(state, blocks, allocated_tokens):
             state.pending = Chunk(tuple(blocks), 0, allocated_tokens)
 
     def on_resume(self, room: Room, blocks: Sequence[int], sent_tokens: int, allocated_tokens: int) -> None:
-        self._raise_if_broken(room, "resume")
         state = self._record(room, "resume", blocks, sent_tokens, allocated_tokens)
+        self._raise_if_broken(room, "resume")
         if state.status is not KVPoll.Transferring:
             return  # the original drops a resume for a room it no longer tracks
         if self._check_geometry(state, blocks, allocated_tokens):

@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .explore_world import EVENTS_ALL, KINDS, Bench, Event, Vocabulary, enabled
+from .explore_world import EVENTS_ALL, EVENTS_FAULTS, KINDS, Bench, Event, Vocabulary, enabled
 from .judge import label
 from .replicas import ReplicaWorld
 from .variants import Variant
@@ -68,8 +68,13 @@ WEIGHTS: dict[str, float] = {
     "late_status": 0.25,
     "corrupt_aux": 0.25,
     "corrupt_data": 0.25,
+    "misreport": 0.25,
+    "misreport_landed": 0.15,
+    "break_link": 0.1,
 }
-assert set(WEIGHTS) == EVENTS_ALL - {"step"}
+VOCABULARY = EVENTS_ALL | EVENTS_FAULTS
+# an abort after the end is an "abort" event: it is weighed with the others
+assert set(WEIGHTS) == VOCABULARY - {"step", "abort_ended"}
 STEP = Event("step")
 IDLE = frozenset({"step", "advance"})
 
@@ -179,7 +184,7 @@ class _Run:
         for _ in range(self.run.episodes):
             length = rng.randint(1, EPISODE_EVENTS)
             arrivals = rng.randint(1, -(-length // EVENTS_PER_ARRIVAL))
-            vocabulary = Vocabulary(KIND_NAMES, len(world.outcomes) + arrivals, EVENTS_ALL, CORRUPT_TOTALS)
+            vocabulary = Vocabulary(KIND_NAMES, len(world.outcomes) + arrivals, VOCABULARY, CORRUPT_TOTALS)
             if not self._episode(min(length, steps - result.steps), vocabulary):
                 return
             world.drain()
