@@ -120,8 +120,8 @@ class Faults:
         request = self.queue.get(room)
         if request is None or delta == 0 or not self.sender.has_progress(room) or self.sender.pending(room):
             return False
-        if self.sender.misreport_pending(room):
-            return False  # a second would overwrite the first
+        if self.sender.misreport_pending(room) or room in self.judge.expect_failure:
+            return False  # a second lie would overwrite the first, or hide one the receiver must catch
         landed, total = self.sender.sent_tokens(room), self.outcomes[room].total_tokens
         final = self.sender.status(room) is KVPoll.Success
         if landed + delta < 0 or not self.chunk_unread(room):
@@ -137,6 +137,8 @@ class Faults:
             return False
         if self.sender.misreport_pending(room) or self.sender.status(room) is KVPoll.Failed:
             return False  # one answer at a time, and a failed sender's Failed cannot be contradicted
+        if room in self.judge.expect_failure:
+            return False  # the room already carries a lie it must be failed for: a stale answer could hide it
         link = self._concluding.get(room)
         if link is not None and (link.concluded is not None or status == KVPoll.Success):
             return False  # such a link latches a terminal status: never asks again, or keeps a lie for good
@@ -160,7 +162,9 @@ class Faults:
         """
         self._log({"corrupt": {"room": room, "field": "total_tokens", "value": value}})
         self.faulted.add(room)
-        if not self.first_chunk_unread(room) or not self._total_is_caught(room, value):
+        if not self.first_chunk_unread(room) or self.sender.misreport_pending(room):
+            return False  # with a wrong answer pending the receiver will not see the status the total must fit
+        if not self._total_is_caught(room, value):
             return False
         self.pool.aux[self.sender.room_messages(room)[0].blocks[0], 0] = value
         self.judge.expect_failure.add(room)
