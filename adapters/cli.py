@@ -1,4 +1,5 @@
-"""``epd-receiver``: simulate a workload, replay a scenario, print the spec's diagram."""
+"""``epd-receiver``: simulate a workload, measure, replay a scenario, hunt bug variants, explore and walk
+small worlds, and check or regenerate the spec."""
 
 from __future__ import annotations
 
@@ -26,24 +27,72 @@ from .variants import CATALOGUE, VARIANTS, record_catch, variants_markdown
 from .world import WorldConfig
 
 
+def _positive(text: str) -> int:
+    value = _integer(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, not {value}")
+    return value
+
+
+def _not_negative(text: str) -> int:
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, not {value}")
+    return value
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+
+
+def _share(text: str) -> float:
+    """A share or a rate: from 0 to 1."""
+    value = _number(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {value:g}")
+    return value
+
+
+def _chance(text: str) -> float:
+    """A chance per iteration that something happens at all: above 0 (else nothing ever lands), at most 1."""
+    value = _number(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most 1, not {value:g}")
+    return value
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option shows its default."""
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="epd-receiver", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="epd-receiver", description=__doc__, formatter_class=_Help)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sim = commands.add_parser("simulate", help="run an end-to-end simulated EPD transfer workload")
-    sim.add_argument("--requests", type=int, default=200)
+    sim.add_argument("--requests", type=_positive, default=200)
     sim.add_argument("--seed", type=int, default=0)
-    sim.add_argument("--hidden-size", type=int, default=3584)
-    sim.add_argument("--block-size", type=int, default=128)
-    sim.add_argument("--default-alloc", type=int, default=8192, help="tokens allocated before T is known")
-    sim.add_argument("--num-blocks", type=int, default=512, help="blocks in the receive pool")
-    sim.add_argument("--deepstack", type=int, default=0, help="deepstack layers K")
-    sim.add_argument("--resume-share", type=float, default=0.35, help="share of requests longer than the default")
-    sim.add_argument("--deliver-prob", type=float, default=0.5, help="chance the sender lands a chunk per iteration")
-    sim.add_argument("--fail-rate", type=float, default=0.02, help="share of requests whose sender fails mid-resume")
-    sim.add_argument("--abort-rate", type=float, default=0.02, help="share of requests the client aborts")
+    sim.add_argument("--hidden-size", type=_positive, default=3584)
+    sim.add_argument("--block-size", type=_positive, default=128)
+    sim.add_argument("--default-alloc", type=_positive, default=8192, help="tokens allocated before T is known")
+    sim.add_argument("--num-blocks", type=_positive, default=512, help="blocks in the receive pool")
+    sim.add_argument("--deepstack", type=_not_negative, default=0, help="deepstack layers K")
+    sim.add_argument("--resume-share", type=_share, default=0.35, help="share of requests longer than the default")
+    sim.add_argument("--deliver-prob", type=_chance, default=0.5, help="chance the sender lands a chunk per iteration")
+    sim.add_argument("--fail-rate", type=_share, default=0.02, help="share of requests whose sender fails mid-resume")
+    sim.add_argument("--abort-rate", type=_share, default=0.02, help="share of requests the client aborts")
     sim.add_argument(
-        "--progress-share", type=float, default=0.0, help="share of senders reporting progress (rounds possible)"
+        "--progress-share", type=_share, default=0.0, help="share of senders reporting progress (rounds possible)"
     )
     sim.add_argument(
         "--transport",
@@ -51,22 +100,22 @@ def _parser() -> argparse.ArgumentParser:
         default="inprocess",
         help="mooncake: an Encode process writes into every rank's pool with Mooncake over loopback tcp",
     )
-    sim.add_argument("--ranks", type=int, default=1, help="tensor-parallel rank processes (gloo); needs mooncake")
+    sim.add_argument("--ranks", type=_positive, default=1, help="tensor-parallel rank processes (gloo); needs mooncake")
     sim.add_argument("--json", action="store_true", help="print the summary as JSON")
     sim.add_argument("--no-progress", action="store_true")
 
     bench = commands.add_parser("bench", help="measure the controller against its performance goals")
     defaults = BenchConfig()
-    bench.add_argument("--in-flight", type=int, default=defaults.in_flight, help="requests polled per iteration")
-    bench.add_argument("--poll-iterations", type=int, default=defaults.poll_iterations)
-    bench.add_argument("--lifecycles", type=int, default=defaults.lifecycles, help="requests for transition_us")
-    bench.add_argument("--hidden-size", type=int, default=defaults.hidden_size)
-    bench.add_argument("--total-tokens", type=int, default=defaults.total_tokens, help="T of the resumed payload")
-    bench.add_argument("--default-alloc", type=int, default=defaults.default_tokens, help="D: tokens in A0")
-    bench.add_argument("--block-sizes", type=int, nargs="+", default=list(defaults.block_sizes))
-    bench.add_argument("--repeats", type=int, default=defaults.repeats, help="runs per figure; the best is kept")
-    bench.add_argument("--fuzz-steps", type=int, default=defaults.fuzz_steps)
-    bench.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
+    bench.add_argument("--in-flight", type=_positive, default=defaults.in_flight, help="requests polled per iteration")
+    bench.add_argument("--poll-iterations", type=_positive, default=defaults.poll_iterations)
+    bench.add_argument("--lifecycles", type=_positive, default=defaults.lifecycles, help="requests for transition_us")
+    bench.add_argument("--hidden-size", type=_positive, default=defaults.hidden_size)
+    bench.add_argument("--total-tokens", type=_positive, default=defaults.total_tokens, help="T of the resumed payload")
+    bench.add_argument("--default-alloc", type=_positive, default=defaults.default_tokens, help="D: tokens in A0")
+    bench.add_argument("--block-sizes", type=_positive, nargs="+", default=list(defaults.block_sizes))
+    bench.add_argument("--repeats", type=_positive, default=defaults.repeats, help="runs per figure; the best is kept")
+    bench.add_argument("--fuzz-steps", type=_positive, default=defaults.fuzz_steps)
+    bench.add_argument("--threads", type=_positive, help="torch intra-op threads (default: torch's own choice)")
     bench.add_argument("--json", action="store_true", help="print every figure as JSON")
     bench.add_argument("--check", action="store_true", help="exit 1 when a goal is missed")
 
@@ -80,13 +129,13 @@ def _parser() -> argparse.ArgumentParser:
     var.add_argument("--json", action="store_true")
 
     exp = commands.add_parser("explore", help="walk small worlds exhaustively: every interleaving to a depth")
-    exp.add_argument("--depth", type=int, help="events from the empty world (default: each world's own bound)")
+    exp.add_argument("--depth", type=_positive, help="events from the empty world (default: each world's own bound)")
     exp.add_argument("--ranks", type=int, choices=(1, 2), help="only the worlds of this many ranks")
     exp.add_argument("--variant", choices=sorted(VARIANTS), help="hunt a catalogued bug variant instead")
     exp.add_argument("--json", action="store_true", help="the counts, and the first violation as a scenario")
 
     walk = commands.add_parser("walk", help="a seeded random walk over the World's vocabulary, judged every event")
-    walk.add_argument("--steps", type=int, default=100_000, help="judged events to walk")
+    walk.add_argument("--steps", type=_positive, default=100_000, help="judged events to walk")
     walk.add_argument("--seed", type=int, default=0)
     walk.add_argument("--ranks", type=int, choices=(0, 1, 2, 3), default=1, help="ranks per run (0: draw 1 to 3)")
     walk.add_argument("--variant", choices=sorted(VARIANTS), help="hunt a catalogued bug variant instead")
@@ -96,11 +145,23 @@ def _parser() -> argparse.ArgumentParser:
     spec_commands = spec.add_subparsers(dest="spec_command", required=True)
     spec_commands.add_parser("diagram", help="print the Mermaid state diagram generated from the Machine")
     check = spec_commands.add_parser("check", help="run the Quint model's typecheck, tests and invariant simulation")
-    check.add_argument("--samples", type=int, default=SIMULATION_SAMPLES, help="simulation runs")
-    check.add_argument("--steps", type=int, default=SIMULATION_STEPS, help="steps per simulation run")
+    check.add_argument("--samples", type=_positive, default=SIMULATION_SAMPLES, help="simulation runs")
+    check.add_argument("--steps", type=_positive, default=SIMULATION_STEPS, help="steps per simulation run")
     sync = spec_commands.add_parser("sync", help="regenerate the generated sections of spec/RECEIVER.md")
     sync.add_argument("--check", action="store_true", help="only report whether the document is up to date")
+    _show_defaults(parser)
     return parser
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every command's help, and its subcommands', shows each option's default."""
+    parser.formatter_class = _Help
+    for action in parser._actions:
+        if action.help is None and action.option_strings:
+            action.help = action.dest.replace("_", " ")  # argparse shows a default only beside a help line
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                _show_defaults(command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -236,3 +236,36 @@ def test_installed_console_script_replays_a_scenario(tmp_path: Path) -> None:
     report = json.loads(result.stdout)
     assert report["requests"]["1"]["state"] == "SUCCESS"
     assert report["pool"]["owned"] == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["simulate", "--num-blocks", "0"], "--num-blocks: must be a positive whole number, not 0"),
+        (["simulate", "--deliver-prob", "-1"], "--deliver-prob: must be above 0 and at most 1"),
+        (["simulate", "--deliver-prob", "0"], "--deliver-prob: must be above 0 and at most 1"),
+        (["simulate", "--abort-rate", "1.5"], "--abort-rate: must be between 0 and 1"),
+        (["simulate", "--deepstack", "-2"], "--deepstack: must not be negative"),
+        (["simulate", "--requests", "many"], "--requests: not a whole number: 'many'"),
+        (["bench", "--threads", "0"], "--threads: must be a positive whole number"),
+        (["walk", "--steps", "-5"], "--steps: must be a positive whole number"),
+    ],
+)
+def test_an_impossible_value_is_refused_by_the_parser_with_status_2(
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    assert says in capsys.readouterr().err
+
+
+def test_help_lists_every_command_and_every_option_shows_its_default(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listing = capsys.readouterr().out
+    for command in ("simulate", "bench", "replay", "variants", "explore", "walk", "spec"):
+        assert f"    {command} " in listing
+    with pytest.raises(SystemExit):
+        main(["simulate", "--help"])
+    assert "(default: 512)" in capsys.readouterr().out  # --num-blocks, which has a help line of its own
