@@ -234,7 +234,8 @@ class ReceiverRequest(Generic[PayloadT]):
         return bool(self.fenced)
 
     def senders_stopped(self, event: Any = None) -> bool:
-        """Every rank's link has evidence that its sender writes no more, as of this poll."""
+        """Every rank's link has evidence that its sender writes no more: as of the last reduce with several
+        ranks (every rank must decide alike), or asked now with one."""
         return self.local_writes_stopped() if self.senders_done is None else self.senders_done
 
     def sender_progressed(self, event: Any = None) -> bool:
