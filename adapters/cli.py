@@ -7,7 +7,7 @@ import argparse
 import dataclasses
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -27,48 +27,41 @@ from .variants import CATALOGUE, VARIANTS, record_catch, variants_markdown
 from .world import WorldConfig
 
 
-def _positive(text: str) -> int:
-    value = _integer(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, not {value}")
-    return value
+def _whole(*, positive: bool) -> Callable[[str], int]:
+    """An argument type: a whole number, positive or not negative, else the parser's error (status 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < int(positive):
+            bound = "must be a positive whole number" if positive else "must not be negative"
+            raise argparse.ArgumentTypeError(f"{bound}, not {value}")
+        return value
+
+    return parse
 
 
-def _not_negative(text: str) -> int:
-    value = _integer(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, not {value}")
-    return value
+def _fraction(*, above_zero: bool) -> Callable[[str], float]:
+    """An argument type: a share or a rate from 0 to 1; ``above_zero`` for a chance per iteration that
+    something happens at all (at 0 nothing would ever land)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not (value > 0.0 if above_zero else value >= 0.0) or value > 1.0:
+            bound = "above 0 and at most 1" if above_zero else "between 0 and 1"
+            raise argparse.ArgumentTypeError(f"must be {bound}, not {value:g}")
+        return value
+
+    return parse
 
 
-def _integer(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-
-
-def _share(text: str) -> float:
-    """A share or a rate: from 0 to 1."""
-    value = _number(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {value:g}")
-    return value
-
-
-def _chance(text: str) -> float:
-    """A chance per iteration that something happens at all: above 0 (else nothing ever lands), at most 1."""
-    value = _number(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be above 0 and at most 1, not {value:g}")
-    return value
-
-
-def _number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+_positive, _not_negative = _whole(positive=True), _whole(positive=False)
+_share, _chance = _fraction(above_zero=False), _fraction(above_zero=True)
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):

@@ -139,8 +139,6 @@ class World(Faults, FairSchedule):
         self.judge = Judge(self)
         self.outcomes = self.judge.outcomes
         self.violations = self.judge.violations  # the judge's findings, and the contract errors met here
-        judge = self.judge
-        self._entered, self._stage, self._expect_failure = judge.entered, judge.stage, judge.expect_failure
         self.seed = seed
         self.bank_rows = bank_rows
         self.log: list[dict[str, Any]] = []

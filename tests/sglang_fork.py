@@ -111,7 +111,7 @@ class Req:
 
 
 class EmbeddingTransferError(Exception):
-    """``EmbeddingTransferError`` (disaggregation/mooncake/conn_multimodal.py): room and reason."""
+    """``EmbeddingTransferError`` (disaggregation/mooncake/conn_multimodal.py:42-49): room and reason."""
 
     def __init__(self, room: int, reason: str) -> None:
         super().__init__(f"EmbeddingTransferError(bootstrap_room={room}): {reason}")

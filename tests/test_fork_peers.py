@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 import torch
-from fork_wire_fakes import ForkEncode
+from fork_wire_fakes import ForkEncode, Parsed
 
 from epd_receiver.adapters import fork_wire as wire
 from epd_receiver.adapters.bootstrap import BootstrapServer
@@ -44,6 +44,17 @@ def pair() -> Iterator[tuple[MooncakeReceiver, ForkEncode]]:
     receiver.close()
     fork.close()
     server.close()
+
+
+def opened(pair: tuple[MooncakeReceiver, ForkEncode], room: int, block: int) -> tuple[MooncakeLink, Parsed]:
+    """Our receiver registered with the fork's Encode side, and ``room``'s init (one block) as it parsed it."""
+    receiver, fork = pair
+    receiver.connect(wait_s=0.2)
+    fork.pump()
+    link = receiver.link(room)
+    link.init([block], B)
+    (init,) = fork.pump()
+    return link, init
 
 
 def settle(receiver: MooncakeReceiver, link: MooncakeLink, status: int) -> None:
@@ -91,11 +102,7 @@ def test_an_abort_never_reaches_the_fork_and_only_its_own_report_stops_the_write
     pair: tuple[MooncakeReceiver, ForkEncode],
 ) -> None:
     receiver, fork = pair
-    receiver.connect(wait_s=0.2)
-    fork.pump()
-    link = receiver.link(9)
-    link.init([0], B)
-    (init,) = fork.pump()
+    link, init = opened(pair, 9, 0)
     link.abort()
     link.abort()
     assert fork.pump(timeout_ms=200) == [] and fork.died is None  # the fork could not have parsed it
@@ -107,11 +114,7 @@ def test_an_abort_never_reaches_the_fork_and_only_its_own_report_stops_the_write
 
 def test_a_failed_report_stops_the_writes_and_explains_itself(pair: tuple[MooncakeReceiver, ForkEncode]) -> None:
     receiver, fork = pair
-    receiver.connect(wait_s=0.2)
-    fork.pump()
-    link = receiver.link(3)
-    link.init([1], B)
-    (init,) = fork.pump()
+    link, init = opened(pair, 3, 1)
     fork.report(init, KVPoll.Failed)
     settle(receiver, link, KVPoll.Failed)
     assert link.writes_stopped()
@@ -120,11 +123,7 @@ def test_a_failed_report_stops_the_writes_and_explains_itself(pair: tuple[Moonca
 
 def test_junk_from_the_encode_side_fails_no_request(pair: tuple[MooncakeReceiver, ForkEncode]) -> None:
     receiver, fork = pair
-    receiver.connect(wait_s=0.2)
-    fork.pump()
-    link = receiver.link(4)
-    link.init([1], B)
-    (init,) = fork.pump()
+    link, init = opened(pair, 4, 1)
     fork.report(init, KVPoll.Transferring)
     push = fork.pushes[f"tcp://127.0.0.1:{receiver.port}"]
     for junk in ([b"4"], [b"4", b"three"], [b"99", b"3"], [b"4", b"3", b"1", b"2", b"3"], [b"\xff" * 9, b"1"]):
@@ -168,11 +167,7 @@ def test_after_one_refused_write_the_fork_fails_every_later_room_of_the_session(
     nothing, for every later room of it (conn_multimodal.py:388-410, 441-461): each is evidence that the
     sender stopped, so our links fence nothing; a new registration would clear it."""
     receiver, fork = pair
-    receiver.connect(wait_s=0.2)
-    fork.pump()
-    refused = receiver.link(5)
-    refused.init([1], B)
-    (init,) = fork.pump()
+    refused, init = opened(pair, 5, 1)
     fork.fail(init)
     settle(receiver, refused, KVPoll.Failed)
     later = receiver.link(6)
