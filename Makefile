@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 READY := $(VENV)/.ready
 ARGS ?=
 
-.PHONY: simulate test lint model fuzz-nightly docs clean
+.PHONY: simulate test lint model fuzz-nightly mutation docs clean
 
 $(READY): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -42,8 +42,21 @@ fuzz-nightly: $(READY)
 	$(VENV)/bin/epd-receiver walk --steps 1000000 --seed $(WALK_SEED)
 	$(VENV)/bin/epd-receiver walk --steps 100000 --ranks 0 --seed $(WALK_SEED)
 
+# Mutation testing of fsm/ (hours). mutmut derives a mutant's module name from its path and strips a leading
+# src/, so the tree is staged with the package at src/epd_receiver; the tests import it from there.
+MUTATION_DIR := build/mutation
+STAGED := $(MUTATION_DIR)/src/epd_receiver
+
+mutation: $(READY)
+	rm -rf $(MUTATION_DIR) && mkdir -p $(STAGED)
+	cp __init__.py $(STAGED)/
+	cp -r fsm adapters $(STAGED)/
+	tar -c --exclude=node_modules spec | tar -x -C $(STAGED)
+	tar -c --exclude=node_modules --exclude=__pycache__ spec tests README.md pyproject.toml .ci | tar -x -C $(MUTATION_DIR)
+	cd $(MUTATION_DIR) && HYPOTHESIS_PROFILE=mutation $(abspath $(VENV))/bin/mutmut run --max-children 1 $(ARGS)
+
 docs: $(READY)
 	$(VENV)/bin/epd-receiver spec sync
 
 clean:
-	rm -rf $(VENV) spec/node_modules .hypothesis .pytest_cache .mypy_cache .ruff_cache mutants
+	rm -rf $(VENV) spec/node_modules .hypothesis .pytest_cache .mypy_cache .ruff_cache mutants build

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from epd_receiver.adapters.buffers import TorchBlockBuffers
+from epd_receiver.adapters.ports.buffers import TorchBlockBuffers
 from epd_receiver.fsm import KVPoll
 
 AUX_BUFFER = 3  # the aux rows are the fourth buffer of get_buf_infos() (disaggregation/utils.py:567-592)

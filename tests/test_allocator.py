@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from epd_receiver.adapters.allocator import OwningBlockAllocator
+from epd_receiver.adapters.ports.allocator import OwningBlockAllocator
 from epd_receiver.fsm import ContractError, OwnershipError
 
 NUM_BLOCKS = 6

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import torch
 
-from epd_receiver.adapters.bench import GOALS, TINY, BenchConfig, assembly, run_bench
-from epd_receiver.adapters.buffers import TorchBlockBuffers
-from epd_receiver.adapters.cli import main
-from epd_receiver.adapters.payload import EmbeddingPayload, PayloadArena
+from epd_receiver.adapters.ports.buffers import TorchBlockBuffers
+from epd_receiver.adapters.ports.payload import EmbeddingPayload, PayloadArena
+from epd_receiver.adapters.tools.bench import GOALS, TINY, BenchConfig, assembly, run_bench
+from epd_receiver.adapters.tools.cli import main
 
 TINY_ARGS = [
     "--in-flight=20",

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from epd_receiver.adapters.bootstrap import (
+from epd_receiver.adapters.ports.mooncake.bootstrap import (
     BootstrapServer,
     BootstrapUnavailable,
     Target,

@@ -14,8 +14,8 @@ from dataclasses import FrozenInstanceError, dataclass
 import pytest
 import torch
 
-from epd_receiver.adapters.buffers import AUX_INTS, TorchBlockBuffers
-from epd_receiver.adapters.payload import EmbeddingPayload
+from epd_receiver.adapters.ports.buffers import AUX_INTS, TorchBlockBuffers
+from epd_receiver.adapters.ports.payload import EmbeddingPayload
 from epd_receiver.fsm import AuxRow
 
 NUM_BLOCKS = 8

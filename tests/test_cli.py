@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from epd_receiver.adapters.cli import main
+from epd_receiver.adapters.tools.cli import main
 from epd_receiver.fsm import State
 
 SEED_CONFIG = {"block_size": 128, "num_blocks": 160, "default_alloc_tokens": 8192, "hidden_size": 8}
@@ -221,7 +221,7 @@ def test_usage_errors_exit_through_argparse(capsys: pytest.CaptureFixture[str]) 
 
 def test_console_script_is_declared_for_main() -> None:
     (script,) = entry_points(group="console_scripts", name="epd-receiver")
-    assert script.value == "epd_receiver.adapters.cli:main"
+    assert script.value == "epd_receiver.adapters.tools.cli:main"
 
 
 def test_installed_console_script_replays_a_scenario(tmp_path: Path) -> None:

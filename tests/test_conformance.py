@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from epd_receiver.adapters.conformance import Divergence, behaviours, model_config, replay_file
-from epd_receiver.adapters.quint import QuintMissing, check_all, generate_traces, quint_binary, spec_dir
-from epd_receiver.adapters.variants import VARIANTS
+from epd_receiver.adapters.kit.conformance import Divergence, behaviours, model_config, replay_file
+from epd_receiver.adapters.kit.quint import QuintMissing, check_all, generate_traces, quint_binary, spec_dir
+from epd_receiver.adapters.kit.variants import VARIANTS
 
 TRACES = 1000
 MODEL = spec_dir() / "receiver.qnt"

@@ -1,8 +1,8 @@
-"""Small worlds walked exhaustively (adapters/explore.py): the controller comes out clean, and the walk is
+"""Small worlds walked exhaustively (adapters/kit/explore.py): the controller comes out clean, and the walk is
 sharp, since every catalogued variant whose recorded minimal schedule fits a world's bound is found.
 
 Every state reached is judged after the event that reached it and again after draining it. The standard
-worlds (adapters/explore.py, WORLDS; pools of three blocks), their bounds in events from the empty world,
+worlds (adapters/kit/explore.py, WORLDS; pools of three blocks), their bounds in events from the empty world,
 and what a walk covers (2-core machine, under load):
 
 | world            | ranks | B | arrivals (at most)           | events      | bound | states | transitions | s  |
@@ -32,8 +32,7 @@ from typing import Any
 
 import pytest
 
-from epd_receiver.adapters.cli import main
-from epd_receiver.adapters.explore import (
+from epd_receiver.adapters.kit.explore import (
     WORLDS,
     Exploration,
     SmallWorld,
@@ -43,10 +42,11 @@ from epd_receiver.adapters.explore import (
     hunt,
     worlds_for,
 )
-from epd_receiver.adapters.explore_world import Bench, enabled, fingerprint
-from epd_receiver.adapters.judge import label
-from epd_receiver.adapters.scenario import replay
-from epd_receiver.adapters.variants import CATALOGUE, Variant, scenario_path
+from epd_receiver.adapters.kit.explore_world import Bench, enabled, fingerprint
+from epd_receiver.adapters.kit.judge import label
+from epd_receiver.adapters.kit.scenario import replay
+from epd_receiver.adapters.kit.variants import CATALOGUE, Variant, scenario_path
+from epd_receiver.adapters.tools.cli import main
 
 BUGS = Path(__file__).parent.parent / "spec" / "scenarios" / "bugs"
 REPORT: list[str] = []

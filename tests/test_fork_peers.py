@@ -13,10 +13,10 @@ import pytest
 import torch
 from fork_wire_fakes import ForkEncode, Parsed
 
-from epd_receiver.adapters import fork_wire as wire
-from epd_receiver.adapters.bootstrap import BootstrapServer
-from epd_receiver.adapters.buffers import TorchBlockBuffers
-from epd_receiver.adapters.mooncake import MooncakeLink, MooncakeReceiver, ProgressMooncakeLink
+from epd_receiver.adapters.ports.buffers import TorchBlockBuffers
+from epd_receiver.adapters.ports.mooncake import wire
+from epd_receiver.adapters.ports.mooncake.bootstrap import BootstrapServer
+from epd_receiver.adapters.ports.mooncake.link import MooncakeLink, MooncakeReceiver, ProgressMooncakeLink
 from epd_receiver.fsm import KVPoll
 
 B = 4

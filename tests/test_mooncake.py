@@ -12,10 +12,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from epd_receiver.adapters.encode_write import coalesce, write_entries
-from epd_receiver.adapters.mooncake import Geometry, mooncake_missing
-from epd_receiver.adapters.simulate import Workload
-from epd_receiver.adapters.world import WorldConfig
+from epd_receiver.adapters.kit.world import WorldConfig
+from epd_receiver.adapters.ports.mooncake.link import Geometry, mooncake_missing
+from epd_receiver.adapters.tools.encode.write import coalesce, write_entries
+from epd_receiver.adapters.tools.simulate import Workload
 
 MISSING = mooncake_missing()
 if MISSING and os.environ.get("EPD_REQUIRE_MOONCAKE"):
@@ -33,7 +33,7 @@ def world(**timeouts: float | None) -> WorldConfig:
 def cluster() -> Iterator[object]:
     if MISSING:
         pytest.skip(MISSING)
-    from epd_receiver.adapters.distributed import Cluster
+    from epd_receiver.adapters.tools.distributed import Cluster
 
     with Cluster(2) as started:
         yield started
@@ -91,7 +91,7 @@ def test_loopback_two_ranks_every_payload_verified_on_every_rank(cluster) -> Non
 
 
 def test_a_pool_smaller_than_the_payload_fills_in_rounds(cluster) -> None:  # type: ignore[no-untyped-def]
-    from epd_receiver.adapters.distributed import Arrival
+    from epd_receiver.adapters.tools.distributed import Arrival
 
     config = WorldConfig(block_size=B, num_blocks=8, default_alloc_tokens=64, hidden_size=H)
     summary = cluster.run(config, Workload(seed=5), [Arrival(0, 8 * B * 3 + 5, progress=True), Arrival(1, 40)])
@@ -100,8 +100,8 @@ def test_a_pool_smaller_than_the_payload_fills_in_rounds(cluster) -> None:  # ty
 
 
 def test_a_transfer_error_fails_that_request_with_the_engine_s_answer(cluster) -> None:  # type: ignore[no-untyped-def]
-    from epd_receiver.adapters.distributed import Arrival
-    from epd_receiver.adapters.encode_desk import TRANSFER_ERROR_ON_RESUME
+    from epd_receiver.adapters.tools.distributed import Arrival
+    from epd_receiver.adapters.tools.encode.desk import TRANSFER_ERROR_ON_RESUME
 
     arrivals = [Arrival(0, 400, fault=TRANSFER_ERROR_ON_RESUME), Arrival(1, 300), Arrival(2, 50)]
     summary = cluster.run(world(), Workload(seed=7), arrivals)
@@ -114,7 +114,7 @@ def test_a_transfer_error_fails_that_request_with_the_engine_s_answer(cluster) -
 
 def test_encode_process_killed_mid_resume_times_out_everywhere(cluster) -> None:  # type: ignore[no-untyped-def]
     """Small requests land first; the Encode process dies halfway through the first resume chunk."""
-    from epd_receiver.adapters.distributed import Arrival
+    from epd_receiver.adapters.tools.distributed import Arrival
 
     arrivals = [Arrival(room, 40 + room) for room in range(4)] + [Arrival(room, 500 + room) for room in range(4, 8)]
     cluster.ensure_encode().arm_kill(resumes=1)
@@ -139,10 +139,10 @@ def test_our_encode_process_serves_the_fork_s_language_side(cluster) -> None:  #
     so it must only ever receive two-frame statuses, and it reads the payload exactly as written."""
     from fork_wire_fakes import ForkLanguage
 
-    from epd_receiver.adapters.buffers import TorchBlockBuffers
-    from epd_receiver.adapters.encode_desk import RoomPlan
-    from epd_receiver.adapters.encode_write import regenerate, source_generator
-    from epd_receiver.adapters.mooncake import Engine, Geometry
+    from epd_receiver.adapters.ports.buffers import TorchBlockBuffers
+    from epd_receiver.adapters.ports.mooncake.link import Engine, Geometry
+    from epd_receiver.adapters.tools.encode.desk import RoomPlan
+    from epd_receiver.adapters.tools.encode.write import regenerate, source_generator
 
     geometry, seed = Geometry(16, B, H, 0), 21
     encode = cluster.ensure_encode()
@@ -183,7 +183,7 @@ def test_our_encode_process_serves_the_fork_s_language_side(cluster) -> None:  #
 def test_junk_on_the_wire_ends_no_process_and_fails_no_request(cluster) -> None:  # type: ignore[no-untyped-def]
     import zmq
 
-    from epd_receiver.adapters.bootstrap import encode_rank_endpoint
+    from epd_receiver.adapters.ports.mooncake.bootstrap import encode_rank_endpoint
 
     encode = cluster.ensure_encode()
     encode.control.begin(Geometry(64, B, H, 0), [])
@@ -203,7 +203,7 @@ def test_junk_on_the_wire_ends_no_process_and_fails_no_request(cluster) -> None:
 
 
 def test_several_ranks_need_the_real_transport(capsys: pytest.CaptureFixture[str]) -> None:
-    from epd_receiver.adapters.cli import main
+    from epd_receiver.adapters.tools.cli import main
 
     assert main(["simulate", "--ranks", "2", "--requests", "1"]) == 2
     assert "--transport mooncake" in capsys.readouterr().err

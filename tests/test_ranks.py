@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from epd_receiver.adapters.ranks import RankJobFailed, RankProcesses, collective, rooms_digest
+from epd_receiver.adapters.ports.ranks import RankJobFailed, RankProcesses, collective, rooms_digest
 from epd_receiver.fsm.ports import SingleRank
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from epd_receiver.adapters.scenario import load_scenario, replay
+from epd_receiver.adapters.kit.scenario import load_scenario, replay
 
 SCENARIOS = sorted((Path(__file__).parent.parent / "spec" / "scenarios").glob("*.json"))
 

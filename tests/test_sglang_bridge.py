@@ -33,12 +33,7 @@ from sglang_fork import (
 )
 from sglang_fork import EncodeSide as ForkEncodeSide
 
-from epd_receiver.adapters import payload
-from epd_receiver.adapters.buffers import TorchBlockBuffers
-from epd_receiver.adapters.clock import ManualClock
-from epd_receiver.adapters.payload import PayloadArena, storage_unshared
-from epd_receiver.adapters.ranks import GlooRankGroup, RankContext, RankProcesses
-from epd_receiver.adapters.sglang import (
+from epd_receiver.adapters.integrations.sglang.install import (
     FAKE_BOOTSTRAP_HOST,
     EmbeddingBridge,
     KVPoll,
@@ -52,6 +47,11 @@ from epd_receiver.adapters.sglang import (
     remote_evidence,
     sglang_multimodal_inputs,
 )
+from epd_receiver.adapters.ports import payload
+from epd_receiver.adapters.ports.buffers import TorchBlockBuffers
+from epd_receiver.adapters.ports.clock import ManualClock
+from epd_receiver.adapters.ports.payload import PayloadArena, storage_unshared
+from epd_receiver.adapters.ports.ranks import GlooRankGroup, RankContext, RankProcesses
 from epd_receiver.fsm import ReceiverConfig
 
 B, H, K, N, D = 4, 8, 2, 16, 8  # block size, hidden size, deepstack layers, pool blocks, default tokens
@@ -504,7 +504,7 @@ def test_free_with_req_gives_the_payload_back_once_and_ignores_other_requests(ca
     assert fork.bridge.held_payloads == 1 and fork.bridge.arena.lent == 1
     releaser.free_with_req(req)
     assert fork.bridge.held_payloads == 0 and fork.bridge.arena.lent == 0
-    with caplog.at_level(logging.DEBUG, logger="epd_receiver.adapters.sglang_bridge"):
+    with caplog.at_level(logging.DEBUG, logger="epd_receiver.adapters.integrations.sglang.bridge"):
         releaser.free_with_req(req)  # a second call
         releaser.free_with_req(Req("other", [1], bootstrap_room=1))  # same room, another request
         releaser.free_with_req(Req("unknown", [1], bootstrap_room=77))

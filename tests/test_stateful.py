@@ -1,4 +1,4 @@
-"""The real controller under the protocol fuzzer (adapters/fuzz.py): every invariant after every step,
+"""The real controller under the protocol fuzzer (adapters/kit/fuzz.py): every invariant after every step,
 on one rank and on simulated tensor-parallel ranks that see statuses, clocks and aux rows differently."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import settings
 
-from epd_receiver.adapters.fuzz import MultiRankProtocol, ReceiverProtocol, protocol_for
+from epd_receiver.adapters.kit.fuzz import MultiRankProtocol, ReceiverProtocol, protocol_for
 
 ThreeRanks = protocol_for(None, ranks=3)
 TestReceiverProtocol = ReceiverProtocol.TestCase

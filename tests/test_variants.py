@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from epd_receiver.adapters.fuzz import Catch, catch_label, hunt
-from epd_receiver.adapters.scenario import replay
-from epd_receiver.adapters.variants import CATALOGUE, PENDING, VARIANTS, Variant, scenario_path, variants_markdown
+from epd_receiver.adapters.kit.fuzz import Catch, catch_label, hunt
+from epd_receiver.adapters.kit.scenario import replay
+from epd_receiver.adapters.kit.variants import CATALOGUE, PENDING, VARIANTS, Variant, scenario_path, variants_markdown
 
 ROOT = Path(__file__).parent.parent
 BUGS = ROOT / "spec" / "scenarios" / "bugs"
@@ -79,7 +79,7 @@ def test_receiver_md_variant_table_is_current() -> None:
 
 def test_a_violation_message_with_an_apostrophe_is_labelled_by_its_invariant() -> None:
     """repr() quotes such a message with double quotes; the label must still be the invariant's."""
-    from epd_receiver.adapters.fuzz import _first_violation
+    from epd_receiver.adapters.kit.fuzz import _first_violation
 
     error = AssertionError(repr(["rank 1: I5: the sender wrote room 0's data into block 2, which is free"]))
     assert catch_label(_first_violation(error)) == "I5"

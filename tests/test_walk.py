@@ -1,4 +1,4 @@
-"""The random walk (adapters/walk.py): the controller walks clean, and the walk is sharp, since every
+"""The random walk (adapters/kit/walk.py): the controller walks clean, and the walk is sharp, since every
 catalogued variant is found within a step budget and the violation comes back as a replay scenario that
 ``replay`` repeats exactly (and that the controller itself replays clean).
 
@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from epd_receiver.adapters.cli import main
-from epd_receiver.adapters.judge import label
-from epd_receiver.adapters.scenario import replay
-from epd_receiver.adapters.variants import CATALOGUE, VARIANTS, Variant
-from epd_receiver.adapters.walk import VOCABULARY, walk
+from epd_receiver.adapters.kit.judge import label
+from epd_receiver.adapters.kit.scenario import replay
+from epd_receiver.adapters.kit.variants import CATALOGUE, VARIANTS, Variant
+from epd_receiver.adapters.kit.walk import VOCABULARY, walk
+from epd_receiver.adapters.tools.cli import main
 
 BUDGET = 5_000
 REPORT: list[str] = []

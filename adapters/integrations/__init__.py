@@ -1,0 +1,1 @@
+"""The controller dropped into serving systems. Integrations build on ports only."""

@@ -1,0 +1,429 @@
+"""Tensor-parallel ranks simulated in one process: replicas of the bench that must stay in lockstep.
+
+Each rank is a whole World (its own pool, allocator, queue, sender view and judge) with the same seed,
+so every rank receives a full copy of every payload, as in the original. What differs between ranks is
+what really differs in a server: when each rank sees a status, how far its clock has moved, and what it
+found in its own aux row. The ranks' queues step in threads that take turns: one runs at a time, in rank
+order, from one collective to the next, so a run is as deterministic as a single-rank one and a failing
+schedule shrinks and replays. Every iteration ends with one more collective that names itself; a rank
+that made fewer or other collectives than its peers meets them at a different name, and every rank raises
+RankDivergence instead of waiting forever.
+
+The judge adds I9 to each rank's own invariants: after every step the ranks hold the same requests in
+the same states with the same blocks, totals and progress, and their pools agree block for block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from epd_receiver.adapters.kit.fair import run_fairly
+from epd_receiver.adapters.kit.properties import early_fence_lifts, early_timeouts
+from epd_receiver.adapters.kit.world import World, WorldConfig
+from epd_receiver.adapters.ports.payload import EmbeddingPayload
+from epd_receiver.fsm import KVPoll, ReceiverQueue, ReceiverRequest, ReceiverSpec, Room
+from epd_receiver.fsm.errors import RankDivergence
+
+_END_OF_ITERATION = "end of iteration"
+_ON_EVERY_RANK = {  # World method -> replay event
+    "abort": "abort",
+    "release": "release",
+    "go_backwards": "backwards",
+}
+_PATIENCE_S = 30.0  # only a bug in this module could make a rank wait this long for its turn
+
+
+class TakingTurns:
+    """The collectives of ``size`` rank threads, run one at a time in rank order."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._turn = 0
+        self._done: set[int] = set()
+        self._slots: list[tuple[str, Any] | None] = [None] * size
+        self._gathered: list[tuple[str, Any] | None] = []
+        self._cond = threading.Condition()
+
+    def reset(self) -> None:
+        """Every rank ended its iteration: the next one starts with rank 0 again."""
+        with self._cond:
+            self._turn, self._done, self._slots = 0, set(), [None] * self.size
+
+    def begin(self, rank: int) -> None:
+        """Wait until it is this rank's turn to run (rank 0 first)."""
+        with self._cond:
+            self._wait(lambda: self._turn == rank)
+
+    def exchange(self, rank: int, name: str, value: Any) -> list[Any]:
+        """Give ``value``, get every rank's; RankDivergence on every rank if they called different things."""
+        with self._cond:
+            self._slots[rank] = (name, value)
+            if self._live_after(rank) is None:  # the last to arrive completes the round
+                self._gathered = list(self._slots)
+                self._slots = [None] * self.size
+                self._pass_from(-1)
+            else:
+                self._pass_from(rank)
+            self._wait(lambda: self._turn == rank)
+            gathered = self._gathered
+        names = {entry[0] if entry else "nothing (the rank had finished its iteration)" for entry in gathered}
+        if len(names) > 1:
+            raise RankDivergence(f"the ranks made different collectives: {sorted(names)}")
+        return [entry[1] for entry in gathered if entry is not None]
+
+    def end(self, rank: int) -> None:
+        """This rank's iteration is over; let the next rank run."""
+        with self._cond:
+            self._done.add(rank)
+            if self._live_after(rank) is None and any(self._slots):
+                self._gathered = list(self._slots)  # peers wait in a round this rank will never join
+                self._slots = [None] * self.size
+                self._pass_from(-1)
+            else:
+                self._pass_from(rank)
+
+    def _live_after(self, rank: int) -> int | None:
+        return next((r for r in range(rank + 1, self.size) if r not in self._done), None)
+
+    def _pass_from(self, rank: int) -> None:
+        following = self._live_after(rank)
+        self._turn = self.size if following is None else following
+        self._cond.notify_all()
+
+    def _wait(self, ready: Callable[[], bool]) -> None:
+        if not self._cond.wait_for(ready, timeout=_PATIENCE_S):
+            raise RuntimeError("a simulated rank waited for its turn for too long")
+
+
+class SimulatedRank:
+    """The RankGroup port of one simulated rank."""
+
+    def __init__(self, turns: TakingTurns, rank: int) -> None:
+        self._turns = turns
+        self.rank = rank
+
+    @property
+    def size(self) -> int:
+        return self._turns.size
+
+    def min_reduce(self, rooms: Sequence[Room], values: Sequence[int]) -> list[int]:
+        gathered = self._turns.exchange(self.rank, "min_reduce", (tuple(rooms), tuple(values)))
+        if len({entry[0] for entry in gathered}) > 1:
+            raise RankDivergence(f"the ranks polled different rooms: {[list(entry[0]) for entry in gathered]}")
+        return [min(column) for column in zip(*(entry[1] for entry in gathered), strict=True)]
+
+    def same(self, values: Sequence[int]) -> bool:
+        return len({tuple(v) for v in self._turns.exchange(self.rank, "same", tuple(values))}) == 1
+
+
+class ReplicaWorld:
+    """Several ranks of one Language-side server, driven with World's vocabulary plus per-rank skew."""
+
+    def __init__(
+        self,
+        config: WorldConfig,
+        ranks: int,
+        *,
+        seed: int = 0,
+        bank_rows: int = 4096,
+        spec: ReceiverSpec | None = None,
+        request_class: type[ReceiverRequest[EmbeddingPayload]] = ReceiverRequest,
+        queue_class: type[ReceiverQueue[EmbeddingPayload]] = ReceiverQueue,
+    ) -> None:
+        if ranks < 2:
+            raise ValueError("a replica world has at least two ranks")
+        self.config = config
+        self._turns = TakingTurns(ranks)
+        self.ranks = [
+            World(
+                config,
+                seed=seed,
+                bank_rows=bank_rows,
+                spec=spec,
+                request_class=request_class,
+                queue_class=queue_class,
+                ranks=SimulatedRank(self._turns, r),
+                record=False,  # the replicas log the events, with the ranks they reached
+            )
+            for r in range(ranks)
+        ]
+        # a fault on one rank excuses the request's failure on every rank (I12), a death its timeout (I8)
+        faulted: set[Room] = set()
+        silenced: set[Room] = set()
+        for world in self.ranks:
+            world.judge.faulted, world.judge.silenced = faulted, silenced
+        self.violations: list[str] = []
+        self.log: list[dict[str, Any]] = []
+        self._recording = True
+
+    # ---- the vocabulary, on every rank unless ranks are named; logged as replay events -------------
+
+    def arrive(
+        self, room: Room, total_tokens: int, mrope_delta: int | None = None, **flags: bool
+    ) -> ReceiverRequest[EmbeddingPayload]:
+        requests = [world.arrive(room, total_tokens, mrope_delta, **flags) for world in self.ranks]
+        self._record(self.ranks[0].log_of_arrival(room, total_tokens, **flags))
+        return requests[0]
+
+    def step(self, iterations: int = 1) -> list[ReceiverRequest[EmbeddingPayload]]:
+        self._record({"step": iterations})
+        finished: list[ReceiverRequest[EmbeddingPayload]] = []
+        for _ in range(iterations):
+            finished += self._step_all()[0]
+            judges = [world.judge for world in self.ranks]
+            found = self._disagreements() + early_timeouts(judges) + early_fence_lifts(judges)
+            self.violations += [v for v in found if v not in self.violations]
+        return finished
+
+    def deliver(self, room: Room, blocks: int | None = None, ranks: Sequence[int] | None = None) -> bool:
+        """The sender lands its chunk on the named ranks (all by default): the others see it later."""
+        self._log("deliver", {"room": room, "blocks": blocks}, ranks)
+        return any([self.ranks[r].deliver(room, blocks) for r in self._named(ranks)])
+
+    def corrupt_aux(self, room: Room, value: int, ranks: Sequence[int] | None = None) -> bool:
+        """A rank finds an impossible T in its A0[0] (#4: 'some ranks read aux 0')."""
+        self._log("corrupt", {"room": room, "field": "total_tokens", "value": value}, ranks)
+        return any([self.ranks[r].corrupt_aux(room, value) for r in self._named(ranks)])
+
+    def corrupt_data(self, room: Room, ranks: Sequence[int] | None = None) -> bool:
+        """A value flips in a landed chunk on the named ranks (all by default)."""
+        self._log("corrupt", {"room": room, "field": "embeddings"}, ranks)
+        return any([self.ranks[r].corrupt_data(room) for r in self._named(ranks)])
+
+    def advance(self, seconds: float, ranks: Sequence[int] | None = None) -> None:
+        self._log("advance", {"seconds": seconds}, ranks)
+        for r in self._named(ranks):
+            self.ranks[r].advance(seconds)
+
+    def late_status(self, room: Room, status: KVPoll | None = None, ranks: Sequence[int] | None = None) -> bool:
+        self._log("late", {"room": room, "status": None if status is None else int(status)}, ranks)
+        return any([self.ranks[r].late_status(room, status) for r in self._named(ranks)])
+
+    def fail(self, room: Room, ranks: Sequence[int] | None = None) -> None:
+        self._log("fail", {"room": room}, ranks)
+        for r in self._named(ranks):
+            self.ranks[r].fail(room)
+
+    def kill(self, room: Room, ranks: Sequence[int] | None = None) -> None:
+        """The sender dies silently on the named ranks (all by default): the others' senders live on."""
+        self._log("kill", {"room": room}, ranks)
+        for r in self._named(ranks):
+            self.ranks[r].kill(room)
+
+    def stop(self, room: Room, ranks: Sequence[int] | None = None) -> bool:
+        """The sender acts on the abort on the named ranks: a fence lifts once every rank's has."""
+        self._log("stop", {"room": room}, ranks)
+        return any([self.ranks[r].stop(room) for r in self._named(ranks)])
+
+    def misreport(self, room: Room, status: int, ranks: Sequence[int] | None = None) -> bool:
+        """A wrong next poll answer on the named ranks; refused while any rank still has one to give, since
+        what the others answer decides what the MIN lets through."""
+        self._log("misreport", {"room": room, "status": status}, ranks)
+        if self._misreport_pending(room):
+            return False
+        taking = [r for r in self._named(ranks) if self.ranks[r].misreport_applies(room, status)]
+        alone = len(taking) < len(self.ranks)
+        return any([self.ranks[r].misreport(room, status, alone=alone) for r in taking])
+
+    def misreport_landed(self, room: Room, delta: int, ranks: Sequence[int] | None = None) -> bool:
+        self._log("misreport", {"room": room, "landed": delta}, ranks)
+        if self._misreport_pending(room):
+            return False
+        taking = [r for r in self._named(ranks) if self.ranks[r].landed_misreport_applies(room, delta)]
+        alone = len(taking) < len(self.ranks)  # the others answer the truth, and the MIN may keep it
+        checked = all(world.chunk_unread(room) for world in self.ranks)
+        return any([self.ranks[r].misreport_landed(room, delta, alone=alone, checked=checked) for r in taking])
+
+    def _misreport_pending(self, room: Room) -> bool:
+        return any(world.sender.misreport_pending(room) for world in self.ranks)
+
+    def break_link(self, room: Room, call: str, ranks: Sequence[int] | None = None) -> bool:
+        self._log("break", {"room": room, "call": call}, ranks)
+        return any([self.ranks[r].break_link(room, call) for r in self._named(ranks)])
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        """Client and sender events that reach every rank alike: abort, release, kill, stop, ..."""
+        if name not in _ON_EVERY_RANK:
+            raise AttributeError(name)
+
+        def on_every_rank(room: Room) -> bool:
+            self._record({_ON_EVERY_RANK[name]: room})
+            return any([getattr(world, name)(room) for world in self.ranks])
+
+        return on_every_rank
+
+    # ---- views shared with World (rank 0 speaks for all; I9 says they agree) -----------------------
+
+    @property
+    def version(self) -> tuple[int, ...]:
+        """Changes with every event on any rank: every event reaches some rank's World."""
+        return tuple(world.version for world in self.ranks)
+
+    @property
+    def queue(self) -> Any:
+        return self.ranks[0].queue
+
+    @property
+    def sender(self) -> Any:
+        return self.ranks[0].sender
+
+    @property
+    def allocator(self) -> Any:
+        return self.ranks[0].allocator
+
+    @property
+    def outcomes(self) -> Any:
+        return self.ranks[0].outcomes
+
+    # ---- judging and the fair schedule ----------------------------------------------------------
+
+    def check(self) -> list[str]:
+        found = list(self.violations)
+        for r, world in enumerate(self.ranks):
+            found += [f"rank {r}: {v}" for v in world.check() if f"rank {r}: {v}" not in found]
+        return found
+
+    def drain(self, patience: int = 3, max_waits: int = 8, max_iterations: int = 2000) -> None:
+        """Run to an end under a fair schedule, every rank seeing every status."""
+        self._record({"drain": patience})
+        self._recording = False
+        with contextlib.ExitStack() as stack:
+            stack.callback(setattr, self, "_recording", True)
+            for world in self.ranks:
+                stack.enter_context(world.fairly())
+            run_fairly(self, patience, max_waits, max_iterations)
+        for world in self.ranks:
+            world.check_leaks()
+
+    def unfinished(self) -> list[ReceiverRequest[EmbeddingPayload]]:
+        return [r for world in self.ranks for r in world.unfinished()]
+
+    def sender_round(self) -> None:
+        for world in self.ranks:
+            world.sender_round()
+
+    def caller_round(self, held: Sequence[ReceiverRequest[EmbeddingPayload]]) -> None:
+        for room in sorted({r.room for r in held}):
+            self.release(room)
+
+    def wait_out_dead_senders(self) -> bool:
+        """Time passes for every rank alike when a silent sender on any rank holds a request up."""
+        if not any([world.held_up_by_silence() for world in self.ranks]):
+            return False
+        for world in self.ranks:
+            world.wait_out_deadlines()
+        return True
+
+    def snapshot(self) -> tuple[object, ...]:
+        return tuple(world.snapshot() for world in self.ranks)
+
+    def scenario(self, **extra: Any) -> dict[str, Any]:
+        return self.ranks[0].scenario(ranks=len(self.ranks), **extra) | {"events": list(self.log)}
+
+    def checkpoint(self) -> None:
+        for world in self.ranks:
+            world.checkpoint()
+
+    def report(self) -> dict[str, Any]:
+        """Rank 0's report (I9 says the others agree), with every rank's violations."""
+        return self.ranks[0].report() | {"ranks": len(self.ranks), "violations": self.check()}
+
+    def _log(self, name: str, fields: dict[str, Any], ranks: Sequence[int] | None) -> None:
+        fields = {k: v for k, v in fields.items() if v is not None}
+        if ranks is not None:
+            fields["ranks"] = list(ranks)
+        self._record({name: fields})
+
+    def _record(self, event: dict[str, Any]) -> None:
+        if self._recording:
+            self.log.append(event)
+
+    # ---- helpers ---------------------------------------------------------------------------------
+
+    def _named(self, ranks: Sequence[int] | None) -> Sequence[int]:
+        return range(len(self.ranks)) if ranks is None else ranks
+
+    def _step_all(self) -> list[list[ReceiverRequest[EmbeddingPayload]]]:
+        results: list[list[ReceiverRequest[EmbeddingPayload]]] = [[] for _ in self.ranks]
+
+        def run(r: int) -> None:
+            self._turns.begin(r)
+            try:
+                results[r] = self.ranks[r].step()
+                try:
+                    self._turns.exchange(r, _END_OF_ITERATION, None)
+                except RankDivergence as error:
+                    self.ranks[r].violations.append(f"RankDivergence: {error}")
+            finally:
+                self._turns.end(r)
+
+        threads = [threading.Thread(target=run, args=(r,), daemon=True) for r in range(len(self.ranks))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self._turns.reset()
+        return results
+
+    def _disagreements(self) -> list[str]:
+        """I9: the ranks made the same decisions, so they hold the same requests and pools; and I8 for
+        fences, which must be lifted once every rank's clock is past the drain deadline."""
+        first, *others = self.ranks
+        drain = first.receiver_config.drain_timeout_s
+        found = [
+            f"I8: room {room} stayed fenced past the {drain:g} s drain deadline on every rank"
+            for room in first.queue.fenced_rooms
+            if drain is not None and all(world.overstayed(room, drain) for world in self.ranks)
+        ]
+        for r, world in enumerate(others, start=1):
+            if world.allocator.free_list() != first.allocator.free_list():
+                found.append(f"I9: rank {r}'s free list differs from rank 0's")
+            rooms = {q.room for q in first.queue} | {q.room for q in world.queue}
+            for room in sorted(rooms):
+                mine, theirs = first.queue.get(room), world.queue.get(room)
+                if _decisions(mine) != _decisions(theirs):
+                    found.append(f"I9: room {room}: rank 0 {_decisions(mine)}, rank {r} {_decisions(theirs)}")
+        return found
+
+
+def _decisions(request: ReceiverRequest[EmbeddingPayload] | None) -> tuple[object, ...] | None:
+    if request is None:
+        return None
+    return (request.state.name, request.blocks, request.fenced, request.total_tokens, request.landed, request.resumes)
+
+
+class EagerFanIn:
+    """#16, the Encode side's resume fan-in race, as a rig on the replicas' senders.
+
+    One encode rank serves several Language ranks. The original started the resume chunk for all of them
+    on the first resume message that arrived, aiming the ranks whose own resume had not arrived yet at
+    the blocks they named last (their first allocation, already freed), and dropped their resumes when
+    they came. A sender that waits for every rank's resume has no such race.
+    """
+
+    def __init__(self, world: ReplicaWorld) -> None:
+        self._world = world
+        self._started: dict[tuple[Room, int], int] = {}  # (room, sent) -> the rank whose resume started it
+        for rank, replica in enumerate(world.ranks):
+            replica.sender.on_resume = self._on_resume_of(rank, replica.sender.on_resume)  # type: ignore[method-assign]
+            replica.judge.honest = False  # a sender with this bug owes no request success (I12)
+
+    def _on_resume_of(self, rank: int, original: Callable[..., None]) -> Callable[..., None]:
+        def on_resume(room: Room, blocks: Sequence[int], sent_tokens: int, allocated_tokens: int) -> None:
+            starter = self._started.setdefault((room, sent_tokens), rank)
+            mine = self._world.ranks[rank].sender
+            in_flight = mine.pending(room)
+            original(room, blocks, sent_tokens, allocated_tokens)  # the message is received (and logged)
+            if starter != rank:
+                if in_flight is not None:  # ... and dropped: this rank's chunk already left, aimed at stale blocks
+                    mine.aim(room, in_flight.blocks, in_flight.sent_tokens, in_flight.allocated_tokens)
+                return
+            for other in self._world.ranks:
+                messages = other.sender.room_messages(room)
+                if other.sender is not mine and messages:
+                    other.sender.aim(room, messages[-1].blocks, sent_tokens, messages[-1].allocated_tokens)
+
+        return on_resume

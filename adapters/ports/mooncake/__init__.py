@@ -1,0 +1,1 @@
+"""The Mooncake transport, speaking the SGLang fork's wire: bootstrap, frames, the Language side's link."""

@@ -1,0 +1,1 @@
+"""The command line and what it runs: simulations, the bench, the distributed driver, our Encode process."""

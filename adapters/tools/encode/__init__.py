@@ -1,0 +1,1 @@
+"""Our own Encode side, a separate process speaking the fork's wire over Mooncake."""
