@@ -14,19 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_controller import (
-    B,
-    Bench,
-    BrokenLink,
-    FakeAllocator,
-    FakeBuffers,
-    FakeClock,
-    FakeLink,
-    FakePayload,
-    PeerRank,
-    ProgressLink,
-    two_ranks_transferring,
-)
+from controller_bench import B, Bench, two_ranks_transferring
+from fakes import BrokenLink, FakeAllocator, FakeBuffers, FakeClock, FakeLink, FakePayload, PeerRank, ProgressLink
 from test_spec import dump_toml
 
 from epd_receiver.fsm import (
