@@ -40,9 +40,11 @@ from epd_receiver.adapters.kit.explore import (
     copy_fork,
     explore,
     hunt,
+    small_config,
     worlds_for,
 )
 from epd_receiver.adapters.kit.explore_world import Bench, enabled, fingerprint
+from epd_receiver.adapters.kit.geometry import first_blocks
 from epd_receiver.adapters.kit.judge import label
 from epd_receiver.adapters.kit.scenario import replay
 from epd_receiver.adapters.kit.variants import CATALOGUE, Variant, scenario_path
@@ -203,3 +205,13 @@ def test_states_merged_by_fingerprint_have_the_same_future(small: SmallWorld) ->
         frontier = reached
 
     assert merged > 20
+
+
+def test_every_world_fits_its_first_allocation_and_a_world_that_cannot_is_refused() -> None:
+    """A queue refuses a pool smaller than A0: no standard world is one, and none can be built by mistake."""
+    for small in WORLDS:
+        config = small.config
+        assert first_blocks(config.block_size, config.default_alloc_tokens) <= config.num_blocks, small.name
+
+    with pytest.raises(ValueError, match="num_blocks=2"):
+        small_config(4, 2, 3)

@@ -11,15 +11,17 @@ episode. The steps at which seed 0 found each are printed at the end of the modu
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from epd_receiver.adapters.kit.geometry import first_blocks
 from epd_receiver.adapters.kit.judge import label
 from epd_receiver.adapters.kit.scenario import replay
 from epd_receiver.adapters.kit.variants import CATALOGUE, VARIANTS, Variant
-from epd_receiver.adapters.kit.walk import VOCABULARY, walk
+from epd_receiver.adapters.kit.walk import VOCABULARY, draw_run, walk
 from epd_receiver.adapters.tools.cli import main
 
 BUDGET = 5_000
@@ -109,3 +111,14 @@ def test_the_command(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None
 
     assert main(["walk", "--variant", "hold-and-wait", "--steps", "1"]) == 1
     assert "not found" in capsys.readouterr().out
+
+
+def test_no_run_draws_a_first_allocation_larger_than_the_pool() -> None:
+    """A queue refuses such a world; the rest of the geometry is drawn as before, A0 the whole pool included."""
+    rng = random.Random(0)
+    configs = [draw_run(rng).config for _ in range(3_000)]
+
+    needed = [(first_blocks(c.block_size, c.default_alloc_tokens), c.num_blocks) for c in configs]
+    assert all(a0 <= pool for a0, pool in needed), [n for n in needed if n[0] > n[1]][:3]
+    assert any(a0 == pool for a0, pool in needed)
+    assert {pool for _, pool in needed} == set(range(2, 25)) and {a0 for a0, _ in needed} == set(range(1, 7))

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from epd_receiver.adapters.kit.explore_world import KINDS, Bench, Event, Vocabulary, enabled, fingerprint
+from epd_receiver.adapters.kit.geometry import small_config
 from epd_receiver.adapters.kit.judge import label
 from epd_receiver.adapters.kit.replicas import ReplicaWorld
 from epd_receiver.adapters.kit.scenario import EVENTS
@@ -52,22 +53,6 @@ class SmallWorld:
 
     def bounded(self, depth: int | None) -> SmallWorld:
         return self if depth is None else SmallWorld(self.name, self.config, self.vocabulary, depth, self.ranks)
-
-
-def small_config(
-    block_size: int, num_blocks: int, default_blocks: int, *, async_abort: bool = False, local_conclusion: bool = False
-) -> WorldConfig:
-    """The fuzzer's geometry: D is half a block short of ``default_blocks`` blocks, so that with B > 1 the
-    requested and the granted token counts differ (#2)."""
-    return WorldConfig(
-        block_size=block_size,
-        num_blocks=num_blocks,
-        default_alloc_tokens=default_blocks * block_size - block_size // 2,
-        hidden_size=2,
-        max_total_tokens=1 << 20,
-        async_abort=async_abort,
-        local_conclusion=local_conclusion,
-    )
 
 
 # Faults that touch one request's own sender or data: the one-request world takes them all; the worlds of

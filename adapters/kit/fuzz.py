@@ -16,6 +16,7 @@ import contextlib
 import os
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -31,6 +32,7 @@ from hypothesis.stateful import (
 )
 
 from epd_receiver.adapters.kit.faults import LINK_CALLS
+from epd_receiver.adapters.kit.geometry import MAX_TOTAL, draw_config
 from epd_receiver.adapters.kit.judge import label as catch_label
 from epd_receiver.adapters.kit.replicas import ReplicaWorld
 from epd_receiver.adapters.kit.variants import Variant
@@ -79,10 +81,25 @@ def register_profiles() -> None:
 PROPERTIES = frozenset(f"I{n}" for n in range(1, 15))
 INVARIANT_NAME = re.compile(r"i\d+_\w+|the_controller_keeps_its_contracts")  # the invariants' methods
 MAX_LIVE = 5
-MAX_TOTAL = 1 << 20
 IMPOSSIBLE_TOTALS = st.sampled_from([0, -1, -(2**31), MAX_TOTAL + 1])
 # statuses, values beside them, and the extremes a garbled 32-bit field can hold
 ANY_STATUS = st.one_of(st.integers(-2, 7), st.sampled_from([2**31 - 1, -(2**31)]))
+
+
+class _DataDraw:
+    """``geometry.Draw`` from Hypothesis' data: each value is labelled, and shrinks."""
+
+    def __init__(self, data: st.DataObject) -> None:
+        self.data = data
+
+    def integer(self, name: str, low: int, high: int) -> int:
+        return self.data.draw(st.integers(low, high), label=name)
+
+    def choice(self, name: str, options: Sequence[int]) -> int:
+        return self.data.draw(st.sampled_from(options), label=name)
+
+    def flag(self, name: str) -> bool:
+        return self.data.draw(st.booleans(), label=name)
 
 
 class ReceiverProtocol(RuleBasedStateMachine):
@@ -97,38 +114,11 @@ class ReceiverProtocol(RuleBasedStateMachine):
         super().__init__()
         self.next_room = 0
 
-    @initialize(
-        block_size=st.sampled_from([1, 2, 4, 8, 16]),
-        num_blocks=st.integers(2, 24),
-        default_blocks=st.integers(1, 6),
-        hidden_size=st.sampled_from([2, 4, 8]),
-        deepstack=st.integers(0, 2),
-        async_abort=st.booleans(),
-        local_conclusion=st.booleans(),
-        data=st.data(),
-    )
-    def a_pool(
-        self,
-        block_size: int,
-        num_blocks: int,
-        default_blocks: int,
-        hidden_size: int,
-        deepstack: int,
-        async_abort: bool,
-        local_conclusion: bool,
-        data: st.DataObject,
-    ) -> None:
-        config = WorldConfig(
-            block_size=block_size,
-            num_blocks=num_blocks,
-            default_alloc_tokens=default_blocks * block_size - (block_size // 2),
-            hidden_size=hidden_size,
-            deepstack=deepstack,
-            max_total_tokens=MAX_TOTAL,
-            async_abort=async_abort,
-            local_conclusion=local_conclusion,
-        )
-        self.world = self.bench(config, seed=num_blocks)
+    @initialize(data=st.data())
+    def a_pool(self, data: st.DataObject) -> None:
+        """A random small world (``geometry.draw_config``: never one whose A0 exceeds the pool), then arrivals."""
+        config = draw_config(_DataDraw(data))
+        self.world = self.bench(config, seed=config.num_blocks)
         type(self).last_world = self.world
         for _ in range(data.draw(st.integers(1, 3), label="arrivals")):
             self.a_request_arrives_now(data)
@@ -138,6 +128,8 @@ class ReceiverProtocol(RuleBasedStateMachine):
         return World(config, seed=seed, bank_rows=31, **(variant.options() if variant else {}))
 
     def a_request_arrives_now(self, data: st.DataObject) -> None:
+        """T within A0, beyond it by up to the pool, up to twice A0, or up to three pools (d <= pool: the
+        geometry's rule, so every range is non-empty and the last reaches past A0 plus the pool)."""
         config = self.world.config
         d, pool = config.default_alloc_tokens, config.num_blocks * config.block_size
         lengths = [st.integers(1, d), st.integers(d + 1, d + pool), st.integers(d + 1, 2 * d), st.integers(1, 3 * pool)]

@@ -10,8 +10,9 @@ past each deadline ahead. Some of the fuzzer's vocabulary is not the explorer's,
 statuses outside KVPoll and wrong landed counts (``misreport``), links that raise (``break_link``), aborts
 of requests that already ended, totals other than the explorer's kinds, and clock moves of any length.
 
-A run is one random small world, drawn like the fuzzer's ``a_pool``: pool geometry, hidden size,
-deepstack layers, an asynchronous abort or links that conclude locally, one to three ranks. It lives
+A run is one random small world, drawn by the fuzzer's rule (``geometry.draw_config``: pool geometry with
+A0 never larger than the pool, hidden size, deepstack layers, an asynchronous abort or links that conclude
+locally), on one to three ranks. It lives
 through a few episodes: in each, a few requests may arrive and a random number of events happen; then
 the world is drained (a fair schedule to the end: the liveness and leak verdicts) and the next episode
 reuses its pool, stale aux rows and all. An episode also ends when nothing is left to happen in it.
@@ -39,12 +40,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from epd_receiver.adapters.kit.explore_world import EVENTS_ALL, EVENTS_FAULTS, KINDS, Bench, Event, Vocabulary, enabled
+from epd_receiver.adapters.kit.geometry import MAX_TOTAL, RandomDraw, draw_config
 from epd_receiver.adapters.kit.judge import label
 from epd_receiver.adapters.kit.replicas import ReplicaWorld
 from epd_receiver.adapters.kit.variants import Variant
 from epd_receiver.adapters.kit.world import World, WorldConfig
 
-MAX_TOTAL = 1 << 20
 BANK_ROWS = 31
 KIND_NAMES = tuple(KINDS)
 # T values an aux row can never hold: zero, negative, beyond the largest request
@@ -90,20 +91,8 @@ class Run:
 
 
 def draw_run(rng: random.Random, ranks: int | None = None) -> Run:
-    """A random small world, drawn as the fuzzer's ``a_pool`` draws one; ``ranks`` None draws 1 to 3."""
-    block_size = rng.choice((1, 2, 4, 8, 16))
-    num_blocks = rng.randint(2, 24)
-    default_blocks = rng.randint(1, 6)
-    config = WorldConfig(
-        block_size=block_size,
-        num_blocks=num_blocks,
-        default_alloc_tokens=default_blocks * block_size - block_size // 2,
-        hidden_size=rng.choice((2, 4, 8)),
-        deepstack=rng.randint(0, 2),
-        max_total_tokens=MAX_TOTAL,
-        async_abort=rng.random() < 0.5,
-        local_conclusion=rng.random() < 0.5,
-    )
+    """A random small world, drawn by the fuzzer's rule (``geometry.draw_config``); ``ranks`` None draws 1 to 3."""
+    config = draw_config(RandomDraw(rng))
     return Run(config, ranks or rng.randint(1, 3), rng.randrange(1 << 16), rng.randint(1, EPISODES))
 
 
