@@ -8,6 +8,7 @@ Its JSON is what scripts consume and its exit codes are what CI branches on, so 
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import subprocess
@@ -18,7 +19,11 @@ from typing import Any
 
 import pytest
 
+from epd_receiver.adapters.kit.quint import QuintMissing, quint_binary
+from epd_receiver.adapters.kit.world import WorldConfig
+from epd_receiver.adapters.tools.arguments import parser
 from epd_receiver.adapters.tools.cli import main
+from epd_receiver.adapters.tools.simulate import Workload, simulate
 from epd_receiver.fsm import State
 
 SEED_CONFIG = {"block_size": 128, "num_blocks": 160, "default_alloc_tokens": 8192, "hidden_size": 8}
@@ -188,6 +193,7 @@ def test_replay_accepts_requests_arriving_as_events(tmp_path: Path, capsys: pyte
         pytest.param(seed_scenario({"step": "x"}), id="non-integer-argument"),
         pytest.param(seed_scenario({"arrive": {"room": 1, "total_tokens": 5}}), id="duplicate-room"),
         pytest.param({"config": {**SEED_CONFIG, "num_blocks": 0}}, id="empty-pool"),
+        pytest.param({"config": {**SEED_CONFIG, "num_blocks": 2, "default_alloc_tokens": 10**5}}, id="a0-past-pool"),
         pytest.param({"config": SEED_CONFIG, "requests": [{"room": 1, "total_tokens": 0}]}, id="empty-request"),
     ],
 )
@@ -249,6 +255,22 @@ def test_installed_console_script_replays_a_scenario(tmp_path: Path) -> None:
         (["simulate", "--requests", "many"], "--requests: not a whole number: 'many'"),
         (["bench", "--threads", "0"], "--threads: must be a positive whole number"),
         (["walk", "--steps", "-5"], "--steps: must be a positive whole number"),
+        (["walk", "--steps", "-1"], "--steps: must be a positive whole number"),
+        (["walk", "--ranks", "4"], "--ranks: invalid choice"),
+        (
+            ["simulate", "--num-blocks", "2", "--default-alloc-tokens", "100000"],
+            "default_alloc_tokens=100000 needs 782 blocks of block_size=128 tokens, more than the pool's num_blocks=2",
+        ),
+        (["simulate", "--num-blocks", "1", "--block-size", "4", "--default-alloc", "5"], "num_blocks=1"),
+        (["explore", "--depth", "0"], "--depth: must be a positive whole number"),
+        (["explore", "--ranks", "3"], "--ranks: invalid choice"),
+        (["explore", "--variant", "no-such-bug"], "--variant: invalid choice"),
+        (["bench", "--total-tokens", "100"], "--total-tokens 100 fits in A0"),
+        (["bench", "--block-sizes", "0"], "--block-sizes: must be a positive whole number"),
+        (["replay"], "the following arguments are required: scenario"),
+        (["replay", "x.json", "--variant", "no-such-bug"], "--variant: invalid choice"),
+        (["variants", "no-such-bug"], "unknown variant 'no-such-bug'"),
+        (["spec", "check", "--samples", "0"], "--samples: must be a positive whole number"),
     ],
 )
 def test_an_impossible_value_is_refused_by_the_parser_with_status_2(
@@ -260,12 +282,136 @@ def test_an_impossible_value_is_refused_by_the_parser_with_status_2(
     assert says in capsys.readouterr().err
 
 
-def test_help_lists_every_command_and_every_option_shows_its_default(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit):
+def subparsers(top: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """Every command's parser by its name, nested commands as ``spec check``."""
+    found: dict[str, argparse.ArgumentParser] = {}
+    for action in top._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                prefix = command.prog.split(" ", 1)[1]
+                found[prefix] = command
+                found |= subparsers(command)
+    return found
+
+
+COMMANDS = subparsers(parser())
+
+
+def test_help_lists_every_command_with_one_line_each(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stopped:
         main(["--help"])
+    assert stopped.value.code == 0
     listing = capsys.readouterr().out
-    for command in ("simulate", "bench", "replay", "variants", "explore", "walk", "spec"):
-        assert f"    {command} " in listing
-    with pytest.raises(SystemExit):
-        main(["simulate", "--help"])
-    assert "(default: 512)" in capsys.readouterr().out  # --num-blocks, which has a help line of its own
+    top = [name for name in COMMANDS if " " not in name]
+    assert set(top) == {"simulate", "bench", "replay", "variants", "explore", "walk", "spec"}
+    for name in top:
+        (line,) = [line for line in listing.splitlines() if line.strip().startswith(name + " ")]
+        assert len(line.split(maxsplit=1)) == 2, f"{name}: no help line"
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_option_shows_its_default(name: str) -> None:
+    """Each option with a default says it in its help; a None default is named in the help or not at all."""
+    command = COMMANDS[name]
+    shown = command.format_help()
+    assert command.formatter_class is not argparse.HelpFormatter
+    for action in command._actions:
+        if not action.option_strings or action.default in (None, argparse.SUPPRESS):
+            continue
+        text = command._get_formatter()._format_action(action)
+        assert "(default:" in text and str(action.default) in " ".join(text.split()), (name, action.dest)
+    assert "(default: None)" not in shown
+
+
+# ---- commands that write files: into a checkout, never into an installed package ----------------------
+
+SPEC = Path(__file__).parent.parent / "spec"
+STALE = "<!-- generated:states -->\nstale\n<!-- /generated:states -->"
+
+
+def copy_spec(destination: Path) -> Path:
+    """The checkout's spec/ (without node_modules) at ``destination``, its state table made stale."""
+    shutil.copytree(SPEC, destination, ignore=shutil.ignore_patterns("node_modules", "__pycache__"))
+    document = destination / "RECEIVER.md"
+    text = document.read_text(encoding="utf-8")
+    start, end = text.index("<!-- generated:states -->"), text.index("<!-- /generated:states -->")
+    document.write_text(text[:start] + STALE + text[end + len("<!-- /generated:states -->") :], encoding="utf-8")
+    return destination
+
+
+def test_spec_sync_writes_into_the_spec_directory_it_is_given(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = copy_spec(tmp_path / "checkout" / "spec")
+    ours = (SPEC / "RECEIVER.md").read_bytes()
+
+    assert run_cli(capsys, "spec", "sync", "--spec-dir", str(spec), "--check")[0] == 1
+    code, out, _ = run_cli(capsys, "spec", "sync", "--spec-dir", str(spec))
+
+    assert code == 0 and "regenerated" in out and str(spec) in out
+    assert STALE not in (spec / "RECEIVER.md").read_text(encoding="utf-8")
+    assert run_cli(capsys, "spec", "sync", "--spec-dir", str(spec), "--check")[0] == 0
+    assert (SPEC / "RECEIVER.md").read_bytes() == ours, "the checkout's own document is left alone"
+
+
+def test_spec_sync_defaults_to_the_checkout_it_runs_in(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``make docs`` runs ``epd-receiver spec sync`` from the checkout's root."""
+    spec = copy_spec(tmp_path / "checkout" / "spec")
+    monkeypatch.chdir(spec.parent)
+
+    assert run_cli(capsys, "spec", "sync")[0] == 0
+    assert STALE not in (spec / "RECEIVER.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("command", [["spec", "sync"], ["spec", "sync", "--check"], ["spec", "check"]])
+def test_outside_a_checkout_the_spec_directory_must_be_named(
+    command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    code, out, err = run_cli(capsys, *command)
+
+    assert code == 2 and out == ""
+    assert "--spec-dir" in err and str(tmp_path / "spec") in err
+
+
+@pytest.mark.parametrize("packages", ["site-packages", "dist-packages"])
+@pytest.mark.parametrize("command", [["spec", "sync"], ["spec", "check"]])
+def test_nothing_is_written_into_an_installed_package(
+    packages: str, command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    installed = copy_spec(tmp_path / "lib" / "python3.11" / packages / "epd_receiver" / "spec")
+    before = {p: p.read_bytes() for p in installed.rglob("*") if p.is_file()}
+
+    code, out, err = run_cli(capsys, *command, "--spec-dir", str(installed))
+
+    assert code == 2 and out == ""
+    assert "installed package" in err and "--spec-dir" in err
+    assert {p: p.read_bytes() for p in installed.rglob("*") if p.is_file()} == before
+    assert not (installed / "node_modules").exists()
+
+
+def test_a_spec_directory_without_the_spec_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(capsys, "spec", "sync", "--spec-dir", str(tmp_path))
+
+    assert code == 2 and "receiver.toml" in err and str(tmp_path) in err
+
+
+def test_quint_is_never_to_be_installed_into_an_installed_package(tmp_path: Path) -> None:
+    installed = copy_spec(tmp_path / "site-packages" / "epd_receiver" / "spec")
+
+    with pytest.raises(QuintMissing) as missing:
+        quint_binary(installed)
+
+    assert f"`npm ci` in {installed}" not in str(missing.value)
+    assert "not into the installed package" in str(missing.value) and "--spec-dir" in str(missing.value)
+
+
+def test_a_simulation_whose_first_allocation_cannot_fit_the_pool_is_refused_before_it_runs() -> None:
+    """No request could ever be admitted: the run would only spin to its iteration limit."""
+    config = WorldConfig(block_size=128, num_blocks=2, default_alloc_tokens=100_000, hidden_size=8)
+
+    with pytest.raises(ValueError, match="default_alloc_tokens=100000 needs 782 blocks"):
+        simulate(config, Workload(requests=1, max_iterations=50))

@@ -1,7 +1,13 @@
-"""Run the Quint model's checks (typecheck, run tests, invariant simulation) and produce ITF traces.
+"""Run the Quint model's checks (typecheck, run tests, invariant simulation) and produce ITF traces, and
+find the spec directory a command may write in.
 
 Quint comes from npm (spec/package.json pins it, with the antlr4ts override Node 20 needs); every
 command uses the TypeScript backend, which needs nothing from the network.
+
+Reading the spec from the installed package is fine; writing there is not (a regenerated RECEIVER.md or an
+``npm ci`` would change site-packages behind the package manager's back, and be lost on the next install).
+So the commands that write (``spec sync``, and ``spec check``, whose Quint lives in the directory's
+node_modules) take a checkout's spec directory: the one named, else ``./spec`` of the checkout they run in.
 """
 
 from __future__ import annotations
@@ -20,22 +26,65 @@ INVARIANT = "invariants"
 TRACE_SEED = 0x1ACE
 
 
+INSTALL_DIRS = frozenset({"site-packages", "dist-packages"})
+SPEC_FILES = ("receiver.toml", "RECEIVER.md")  # what makes a directory a spec directory
+
+
 class QuintMissing(RuntimeError):
     """Node or the pinned Quint is not installed; the message says how to get them."""
 
 
+class SpecDirError(ValueError):
+    """The spec directory a command would write in is missing, not a spec, or inside an installed package."""
+
+
 def spec_dir() -> Path:
+    """The installed package's spec: to read, never to write (see ``writable_spec_dir``)."""
     return Path(str(resources.files("epd_receiver.spec")))
 
 
+def installed(path: Path) -> bool:
+    """Whether ``path`` lies in an installed package: under site-packages or dist-packages, or inside the
+    imported package when that is not a checkout (a checkout's root holds pyproject.toml; a wheel's never)."""
+    resolved = path.resolve()
+    if INSTALL_DIRS & set(resolved.parts):
+        return True
+    package = Path(str(resources.files("epd_receiver"))).resolve()
+    return resolved.is_relative_to(package) and not (package / "pyproject.toml").is_file()
+
+
+def writable_spec_dir(named: Path | None, cwd: Path | None = None) -> Path:
+    """The spec directory a command may write in: ``named``, else the spec/ of the checkout ``cwd`` (the
+    current directory) is; SpecDirError, saying to pass ``--spec-dir``, when there is none or it is installed."""
+    directory = named if named is not None else (cwd or Path.cwd()) / "spec"
+    missing = [name for name in SPEC_FILES if not (directory / name).is_file()]
+    if missing:
+        where = "--spec-dir" if named is not None else "the current directory is not a checkout:"
+        found = f"{where} {directory} has no {' or '.join(missing)}"
+        raise SpecDirError(f"{found}; pass --spec-dir with a checkout's spec/")
+    if installed(directory):
+        raise SpecDirError(
+            f"{directory} is in an installed package, which epd-receiver never writes into; "
+            "pass --spec-dir with the spec/ of a checkout of epd-receiver"
+        )
+    return directory
+
+
 def quint_binary(directory: Path | None = None) -> Path:
+    """The pinned Quint in ``directory``'s node_modules; QuintMissing says what to install, and where: never
+    into an installed package."""
     directory = directory or spec_dir()
     local = directory / "node_modules" / ".bin" / "quint"
-    if shutil.which("node") is None:
-        raise QuintMissing("Node.js is not installed (Quint needs Node 18+): install `nodejs` and `npm`")
-    if not local.exists():
-        raise QuintMissing(f"Quint is not installed: run `npm ci` in {directory}")
-    return local
+    node = "" if shutil.which("node") else "Node.js is not installed (Quint needs Node 18+): install `nodejs` and `npm`"
+    if local.exists() and not node:
+        return local
+    if local.exists():
+        raise QuintMissing(node)
+    if installed(directory):
+        where = f"not into the installed package ({directory}); pass --spec-dir with a checkout's spec/, `npm ci` there"
+    else:
+        where = f"run `npm ci` in {directory}"
+    raise QuintMissing("; ".join(filter(None, [node, f"Quint is not installed: {where}"])))
 
 
 @dataclass(frozen=True, slots=True)

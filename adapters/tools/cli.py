@@ -1,5 +1,6 @@
 """``epd-receiver``: simulate a workload, measure, replay a scenario, hunt bug variants, explore and walk
-small worlds, and check or regenerate the spec."""
+small worlds, and check or regenerate the spec. The parser is ``arguments.py``; this module runs what it
+parsed."""
 
 from __future__ import annotations
 
@@ -7,8 +8,7 @@ import argparse
 import dataclasses
 import json
 import sys
-from collections.abc import Callable, Sequence
-from importlib import resources
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,148 +16,23 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from epd_receiver.adapters.kit.quint import SIMULATION_SAMPLES, SIMULATION_STEPS, QuintMissing, check_all
+from epd_receiver.adapters.kit.quint import QuintMissing, SpecDirError, check_all, writable_spec_dir
 from epd_receiver.adapters.kit.scenario import ScenarioError, load_scenario, replay
 from epd_receiver.adapters.kit.variants import CATALOGUE, VARIANTS, record_catch, variants_markdown
 from epd_receiver.adapters.kit.world import WorldConfig
+from epd_receiver.adapters.tools import arguments
 from epd_receiver.adapters.tools.bench import GOALS, BenchConfig, run_bench
 from epd_receiver.adapters.tools.simulate import Workload, simulate
 from epd_receiver.fsm import load_spec
 from epd_receiver.fsm.diagram import mermaid, sync_generated
 
 
-def _whole(*, positive: bool) -> Callable[[str], int]:
-    """An argument type: a whole number, positive or not negative, else the parser's error (status 2)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-        if value < int(positive):
-            bound = "must be a positive whole number" if positive else "must not be negative"
-            raise argparse.ArgumentTypeError(f"{bound}, not {value}")
-        return value
-
-    return parse
-
-
-def _fraction(*, above_zero: bool) -> Callable[[str], float]:
-    """An argument type: a share or a rate from 0 to 1; ``above_zero`` for a chance per iteration that
-    something happens at all (at 0 nothing would ever land)."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not (value > 0.0 if above_zero else value >= 0.0) or value > 1.0:
-            bound = "above 0 and at most 1" if above_zero else "between 0 and 1"
-            raise argparse.ArgumentTypeError(f"must be {bound}, not {value:g}")
-        return value
-
-    return parse
-
-
-_positive, _not_negative = _whole(positive=True), _whole(positive=False)
-_share, _chance = _fraction(above_zero=False), _fraction(above_zero=True)
-
-
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Every option shows its default."""
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="epd-receiver", description=__doc__, formatter_class=_Help)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    sim = commands.add_parser("simulate", help="run an end-to-end simulated EPD transfer workload")
-    sim.add_argument("--requests", type=_positive, default=200)
-    sim.add_argument("--seed", type=int, default=0)
-    sim.add_argument("--hidden-size", type=_positive, default=3584)
-    sim.add_argument("--block-size", type=_positive, default=128)
-    sim.add_argument("--default-alloc", type=_positive, default=8192, help="tokens allocated before T is known")
-    sim.add_argument("--num-blocks", type=_positive, default=512, help="blocks in the receive pool")
-    sim.add_argument("--deepstack", type=_not_negative, default=0, help="deepstack layers K")
-    sim.add_argument("--resume-share", type=_share, default=0.35, help="share of requests longer than the default")
-    sim.add_argument("--deliver-prob", type=_chance, default=0.5, help="chance the sender lands a chunk per iteration")
-    sim.add_argument("--fail-rate", type=_share, default=0.02, help="share of requests whose sender fails mid-resume")
-    sim.add_argument("--abort-rate", type=_share, default=0.02, help="share of requests the client aborts")
-    sim.add_argument(
-        "--progress-share", type=_share, default=0.0, help="share of senders reporting progress (rounds possible)"
-    )
-    sim.add_argument(
-        "--transport",
-        choices=("inprocess", "mooncake"),
-        default="inprocess",
-        help="mooncake: an Encode process writes into every rank's pool with Mooncake over loopback tcp",
-    )
-    sim.add_argument("--ranks", type=_positive, default=1, help="tensor-parallel rank processes (gloo); needs mooncake")
-    sim.add_argument("--json", action="store_true", help="print the summary as JSON")
-    sim.add_argument("--no-progress", action="store_true")
-
-    bench = commands.add_parser("bench", help="measure the controller against its performance goals")
-    defaults = BenchConfig()
-    bench.add_argument("--in-flight", type=_positive, default=defaults.in_flight, help="requests polled per iteration")
-    bench.add_argument("--poll-iterations", type=_positive, default=defaults.poll_iterations)
-    bench.add_argument("--lifecycles", type=_positive, default=defaults.lifecycles, help="requests for transition_us")
-    bench.add_argument("--hidden-size", type=_positive, default=defaults.hidden_size)
-    bench.add_argument("--total-tokens", type=_positive, default=defaults.total_tokens, help="T of the resumed payload")
-    bench.add_argument("--default-alloc", type=_positive, default=defaults.default_tokens, help="D: tokens in A0")
-    bench.add_argument("--block-sizes", type=_positive, nargs="+", default=list(defaults.block_sizes))
-    bench.add_argument("--repeats", type=_positive, default=defaults.repeats, help="runs per figure; the best is kept")
-    bench.add_argument("--fuzz-steps", type=_positive, default=defaults.fuzz_steps)
-    bench.add_argument("--threads", type=_positive, help="torch intra-op threads (default: torch's own choice)")
-    bench.add_argument("--json", action="store_true", help="print every figure as JSON")
-    bench.add_argument("--check", action="store_true", help="exit 1 when a goal is missed")
-
-    rep = commands.add_parser("replay", help="replay an exact event schedule and report as JSON")
-    rep.add_argument("scenario", type=Path)
-    rep.add_argument("--variant", choices=sorted(VARIANTS), help="replay against a catalogued bug variant")
-
-    var = commands.add_parser("variants", help="fuzz every catalogued bug variant and report what caught it")
-    var.add_argument("names", nargs="*", help="only these variants")
-    var.add_argument("--record", type=Path, metavar="DIR", help="write each minimal failing schedule to DIR")
-    var.add_argument("--json", action="store_true")
-
-    exp = commands.add_parser("explore", help="walk small worlds exhaustively: every interleaving to a depth")
-    exp.add_argument("--depth", type=_positive, help="events from the empty world (default: each world's own bound)")
-    exp.add_argument("--ranks", type=int, choices=(1, 2), help="only the worlds of this many ranks")
-    exp.add_argument("--variant", choices=sorted(VARIANTS), help="hunt a catalogued bug variant instead")
-    exp.add_argument("--json", action="store_true", help="the counts, and the first violation as a scenario")
-
-    walk = commands.add_parser("walk", help="a seeded random walk over the World's vocabulary, judged every event")
-    walk.add_argument("--steps", type=_positive, default=100_000, help="judged events to walk")
-    walk.add_argument("--seed", type=int, default=0)
-    walk.add_argument("--ranks", type=int, choices=(0, 1, 2, 3), default=1, help="ranks per run (0: draw 1 to 3)")
-    walk.add_argument("--variant", choices=sorted(VARIANTS), help="hunt a catalogued bug variant instead")
-    walk.add_argument("--json", action="store_true", help="the counts, and the first violation as a scenario")
-
-    spec = commands.add_parser("spec", help="the specification")
-    spec_commands = spec.add_subparsers(dest="spec_command", required=True)
-    spec_commands.add_parser("diagram", help="print the Mermaid state diagram generated from the Machine")
-    check = spec_commands.add_parser("check", help="run the Quint model's typecheck, tests and invariant simulation")
-    check.add_argument("--samples", type=_positive, default=SIMULATION_SAMPLES, help="simulation runs")
-    check.add_argument("--steps", type=_positive, default=SIMULATION_STEPS, help="steps per simulation run")
-    sync = spec_commands.add_parser("sync", help="regenerate the generated sections of spec/RECEIVER.md")
-    sync.add_argument("--check", action="store_true", help="only report whether the document is up to date")
-    _show_defaults(parser)
-    return parser
-
-
-def _show_defaults(parser: argparse.ArgumentParser) -> None:
-    """Every command's help, and its subcommands', shows each option's default."""
-    parser.formatter_class = _Help
-    for action in parser._actions:
-        if action.help is None and action.option_strings:
-            action.help = action.dest.replace("_", " ")  # argparse shows a default only beside a help line
-        if isinstance(action, argparse._SubParsersAction):
-            for command in action.choices.values():
-                _show_defaults(command)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = arguments.parser()
+    args = parser.parse_args(argv)
+    problem = arguments.impossible(args)
+    if problem is not None:
+        parser.error(problem)  # status 2, after the usage line
     if args.command == "simulate":
         return _simulate(args)
     if args.command == "bench":
@@ -178,9 +53,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _check(args: argparse.Namespace) -> int:
+def _spec_dir(args: argparse.Namespace) -> Path | None:
+    """The checkout's spec directory the command may write in; None, after saying why on stderr, if none."""
     try:
-        outcomes = check_all(samples=args.samples, steps=args.steps)
+        return writable_spec_dir(args.spec_dir)
+    except SpecDirError as error:
+        print(f"epd-receiver spec {args.spec_command}: {error}", file=sys.stderr)
+        return None
+
+
+def _check(args: argparse.Namespace) -> int:
+    directory = _spec_dir(args)
+    if directory is None:
+        return 2
+    try:
+        outcomes = check_all(directory, samples=args.samples, steps=args.steps)
     except QuintMissing as missing:
         print(f"epd-receiver spec check: {missing}", file=sys.stderr)
         return 2
@@ -193,10 +80,14 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _sync(args: argparse.Namespace) -> int:
-    spec_dir = Path(str(resources.files("epd_receiver.spec")))
+    """RECEIVER.md's generated sections from the same directory's receiver.toml and recorded bug scenarios."""
+    spec_dir = _spec_dir(args)
+    if spec_dir is None:
+        return 2
     document = spec_dir / "RECEIVER.md"
     current = document.read_text(encoding="utf-8")
-    fresh = sync_generated(current, load_spec(), {"variants": variants_markdown(spec_dir / "scenarios" / "bugs")})
+    variants = {"variants": variants_markdown(spec_dir / "scenarios" / "bugs")}
+    fresh = sync_generated(current, load_spec(spec_dir / "receiver.toml"), variants)
     if fresh == current:
         print(f"{document}: up to date")
         return 0
@@ -362,10 +253,6 @@ def _variants(args: argparse.Namespace) -> int:
     from epd_receiver.adapters.kit.fuzz import hunt, register_profiles  # hypothesis is needed only here
 
     register_profiles()
-    unknown = set(args.names) - set(VARIANTS)
-    if unknown:
-        print(f"epd-receiver variants: unknown {sorted(unknown)}; known: {sorted(VARIANTS)}", file=sys.stderr)
-        return 2
     chosen = [v for v in CATALOGUE if not args.names or v.name in args.names]
     table = Table("bug", "variant", "caught", "by", "steps", "seconds", "first violation", title="bug variants")
     for column in (table.columns[1], table.columns[-1]):
