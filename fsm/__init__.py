@@ -2,6 +2,7 @@
 
 from .errors import (
     Aborted,
+    ConfigError,
     ContractError,
     CorruptAux,
     DuplicateRoom,
@@ -36,6 +37,7 @@ __all__ = [
     "BlockAllocator",
     "BlockBuffers",
     "Clock",
+    "ConfigError",
     "ContractError",
     "CorruptAux",
     "DuplicateRoom",

@@ -111,6 +111,12 @@ class UnknownRoom(ContractError, KeyError):
         return str(self.args[0])
 
 
+class ConfigError(ValueError):
+    """A configuration that cannot work (a first allocation larger than the pool, ports of different block
+    sizes, a deadline that is not positive): refused when the queue is built, naming the fields, instead
+    of failing every request later."""
+
+
 class DuplicateRoom(ContractError, ValueError):
     """The caller added a room the queue already holds."""
 

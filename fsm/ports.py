@@ -22,7 +22,7 @@ class AuxRow:
 
     total_tokens: int
     mrope_delta: int
-    checksum: int | None = None  # the sender's CRC32 of the payload, when it wrote one (spare aux slots)
+    checksum: int | None = None  # the sender's CRC32 of the payload, when it wrote one (aux slots 2-3)
 
 
 class BlockBuffers(Protocol[PayloadT]):
@@ -33,6 +33,15 @@ class BlockBuffers(Protocol[PayloadT]):
 
     def read_aux(self, block: int) -> AuxRow:
         """Copy the aux row of one block (only A0[0]'s is ever meaningful)."""
+        ...
+
+    def clear_checksum(self, block: int) -> None:
+        """Make the aux row of one block carry no checksum until a sender writes one.
+
+        The controller's only write to the pool, made on A0[0] before the init names the block: the pool is
+        never cleared, and a sender that writes only T and the M-RoPE delta (every sender writes those for
+        A0[0]; SGLang's writes nothing more) would otherwise leave an earlier request's checksum there.
+        """
         ...
 
     def new_payload(self, total_tokens: int, mrope_delta: int) -> PayloadT:

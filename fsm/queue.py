@@ -20,15 +20,13 @@ from typing import Generic
 
 from transitions import Machine
 
+from .config import ReceiverConfig, Wiring, check_pool, deadlines, poll_table
 from .errors import Aborted, DuplicateRoom, PoolTooSmall, RankDivergence, Room, UnknownRoom
 from .lockstep import LockstepAllocator
 from .machine import build_machine
 from .ports import BlockAllocator, BlockBuffers, Clock, MonotonicClock, PayloadT, RankGroup, SingleRank, TransportLink
-from .request import ReceiverConfig, ReceiverRequest, Wiring, deadlines, poll_table
-from .spec import ReceiverSpec, load_spec
-from .states import State
-
-_ALLOCATION_ORDER = (State.WAITING_FOR_BLOCKS, State.WAITING_FOR_INPUT)
+from .request import ReceiverRequest
+from .spec import BLOCKS_GRANTED, RELEASE_EVENT, WARMUP_ADMITTED, ReceiverSpec, load_spec
 
 
 class ReceiverQueue(Generic[PayloadT]):
@@ -43,16 +41,15 @@ class ReceiverQueue(Generic[PayloadT]):
         spec: ReceiverSpec | None = None,
         request_class: type[ReceiverRequest[PayloadT]] = ReceiverRequest,
     ) -> None:
-        if buffers.block_size != allocator.block_size:
-            raise ValueError(f"buffers have B={buffers.block_size}, allocator B={allocator.block_size}")
         spec = spec or load_spec()
         config = config or ReceiverConfig()
+        check_pool(config, buffers, allocator)
         self._clock: Clock = clock or MonotonicClock()
         self._ranks: RankGroup = ranks or SingleRank()
         self._lockstep = LockstepAllocator(allocator) if self._ranks.size > 1 else None
         self._wiring = Wiring(
             spec,
-            poll_table(spec),
+            poll_table(spec, request_class),
             buffers,
             self._lockstep or allocator,
             config,
@@ -83,7 +80,7 @@ class ReceiverQueue(Generic[PayloadT]):
         request = self._live.get(room)
         if request is None or request.state in self._wiring.spec.terminal:
             return False
-        request.fire("fail", error=Aborted(room, "aborted by the client"))
+        request.fire(self._wiring.spec.on_error, error=Aborted(room, "aborted by the client"))
         return True
 
     def release(self, room: Room) -> None:
@@ -92,7 +89,7 @@ class ReceiverQueue(Generic[PayloadT]):
         if request is None:
             where = "has not succeeded yet" if room in self._live or room in self._fenced else "is not in the queue"
             raise UnknownRoom(room, f"release of a request that {where}")
-        request.fire("release")
+        request.fire(RELEASE_EVENT)
         self._retire(request)
 
     # ---- the scheduler iteration -----------------------------------------------------------------
@@ -154,7 +151,7 @@ class ReceiverQueue(Generic[PayloadT]):
         allocator = self._wiring.allocator
         for request in self._waiting():
             if request.is_warmup():
-                request.fire("warmup_admitted")  # needs no blocks, so it never holds back those behind it
+                request.fire(WARMUP_ADMITTED)  # needs no blocks, so it never holds back those behind it
                 continue
             wanted = request.tokens_wanted
             blocks_needed = -(-wanted // allocator.block_size)
@@ -165,7 +162,7 @@ class ReceiverQueue(Generic[PayloadT]):
                     return
             elif blocks_needed > allocator.num_blocks:
                 request.fire(
-                    "fail",
+                    self._wiring.spec.on_error,
                     error=PoolTooSmall(
                         request.room, f"needs {blocks_needed} blocks, the pool has {allocator.num_blocks}"
                     ),
@@ -174,17 +171,18 @@ class ReceiverQueue(Generic[PayloadT]):
             blocks = allocator.alloc(request.room, wanted)
             if blocks is None:
                 return
-            request.fire("blocks_granted", blocks=blocks)
+            request.fire(BLOCKS_GRANTED, blocks=blocks)
 
     def _waiting(self) -> Iterator[ReceiverRequest[PayloadT]]:
-        for state in _ALLOCATION_ORDER:
+        """In the spec's allocation order, each state's requests in arrival order."""
+        for state in self._wiring.spec.allocation_order:
             yield from [r for r in self._live.values() if r.state is state]
 
     def _collect(self) -> list[ReceiverRequest[PayloadT]]:
         finished = [r for r in self._live.values() if r.state in self._wiring.spec.terminal]
         for request in finished:
             del self._live[request.room]
-            if request.state is State.SUCCESS:
+            if request.state in self._wiring.spec.held_until_release:
                 self._held[request.room] = request
             elif request.fenced:
                 self._fenced[request.room] = request

@@ -2,97 +2,30 @@
 
 Nothing here decides *when* something happens; that is the spec's table. Each action does one thing
 the spec names, and raises a typed ReceiverError when the world hands it something that cannot be true.
+This module drives a request (its polls, deadlines, guards and read windows) and holds its blocks and its
+link; the actions that read the pool and assemble the payload are ``assembly.PayloadAssembly``'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any, Generic
+from collections.abc import Callable, Iterator
+from typing import Any
 
-from .errors import (
-    CorruptAux,
-    IntegrityError,
-    RankDisagreement,
-    ReceiverError,
-    Room,
-    SizeMismatch,
-    SpecError,
-)
+from .assembly import PayloadAssembly
+from .config import ReceiverConfig, Wiring, deadlines, poll_table
+from .errors import ReceiverError, Room
 from .kvpoll import LINK_ERROR, STATUSES, UNKNOWN_STATUS, KVPoll
-from .ports import BlockAllocator, BlockBuffers, Clock, PayloadT, RankGroup, TransportLink
-from .spec import PollOutcome, ReceiverSpec
+from .ports import PayloadT, TransportLink
 from .states import State
 from .window import ReadWindow
 
-PollTable = Mapping[State, Mapping[int, PollOutcome]]
+# Where they were first defined; the queue, the kit and the tests still import them from here.
+__all__ = ["ReceiverConfig", "ReceiverRequest", "Wiring", "deadlines", "poll_table"]
 
 
-@dataclass(frozen=True, slots=True)
-class ReceiverConfig:
-    """What the Language side decides without knowing the payload."""
-
-    default_alloc_tokens: int = 8192
-    max_total_tokens: int = 1 << 24
-    # Deadlines per state, in seconds (spec/receiver.toml [timeouts]); None waits forever. The states
-    # that wait on the sender have one by default; the ones that wait for the pool do not.
-    bootstrap_timeout_s: float | None = 60.0
-    admission_timeout_s: float | None = None
-    transfer_timeout_s: float | None = 60.0
-    blocks_timeout_s: float | None = None
-    resume_timeout_s: float | None = 60.0
-    # How long a failed request fences blocks the sender may still write into, when the sender neither
-    # acknowledges the abort nor reports a terminal status: then it is presumed gone. None fences until
-    # the sender answers, which a dead sender never does.
-    drain_timeout_s: float | None = 30.0
-    # With several tensor-parallel ranks: compare the ranks' allocator fingerprints every this many
-    # iterations, and the assembled payloads' checksums at Success.
-    lockstep_every: int = 64
-    compare_payloads: bool = True
-
-    def __post_init__(self) -> None:
-        if self.default_alloc_tokens <= 0 or self.max_total_tokens <= 0 or self.lockstep_every <= 0:
-            raise ValueError("default_alloc_tokens, max_total_tokens and lockstep_every must be positive")
-        for name in ("bootstrap", "admission", "transfer", "blocks", "resume", "drain"):
-            value = getattr(self, f"{name}_timeout_s")
-            if value is not None and value <= 0:
-                raise ValueError(f"{name}_timeout_s must be positive or None")
-
-
-@dataclass(frozen=True, slots=True)
-class Wiring(Generic[PayloadT]):
-    """What every request of one queue shares: the spec's tables and the ports."""
-
-    spec: ReceiverSpec
-    polls: PollTable
-    buffers: BlockBuffers[PayloadT]
-    allocator: BlockAllocator
-    config: ReceiverConfig
-    clock: Clock
-    deadlines: Mapping[State, float]
-    ranks: RankGroup
-
-
-def deadlines(spec: ReceiverSpec, config: ReceiverConfig) -> dict[State, float]:
-    """The spec names which config field bounds each state; unset fields mean no deadline."""
-    found = {}
-    for state, timeout in spec.timeouts.items():
-        if not hasattr(config, timeout.field):
-            raise SpecError(f"timeouts.{state.name}: ReceiverConfig has no field {timeout.field!r}")
-        value = getattr(config, timeout.field)
-        if value is not None:
-            found[state] = float(value)
-    return found
-
-
-def poll_table(spec: ReceiverSpec) -> PollTable:
-    """Index the spec's poll table by plain int so that the per-poll fast path is one dict lookup."""
-    return {state: {int(value): outcome for value, outcome in table.items()} for state, table in spec.polls.items()}
-
-
-class ReceiverRequest(Generic[PayloadT]):
+class ReceiverRequest(PayloadAssembly[PayloadT]):
     # Set by the Machine on add_model; declared for the type checker.
     state: State
     trigger: Callable[..., bool]
@@ -112,12 +45,7 @@ class ReceiverRequest(Generic[PayloadT]):
         self.link_error: str | None = None  # what this rank's link raised, failed with at the next poll
         self.unknown_status: int | None = None  # the last value outside KVPoll this rank's link returned
         self.first_block: int | None = None
-        self.total_tokens: int | None = None
-        self.checksum: int | None = None
-        self._mrope_delta = 0
-        self.landed = 0
-        self.payload: PayloadT | None = None
-        self.reads = 0
+        self._start_assembly()
         self.resumes = 0
         self.error: ReceiverError | None = None
         self.deadline_at = self._deadline_from_now(wiring.spec.initial)
@@ -165,22 +93,19 @@ class ReceiverRequest(Generic[PayloadT]):
         table = self._wiring.polls.get(self.state)
         if table is None:
             return
-        outcome = table.get(value)
-        if outcome is None:
-            outcome = self._special_outcome(value)
-        if outcome.event is None or (outcome.guard is not None and not getattr(self, outcome.guard)()):
+        cell = table.get(value)
+        if cell is None:
+            cell = table[UNKNOWN_STATUS]
+        enabled = cell.enabled
+        if cell.event is None or (enabled is not None and not enabled(self)):
             return
-        if outcome.cause is not None:
-            error_type = self._wiring.spec.causes[outcome.cause]
+        if cell.cause is not None:
+            error_type = self._wiring.spec.causes[cell.cause]
             detail = f"poll {self._poll_name(value)} in {self.state.name}"
             reason = self._link_error_reason() if value == LINK_ERROR else self._failure_reason()
-            self.fire("fail", error=error_type(self.room, f"{detail}: {reason}" if reason else detail))
+            self.fire(cell.event, error=error_type(self.room, f"{detail}: {reason}" if reason else detail))
         else:
-            self.fire(outcome.event)
-
-    def _special_outcome(self, value: int) -> PollOutcome:
-        spec = self._wiring.spec
-        return spec.link_error_in(self.state) if value == LINK_ERROR else spec.unknown_poll_in(self.state)
+            self.fire(cell.event)
 
     def fire(self, event: str, **kwargs: Any) -> None:
         """Trigger an event; a typed error raised by an action fails this request and nothing else."""
@@ -251,10 +176,6 @@ class ReceiverRequest(Generic[PayloadT]):
             return self._wiring.config.default_alloc_tokens
         return self.total_tokens - self.landed
 
-    @property
-    def capacity(self) -> int:
-        return len(self.blocks) * self._wiring.allocator.block_size
-
     # ---- read windows (inserted by the Machine from the spec's `reads`) ----------------------------
 
     def open_aux_window(self, event: Any) -> None:
@@ -275,76 +196,6 @@ class ReceiverRequest(Generic[PayloadT]):
         self.first_block = self.blocks[0] if self.blocks else None
         with self._transport("init"):
             self.link.init(self.blocks, self.capacity)
-
-    def learn_total(self, event: Any) -> None:
-        """Read A0[0]'s aux row, by value, once; nothing is judged yet, so every rank reaches the agreement."""
-        assert self.first_block is not None
-        aux = self._window.read_aux(self.first_block)
-        self.total_tokens, self.checksum, self._mrope_delta = aux.total_tokens, aux.checksum, aux.mrope_delta
-
-    def check_total(self, event: Any) -> None:
-        total = self._total()
-        if not 0 < total <= self._wiring.config.max_total_tokens:
-            self.total_tokens = None  # an impossible T is never kept, nor anything derived from it
-            raise CorruptAux(
-                self.room,
-                f"aux[0] of block {self.first_block} is {total}, outside 1..{self._wiring.config.max_total_tokens}",
-            )
-        self.payload = self._wiring.buffers.new_payload(total, self._mrope_delta)
-
-    def agree_across_ranks(self, event: Any) -> None:
-        """Every rank must have read the same T and checksum into an allocation of the same size (#4)."""
-        seen = [self._total(), self.capacity, -1 if self.checksum is None else self.checksum]
-        if not self._wiring.ranks.same(seen):
-            self.total_tokens = None  # a T the ranks do not share is kept by none of them
-            raise RankDisagreement(self.room, f"the ranks differ on (T, S, checksum); this rank read {seen}")
-
-    def agree_on_payload(self, event: Any) -> None:
-        """With several ranks, every rank must hold bit-identical data; one checksum each, compared."""
-        ranks = self._wiring.ranks
-        if ranks.size == 1 or not self._wiring.config.compare_payloads:
-            return
-        assert self.payload is not None
-        if not ranks.same([self._wiring.buffers.checksum(self.payload)]):
-            raise RankDisagreement(self.room, "the ranks assembled different payloads")
-
-    def expect_remainder(self, event: Any) -> None:
-        if self._total() <= self.capacity:
-            raise SizeMismatch(
-                self.room, f"Transferring, but T={self._total()} fits in the {self.capacity} tokens allocated"
-            )
-
-    def expect_no_remainder(self, event: Any) -> None:
-        if self._total() > self.capacity:
-            raise SizeMismatch(
-                self.room, f"Success, but T={self._total()} exceeds the {self.capacity} tokens allocated"
-            )
-
-    def expect_landed(self, event: Any) -> None:
-        if self._landed_tokens is None:
-            return
-        reported = self.reported_landed
-        holds = self.landed + min(self._total() - self.landed, self.capacity)
-        if reported != holds:
-            raise SizeMismatch(
-                self.room,
-                f"the sender reports {reported} tokens landed; after {self.landed} the allocation holds {holds}",
-            )
-
-    def gather_landed(self, event: Any) -> None:
-        assert self.payload is not None
-        tokens = min(self._total() - self.landed, self.capacity)
-        self._window.gather(self.blocks, tokens, self.payload, self.landed)
-        self.landed += tokens
-        self.reads += 1
-
-    def verify_checksum(self, event: Any) -> None:
-        if self.checksum is None:
-            return
-        assert self.payload is not None
-        computed = self._wiring.buffers.checksum(self.payload)
-        if computed != self.checksum:
-            raise IntegrityError(self.room, f"payload CRC32 {computed:#010x}, the sender wrote {self.checksum:#010x}")
 
     def free_blocks(self, event: Any) -> None:
         if self.blocks:
@@ -409,10 +260,6 @@ class ReceiverRequest(Generic[PayloadT]):
             raise
         except Exception as error:
             self.link_error = f"{what} raised {error!r}"
-
-    def _total(self) -> int:
-        assert self.total_tokens is not None, "T is read before any action that needs it"
-        return self.total_tokens
 
 
 def _poll_name(value: int) -> str:

@@ -2,6 +2,7 @@
 
 The loader turns the file into plain frozen data and refuses anything inconsistent, so that a mistake in
 the spec fails at import time with the line of thought spelled out, not later as a strange transition.
+What the checks are lives in ``speccheck``; this module reads the file and builds the data.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import copy
 import functools
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,19 @@ NOOP = "noop"
 LINK_ERROR_KEY = "link_error"
 SPECIAL_COLUMNS = ("unknown", LINK_ERROR_KEY)
 FAIL_PREFIX = "fail:"
+# The events the queue's allocation pass fires, and the one the caller's release fires: the spec says
+# from which states, and the queue derives whom it serves and whom it holds from that.
+BLOCKS_GRANTED, WARMUP_ADMITTED = "blocks_granted", "warmup_admitted"
+ALLOCATION_EVENTS = (BLOCKS_GRANTED, WARMUP_ADMITTED)
+RELEASE_EVENT = "release"
+
+
+@dataclass(frozen=True, slots=True)
+class Guards:
+    """One transition's guards: it is taken when every ``conditions`` guard holds and no ``unless`` one does."""
+
+    conditions: tuple[str, ...] = ()
+    unless: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,14 +53,30 @@ class TransitionSpec:
     conditions: tuple[str, ...]
     unless: tuple[str, ...] = ()
 
+    @property
+    def guards(self) -> Guards:
+        return Guards(self.conditions, self.unless)
+
+    def __str__(self) -> str:
+        """How an error names it: trigger, sources, destination and guards, as the file writes them."""
+        sources = "/".join(s.name for s in self.sources)
+        guards = [*self.conditions, *(f"not {g}" for g in self.unless)]
+        return f"{self.trigger} {sources} -> {self.dest.name}" + (f" [{', '.join(guards)}]" if guards else "")
+
 
 @dataclass(frozen=True, slots=True)
 class PollOutcome:
-    """What one reduced poll value does in one state: nothing, an event, or a failure with a cause."""
+    """What one reduced poll value does in one state: nothing, an event, or a failure with a cause.
+
+    ``enabled_if`` is derived from the transitions, never written in the poll table: when every transition
+    the event has from this state is guarded and all of them can be refused, it lists their guards, so
+    that the request can see a quiet poll without calling the Machine's trigger (the fast path). Empty
+    when some transition always takes the event.
+    """
 
     event: str | None = None
     cause: str | None = None
-    guard: str | None = None
+    enabled_if: tuple[Guards, ...] = ()
 
     @property
     def is_noop(self) -> bool:
@@ -80,6 +110,12 @@ class ReceiverSpec:
     guards: Mapping[str, str]
     timeouts: Mapping[State, TimeoutSpec]
     raw: Mapping[str, Any]
+    # The states in the order [states] declares them: the order a request moves through them.
+    states: tuple[State, ...] = ()
+    # Whom the allocation pass serves first ([machine] allocation_order), and the terminal states that
+    # keep their blocks until the caller releases them (those with a `release` transition).
+    allocation_order: tuple[State, ...] = ()
+    held_until_release: frozenset[State] = frozenset()
 
     def transitions_from(self, state: State) -> tuple[TransitionSpec, ...]:
         return tuple(t for t in self.transitions if state in t.sources)
@@ -97,14 +133,21 @@ def default_spec_text() -> str:
     return resources.files("epd_receiver.spec").joinpath("receiver.toml").read_text(encoding="utf-8")
 
 
-def load_spec(source: str | Path | None = None, overlay: Mapping[str, Any] | None = None) -> ReceiverSpec:
+def load_spec(
+    source: str | Path | None = None,
+    overlay: Mapping[str, Any] | None = None,
+    *,
+    states: type[State] = State,
+) -> ReceiverSpec:
     """Parse the spec (the packaged one by default), optionally with an overlay merged over it.
 
     An overlay is how a variant states its one deviation: its tables replace or extend the file's,
-    key by key; a ``transitions`` list in the overlay replaces the transitions that share its triggers,
-    sources and conditions.
+    key by key; a ``transitions`` entry in the overlay replaces the transition with the same trigger,
+    sources and guards (or removes it, with ``remove = true``), and is otherwise added. Transitions of
+    one trigger and source must exclude each other, so where an added one lands in the list is moot.
+    ``states`` is the code's State enum the spec must declare exactly (``fsm.states.State``).
     """
-    if source is None and not overlay:
+    if source is None and not overlay and states is State:
         return _packaged_spec()
     if source is None:
         text = default_spec_text()
@@ -115,13 +158,13 @@ def load_spec(source: str | Path | None = None, overlay: Mapping[str, Any] | Non
     raw = tomllib.loads(text)
     if overlay:
         raw = _merge(raw, overlay)
-    return _parse(raw)
+    return _parse(raw, states)
 
 
 @functools.cache
 def _packaged_spec() -> ReceiverSpec:
     """Parsed once per process: every queue of the product reads the same file, and the result is frozen."""
-    return _parse(tomllib.loads(default_spec_text()))
+    return _parse(tomllib.loads(default_spec_text()), State)
 
 
 def _merge(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
@@ -139,32 +182,36 @@ def _merge(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any
 
 
 def _transition_key(t: Mapping[str, Any]) -> tuple[Any, ...]:
-    """An overlay's transition replaces the one with the same trigger, sources and conditions."""
-    return (t["trigger"], _source_key(t["source"]), tuple(t.get("conditions", ())))
+    """A transition is known by its trigger, sources and guards: an overlay's one with the same key replaces it."""
+    guards = (tuple(t.get("conditions", ())), tuple(t.get("unless", ())))
+    return (t["trigger"], _source_key(t["source"]), guards)
 
 
 def _source_key(source: str | list[str]) -> tuple[str, ...]:
     return (source,) if isinstance(source, str) else tuple(source)
 
 
-def _state(name: str, where: str) -> State:
+def _state(states: type[State], name: str, where: str) -> State:
     try:
-        return State[name]
+        return states[name]
     except KeyError:
         raise SpecError(f"{where}: unknown state {name!r}") from None
 
 
-def _parse(raw: Mapping[str, Any]) -> ReceiverSpec:
-    declared = set(raw.get("states", {}))
-    named = {s.name for s in State}
-    if declared != named:
-        raise SpecError(f"states in spec {sorted(declared)} differ from fsm.states.State {sorted(named)}")
+def _parse(raw: Mapping[str, Any], states: type[State]) -> ReceiverSpec:
+    from .speccheck import check_spec
+
+    declared = list(raw.get("states", {}))
+    if set(declared) != set(states.__members__):
+        raise SpecError(
+            f"states in spec {sorted(declared)} differ from the code's State enum {sorted(states.__members__)}"
+        )
     machine = raw["machine"]
     events: dict[str, str] = {name: body.get("doc", "") for name, body in raw.get("events", {}).items()}
     actions: dict[str, str] = {name: body.get("doc", "") for name, body in raw.get("actions", {}).items()}
     guards: dict[str, str] = {name: body.get("doc", "") for name, body in raw.get("guards", {}).items()}
-    transitions = tuple(_transition(t, events, actions, guards) for t in raw.get("transitions", []))
-    terminal = frozenset(_state(s, "machine.terminal") for s in machine["terminal"])
+    transitions = tuple(_transition(t, events, actions, guards, states) for t in raw.get("transitions", []))
+    terminal = frozenset(_state(states, s, "machine.terminal") for s in machine["terminal"])
     causes = _causes(raw.get("causes", {}))
     on_error = machine["on_error"]
     if on_error not in events:
@@ -173,7 +220,7 @@ def _parse(raw: Mapping[str, Any]) -> ReceiverSpec:
     unknown = _outcome(polls_raw.pop("unknown", NOOP), "polls.unknown", causes, on_error)
     link_error = _outcome(polls_raw.pop(LINK_ERROR_KEY, NOOP), f"polls.{LINK_ERROR_KEY}", causes, on_error)
     polls = {
-        _state(name, "polls"): {
+        _state(states, name, "polls"): {
             _kvpoll(value, f"polls.{name}"): _outcome(outcome, f"polls.{name}.{value}", causes, on_error)
             for value, outcome in table.items()
             if value not in SPECIAL_COLUMNS
@@ -182,38 +229,50 @@ def _parse(raw: Mapping[str, Any]) -> ReceiverSpec:
     }
     unknown_polls, link_error_polls = (
         {
-            _state(name, "polls"): _outcome(table[key], f"polls.{name}.{key}", causes, on_error)
+            _state(states, name, "polls"): _outcome(table[key], f"polls.{name}.{key}", causes, on_error)
             for name, table in polls_raw.items()
             if key in table
         }
         for key in SPECIAL_COLUMNS
     )
     spec = ReceiverSpec(
-        initial=_state(machine["initial"], "machine.initial"),
+        initial=_state(states, machine["initial"], "machine.initial"),
         terminal=terminal,
         on_error=on_error,
-        state_docs={State[name]: body.get("doc", "") for name, body in raw["states"].items()},
+        state_docs={states[name]: body.get("doc", "") for name, body in raw["states"].items()},
         events=events,
         transitions=transitions,
-        polls=polls,
+        polls={state: _guarded(transitions, state, table) for state, table in polls.items()},
         unknown_poll=unknown,
-        unknown_polls=unknown_polls,
+        unknown_polls=_guarded(transitions, None, unknown_polls),
         link_error_poll=link_error,
-        link_error_polls=link_error_polls,
+        link_error_polls=_guarded(transitions, None, link_error_polls),
         causes=causes,
         actions=actions,
         guards=guards,
         timeouts={
-            _state(name, "timeouts"): _timeout(body, name, on_error) for name, body in raw.get("timeouts", {}).items()
+            _state(states, name, "timeouts"): _timeout(body, name, on_error)
+            for name, body in raw.get("timeouts", {}).items()
         },
         raw=raw,
+        states=tuple(states[name] for name in declared),
+        allocation_order=tuple(
+            _state(states, name, "machine.allocation_order") for name in machine.get("allocation_order", [])
+        ),
+        held_until_release=frozenset(
+            s for t in transitions if t.trigger == RELEASE_EVENT for s in t.sources if s in terminal
+        ),
     )
-    _check_polls(spec)
+    check_spec(spec)
     return spec
 
 
 def _transition(
-    body: Mapping[str, Any], events: Mapping[str, str], actions: Mapping[str, str], guards: Mapping[str, str]
+    body: Mapping[str, Any],
+    events: Mapping[str, str],
+    actions: Mapping[str, str],
+    guards: Mapping[str, str],
+    states: type[State],
 ) -> TransitionSpec:
     trigger = body["trigger"]
     where = f"transition {trigger!r}"
@@ -229,8 +288,8 @@ def _transition(
         raise SpecError(f"{where}: undeclared actions {unknown_actions}, guards {unknown_guards}, reads {bad_reads}")
     return TransitionSpec(
         trigger=trigger,
-        sources=tuple(_state(s, where) for s in _source_key(body["source"])),
-        dest=_state(body["dest"], where),
+        sources=tuple(_state(states, s, where) for s in _source_key(body["source"])),
+        dest=_state(states, body["dest"], where),
         internal=bool(body.get("internal", False)),
         reads=reads,
         actions=tuple(body.get("actions", [])),
@@ -275,47 +334,37 @@ def _outcome(text: str, where: str, causes: Mapping[str, type[errors.ReceiverErr
         return PollOutcome(event=on_error, cause=cause)
     if text == on_error:
         raise SpecError(f"{where}: {on_error!r} needs a cause: write '{FAIL_PREFIX}CAUSE'")
-    event, _, guard = text.partition(" if ")
-    return PollOutcome(event=event.strip(), guard=guard.strip() or None)
+    if len(text.split()) != 1:
+        raise SpecError(
+            f"{where}: {text!r}: a cell names noop, one event or {FAIL_PREFIX}CAUSE; a guard belongs on the "
+            "event's [[transitions]], in `conditions` or `unless`"
+        )
+    return PollOutcome(event=text)
 
 
-def _check_polls(spec: ReceiverSpec) -> None:
-    """Every polled state answers every KVPoll value with an event the state can take.
-
-    A terminal state is polled only to learn that the sender stopped writing into blocks the request
-    still fences, so its poll table and its deadline may fire internal transitions only: nothing can
-    leave a terminal state.
-    """
-    for state in State:
-        table = spec.polls.get(state)
-        if table is None and state in spec.terminal:
-            continue
-        if table is None or set(table) != set(KVPoll):
-            raise SpecError(f"polls.{state.name}: must map every KVPoll value")
-        for value, outcome in table.items():
-            _check_fires(spec, state, outcome.event, f"polls.{state.name}.{value.name}")
-            if outcome.guard is not None and outcome.guard not in spec.guards:
-                raise SpecError(f"polls.{state.name}.{value.name}: guard {outcome.guard!r} not declared under [guards]")
-        specials = {"unknown": spec.unknown_poll_in(state), LINK_ERROR_KEY: spec.link_error_in(state)}
-        for key, outcome in specials.items():
-            if state in spec.terminal and outcome.cause is not None:
-                raise SpecError(f"polls.{state.name}.{key}: a terminal state cannot fail")
-            _check_fires(spec, state, outcome.event, f"polls.{state.name}.{key}")
-    for state, timeout in spec.timeouts.items():
-        _check_fires(spec, state, timeout.event, f"timeouts.{state.name}")
-    if any(t.cause for t in spec.timeouts.values()) and "timeout" not in spec.causes:
-        raise SpecError("timeouts need a `timeout` entry under [causes]")
-    if spec.unknown_poll.cause is None:
-        raise SpecError("polls.unknown must be 'fail:CAUSE': an unknown status is never harmless")
-    if spec.link_error_poll.cause is None:
-        raise SpecError(f"polls.{LINK_ERROR_KEY} must be 'fail:CAUSE': a link that raised is never harmless")
+def _guarded(
+    transitions: tuple[TransitionSpec, ...], state: State | None, table: Mapping[Any, PollOutcome]
+) -> dict[Any, PollOutcome]:
+    """Each outcome with the guards under which its event is taken from ``state`` (the table's key if None)."""
+    return {key: _with_guards(transitions, key if state is None else state, o) for key, o in table.items()}
 
 
-def _check_fires(spec: ReceiverSpec, state: State, event: str | None, where: str) -> None:
-    if event is None:
-        return
-    takes = [t for t in spec.transitions_from(state) if t.trigger == event]
-    if not takes:
-        raise SpecError(f"{where}: no transition for {event!r}")
-    if state in spec.terminal and not all(t.internal for t in takes):
-        raise SpecError(f"{where}: {event!r} would leave the terminal state {state.name}")
+def _with_guards(transitions: tuple[TransitionSpec, ...], state: State, outcome: PollOutcome) -> PollOutcome:
+    takes = [t for t in transitions if t.trigger == outcome.event and state in t.sources]
+    alternatives = tuple(t.guards for t in takes)
+    if not takes or always_enabled(alternatives):
+        return outcome
+    return replace(outcome, enabled_if=alternatives)
+
+
+def always_enabled(alternatives: tuple[Guards, ...], most: int = 10) -> bool:
+    """Whether, whatever the guards answer, one of the alternatives holds (every assignment is tried;
+    with more than ``most`` guards the answer is a cautious False)."""
+    names = sorted({g for a in alternatives for g in (*a.conditions, *a.unless)})
+    if len(names) > most:
+        return False
+    for bits in range(1 << len(names)):
+        holds = {name for i, name in enumerate(names) if bits >> i & 1}
+        if not any(holds.issuperset(a.conditions) and holds.isdisjoint(a.unless) for a in alternatives):
+            return False
+    return True

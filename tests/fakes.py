@@ -50,6 +50,11 @@ class FakeBuffers:
         self.aux_reads.append(block)
         return self.aux.get(block, AuxRow(0, 0))  # a never-written row reads as zeros, as a fresh pool does
 
+    def clear_checksum(self, block: int) -> None:
+        row = self.aux.get(block)
+        if row is not None:
+            self.aux[block] = AuxRow(row.total_tokens, row.mrope_delta)
+
     def new_payload(self, total_tokens: int, mrope_delta: int) -> FakePayload:
         payload = FakePayload(total_tokens, mrope_delta, [None] * total_tokens)
         self.payloads.append(payload)

@@ -136,21 +136,25 @@ def test_remainder_larger_than_the_whole_pool_fails_with_pool_too_small() -> Non
     assert bystander.state is State.SUCCESS
 
 
-def test_default_allocation_larger_than_the_pool_fails_with_pool_too_small() -> None:
-    bench = Bench.make(default_alloc=(POOL + 1) * B)
+def test_a_remainder_larger_than_the_pool_fails_with_pool_too_small() -> None:
+    bench = Bench.make()
     request = bench.add(1)
+    bench.step()
+    bench.land(1, D + POOL * B + 1, KVPoll.Transferring)  # a remainder of POOL + 1 blocks
     bench.step()
 
     assert_failed_cleanly(bench, request, PoolTooSmall)
-    assert bench.links[1].inits == []
+    assert bench.links[1].resumes == []
 
 
 # ---- the allocation pass, and who holds what ---------------------------------------------------------
 
 
 def test_a_request_too_large_for_the_pool_does_not_hold_back_the_ones_behind_it() -> None:
-    bench = Bench.make(default_alloc=POOL * B + 1)  # every default allocation exceeds the pool
+    bench = Bench.make()
     too_large = bench.add(SUBJECT)
+    bench.step()
+    bench.land(SUBJECT, D + POOL * B + 1, KVPoll.Transferring)  # its remainder exceeds the pool
     warmup = bench.queue.add(BYSTANDER, FakeLink(KVPoll.WaitingForInput), warmup=True)
     bench.step()
     assert too_large.state is State.FAILED and isinstance(too_large.error, PoolTooSmall)

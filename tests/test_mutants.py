@@ -22,6 +22,7 @@ from epd_receiver.fsm import (
     LINK_ERROR,
     UNKNOWN_STATUS,
     AuxRow,
+    ConfigError,
     KVPoll,
     RankDivergence,
     ReadOutsideWindow,
@@ -235,7 +236,8 @@ class ShortReduce:
 
 def test_a_reduce_that_lost_values_is_not_taken_as_an_answer() -> None:
     buffers = FakeBuffers(B)
-    queue: ReceiverQueue[Any] = ReceiverQueue(buffers, FakeAllocator(8, B), ReceiverConfig(), ranks=ShortReduce())
+    config = ReceiverConfig(default_alloc_tokens=B)
+    queue: ReceiverQueue[Any] = ReceiverQueue(buffers, FakeAllocator(8, B), config, ranks=ShortReduce())
     queue.add(1, FakeLink(KVPoll.WaitingForInput))
     queue.add(2, FakeLink(KVPoll.WaitingForInput))
     with pytest.raises(ValueError):
@@ -307,8 +309,9 @@ def test_a_client_abort_says_so() -> None:
 
 
 def test_a_queue_refuses_buffers_and_an_allocator_of_different_block_sizes() -> None:
-    with pytest.raises(ValueError, match=r"^buffers have B=4, allocator B=8$"):
-        ReceiverQueue(FakeBuffers(4), FakeAllocator(8, 8))
+    config = ReceiverConfig(default_alloc_tokens=8)
+    with pytest.raises(ConfigError, match=r"^buffers.block_size=4 differs from allocator.block_size=8$"):
+        ReceiverQueue(FakeBuffers(4), FakeAllocator(8, 8), config)
 
 
 def test_the_lockstep_check_runs_every_lockstep_every_iterations_and_names_the_iteration() -> None:
@@ -363,8 +366,10 @@ def test_a_fence_of_a_request_aborted_since_the_last_iteration_lifts_in_the_next
 
 
 def test_a_request_too_large_for_the_pool_is_told_how_many_blocks_it_needs() -> None:
-    bench = Bench.make(num_blocks=2, default_alloc=9)  # ceil(9 / 4) = 3 blocks
+    bench = Bench.make(num_blocks=2, default_alloc=4)
     request = bench.add(1)
+    bench.step()
+    bench.land(1, 4 + 9, KVPoll.Transferring)  # a remainder of 9: ceil(9 / 4) = 3 blocks
     bench.step()
     assert request.error is not None and request.error.detail == "needs 3 blocks, the pool has 2"
 
@@ -640,7 +645,7 @@ def test_a_fresh_parse_keeps_every_doc_of_the_text() -> None:
 
 def test_a_fresh_parse_has_the_packaged_machine_causes_and_deadlines() -> None:
     from epd_receiver.fsm import errors
-    from epd_receiver.fsm.spec import PollOutcome, TimeoutSpec
+    from epd_receiver.fsm.spec import Guards, PollOutcome, TimeoutSpec
 
     spec = fresh_spec()
     assert (spec.initial, spec.terminal, spec.on_error) == (
@@ -658,7 +663,7 @@ def test_a_fresh_parse_has_the_packaged_machine_causes_and_deadlines() -> None:
     }
     assert spec.unknown_poll == PollOutcome("fail", "unknown_status")
     assert spec.link_error_poll == PollOutcome("fail", "transport_failed")
-    stopped = PollOutcome("sender_stopped", guard="senders_stopped")
+    stopped = PollOutcome("sender_stopped", enabled_if=(Guards(("holds_fence", "senders_stopped")),))
     assert spec.unknown_polls == {State.FAILED: stopped} and spec.link_error_polls == {State.FAILED: stopped}
     assert spec.timeouts[State.FAILED] == TimeoutSpec("drain_timeout_s", "drain_expired")
     assert spec.timeouts[State.RESUMING] == TimeoutSpec("resume_timeout_s", "fail", "timeout")
@@ -733,8 +738,8 @@ def _one_transition(**changes: Any) -> dict[str, Any]:
         ),
         ({"polls": {"WAITING_FOR_BLOCKS": {"Success": "payload_landed"}}}, "polls.WAITING_FOR_BLOCKS.Success: no tr"),
         (
-            {"polls": {"RESUMING": {"Transferring": "round_landed if is_lucky"}}},
-            "polls.RESUMING.Transferring: guard",
+            {"polls": {"RESUMING": {"Transferring": "round_landed if sender_progressed"}}},
+            "polls.RESUMING.Transferring: 'round_landed if sender_progressed': a cell names noop, one event",
         ),
         (
             {"polls": {"FAILED": {"unknown": "fail:unknown_status"}}},

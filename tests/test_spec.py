@@ -18,7 +18,7 @@ import pytest
 
 from epd_receiver.fsm import KVPoll, ReceiverRequest, SpecError, State, errors
 from epd_receiver.fsm.machine import ENTRY_STAMP, WINDOW_CLOSER, WINDOW_OPENERS, build_machine, check_implemented
-from epd_receiver.fsm.spec import ReceiverSpec, default_spec_text, load_spec
+from epd_receiver.fsm.spec import Guards, ReceiverSpec, default_spec_text, load_spec
 
 # ---- a tiny TOML writer, enough for the spec's shape ------------------------------------------------
 
@@ -122,7 +122,9 @@ def test_only_failed_is_polled_among_terminal_states_and_only_to_lift_its_fence(
     assert set(spec.polls) & spec.terminal == {State.FAILED}
     internal = {t.trigger for t in spec.transitions_from(State.FAILED) if t.internal and t.dest is State.FAILED}
     outcomes = [*spec.polls[State.FAILED].values(), spec.unknown_poll_in(State.FAILED)]
-    assert {(o.event, o.guard) for o in outcomes} == {("sender_stopped", "senders_stopped")}
+    assert {o.event for o in outcomes} == {"sender_stopped"}
+    stopped = Guards(conditions=("holds_fence", "senders_stopped"))
+    assert {o.enabled_if for o in outcomes} == {(stopped,)}, "derived from the transition, quiet without evidence"
     assert "sender_stopped" in internal
     assert spec.unknown_poll_in(State.RESUMING) == spec.unknown_poll
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from epd_receiver.adapters.ports.payload import EmbeddingPayload, crc32
-from epd_receiver.fsm import IntegrityError, KVPoll, ReceiverQueue, ReceiverRequest, State
+from epd_receiver.fsm import IntegrityError, KVPoll, ReceiverQueue, ReceiverRequest
 
 # ---- replaced actions --------------------------------------------------------------------------------
 
@@ -141,5 +141,5 @@ class AdmissionsFirst(ReceiverQueue[EmbeddingPayload]):
     """The allocation pass serves new admissions before the remainders of requests already started."""
 
     def _waiting(self) -> Iterator[ReceiverRequest[EmbeddingPayload]]:
-        for state in (State.WAITING_FOR_INPUT, State.WAITING_FOR_BLOCKS):
+        for state in reversed(self.spec.allocation_order):
             yield from [r for r in self._live.values() if r.state is state]

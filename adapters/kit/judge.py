@@ -16,20 +16,14 @@ from typing import TYPE_CHECKING
 
 from epd_receiver.adapters.kit.properties import allocation_order, early_fence_lifts, early_timeouts, liveness
 from epd_receiver.adapters.ports.payload import EmbeddingPayload
-from epd_receiver.fsm import KVPoll, ReceiverError, ReceiverRequest, Room, State, TimedOut
+from epd_receiver.fsm import KVPoll, ReceiverError, ReceiverRequest, Room, State, TimedOut, load_spec
 
 if TYPE_CHECKING:
     from epd_receiver.adapters.kit.world import World
 
 Request = ReceiverRequest[EmbeddingPayload]
-STATE_ORDER = {
-    State.BOOTSTRAPPING: 0,
-    State.WAITING_FOR_INPUT: 1,
-    State.TRANSFERRING: 2,
-    State.WAITING_FOR_BLOCKS: 3,
-    State.RESUMING: 4,
-    State.SUCCESS: 5,
-}
+# I7's order: the spec declares its states in the order a request moves through them.
+STATE_ORDER = {state: rank for rank, state in enumerate(load_spec().states)}
 MAX_READS_PER_REQUEST = 2
 
 

@@ -235,6 +235,7 @@ CATALOGUE = (
                         "trigger": "first_chunk_landed",
                         "source": "TRANSFERRING",
                         "dest": "WAITING_FOR_BLOCKS",
+                        "unless": ["is_warmup"],
                         "reads": ["aux", "data"],
                         "actions": [
                             "learn_total",
@@ -262,6 +263,7 @@ CATALOGUE = (
                         "trigger": "first_chunk_landed",
                         "source": "TRANSFERRING",
                         "dest": "RESUMING",
+                        "unless": ["is_warmup"],
                         "reads": ["aux", "data"],
                         "actions": [
                             "learn_total",
@@ -347,7 +349,7 @@ CATALOGUE = (
                     "source": ["TRANSFERRING", "RESUMING"],
                     "dest": "FAILED",
                     "conditions": ["sender_may_write"],
-                    "remove": True,
+                    "actions": ["record_error", "notify_sender", "free_blocks"],
                 }
             ]
         },
@@ -393,6 +395,7 @@ CATALOGUE = (
                     "trigger": "first_chunk_landed",
                     "source": "TRANSFERRING",
                     "dest": "WAITING_FOR_BLOCKS",
+                    "unless": ["is_warmup"],
                     "reads": ["aux", "data"],
                     "actions": ["learn_total", "check_total", "expect_remainder", "gather_landed"],
                 },

@@ -3,8 +3,9 @@
 One row is one block of B tokens. Per-token buffers hold a block's n tokens at the start of the row;
 M-RoPE packs the three position runs of those n tokens back to back (``[p0, p1, p2]``, 3n values), so a
 partial last block is *not* laid out at offsets 0, B, 2B. The aux row carries T and the M-RoPE delta,
-and only the first block of the receiver's first allocation ever has a meaningful one. Rows are never
-cleared: stale aux rows of earlier requests are a real hazard here, as in the original.
+and, from our senders, a CRC32 of the payload; only the first block of the receiver's first allocation
+ever has a meaningful one. Token rows are never cleared: stale aux rows of earlier requests are a real
+hazard here, as in the original, so the receiver clears A0[0]'s checksum slots before its init names it.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import torch
 from epd_receiver.adapters.ports.payload import EmbeddingPayload, PayloadArena
 from epd_receiver.fsm import AuxRow
 
-AUX_INTS = 16  # [0] = T, [1] = M-RoPE delta, [2..15] spare: RDMA moves at least 64 bytes
-CHECKSUM_FLAG, CHECKSUM = 2, 3  # spare slots: [2] = 1 when [3] holds a CRC32 of the payload
+AUX_INTS = 16  # [0] = T, [1] = M-RoPE delta, [2..3] checksum, [4..15] unused: RDMA moves at least 64 bytes
+CHECKSUM_FLAG, CHECKSUM = 2, 3  # [2] = 1 when [3] holds a CRC32 of the payload (SGLang's sender writes neither)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +87,11 @@ class TorchBlockBuffers:
         row = self.aux[block].tolist()
         checksum = row[CHECKSUM] & 0xFFFFFFFF if row[CHECKSUM_FLAG] == 1 else None
         return AuxRow(total_tokens=row[0], mrope_delta=row[1], checksum=checksum)
+
+    def clear_checksum(self, block: int) -> None:
+        """Zero every slot past T and the delta (the checksum and the unused rest), which a sender that
+        writes no checksum leaves as it found them; T and the delta are the sender's to write."""
+        self.aux[block, CHECKSUM_FLAG:].zero_()
 
     def checksum(self, payload: EmbeddingPayload) -> int:
         return payload.crc32()
@@ -162,7 +168,7 @@ class TorchBlockBuffers:
             view.deepstack.copy_(deepstack) if deepstack is not None else view.deepstack.zero_()
 
     def write_aux(self, block: int, total_tokens: int, mrope_delta: int, checksum: int | None = None) -> None:
-        """The sender's aux row; a checksum goes into the spare slots (as int32 bits), else they are cleared."""
+        """The sender's aux row; a checksum goes into slots 2-3 (as int32 bits), else they are cleared."""
         self.aux[block, 0] = total_tokens
         self.aux[block, 1] = mrope_delta
         self.aux[block, CHECKSUM_FLAG] = 0 if checksum is None else 1
