@@ -427,3 +427,37 @@ def test_a_deadline_naming_a_missing_config_field_is_refused() -> None:
     spec = load_spec(overlay={"timeouts": {"RESUMING": "no_such_field_s"}})
     with pytest.raises(SpecError, match="no_such_field_s"):
         deadlines(spec, ReceiverConfig())
+
+
+# ---- what the queue derives from the spec -----------------------------------------------------------
+
+
+def test_the_spec_names_the_states_in_declaration_order_and_what_the_queue_derives(spec: ReceiverSpec) -> None:
+    assert spec.states == tuple(State)
+    assert spec.allocation_order == (State.WAITING_FOR_BLOCKS, State.WAITING_FOR_INPUT)
+    assert spec.held_until_release == frozenset({State.SUCCESS})
+
+
+@pytest.mark.parametrize(
+    "order",
+    [
+        ["WAITING_FOR_INPUT"],
+        ["WAITING_FOR_BLOCKS", "WAITING_FOR_INPUT", "TRANSFERRING"],
+        ["WAITING_FOR_BLOCKS", "WAITING_FOR_INPUT", "WAITING_FOR_BLOCKS"],
+        [],
+    ],
+    ids=["missing", "extra", "twice", "none"],
+)
+def test_an_allocation_order_other_than_the_states_that_take_grants_is_refused(order: list[str]) -> None:
+    expected = (
+        r"^machine\.allocation_order .* must list, once each, the states that take blocks_granted or "
+        r"warmup_admitted: \['WAITING_FOR_BLOCKS', 'WAITING_FOR_INPUT'\]$"
+    )
+    with pytest.raises(SpecError, match=expected):
+        load_spec(overlay={"machine": {"allocation_order": order}})
+
+
+def test_a_transition_that_leaves_a_terminal_state_is_refused() -> None:
+    overlay = {"transitions": [{"trigger": "release", "source": "SUCCESS", "dest": "FAILED"}]}
+    with pytest.raises(SpecError, match=r"^transition 'release': would leave the terminal state SUCCESS$"):
+        load_spec(overlay=overlay)
