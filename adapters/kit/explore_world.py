@@ -3,8 +3,8 @@
 The explorer (``explore.py``) walks every interleaving of the events below on the real controller. To do
 that it must know, in each state, which events make sense (the fuzzer's preconditions; an event the World
 refuses, by returning False, is no transition), and must tell two states apart exactly when something
-that can influence the future, or the judge's verdict, differs (the fingerprint). Both are computed from
-outside the World, from what it and its parts hold.
+that can influence the future, or the judge's verdict, differs (the fingerprint). What is enabled is
+read from outside the World, from what it and its parts tell; the fingerprint is the World's own.
 """
 
 from __future__ import annotations
@@ -13,18 +13,12 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any, TypeAlias
 
-import torch
-
-from epd_receiver.adapters.kit.concluding import LocallyConcludingLink
 from epd_receiver.adapters.kit.replicas import ReplicaWorld
 from epd_receiver.adapters.kit.world import World, WorldConfig
 from epd_receiver.adapters.ports.payload import EmbeddingPayload
-from epd_receiver.adapters.ports.sender import WarmupLink
-from epd_receiver.fsm import KVPoll, ReceiverError, ReceiverRequest, State
-from epd_receiver.fsm.window import ReadWindow
+from epd_receiver.fsm import KVPoll, ReceiverRequest, State
 
 Bench: TypeAlias = World | ReplicaWorld
 Request: TypeAlias = ReceiverRequest[EmbeddingPayload]
@@ -227,12 +221,8 @@ def _lies(room: int, options: Options, vocabulary: Vocabulary) -> list[Event]:
 def _advances(world: World) -> list[float]:
     """Seconds that take the clock just past each deadline still ahead: the controller's, and the drain
     contract of a sender with an abort to act on (World.advance lands or drops its write then)."""
-    now, drain = world.clock.now(), world.receiver_config.drain_timeout_s
-    ahead = [r.deadline_at - now for r in world.queue if math.isfinite(r.deadline_at)]
-    if drain is not None:
-        for room in world.sender.rooms():
-            if world.sender.abort_queued(room) or world._unheard_abort(room):
-                ahead.append(drain - (now - world._abort_heard.get(room, now)))
+    now = world.clock.now()
+    ahead = [r.deadline_at - now for r in world.queue if math.isfinite(r.deadline_at)] + world.drain_ahead()
     return sorted({math.floor(s) + 1 for s in ahead if s >= 0})
 
 
@@ -240,108 +230,6 @@ def _advances(world: World) -> list[float]:
 
 
 def fingerprint(world: Bench) -> tuple[object, ...]:
-    """Everything that can influence what happens next or what the judge will say, with every time taken
-    relative to the clock: equal fingerprints, equal futures.
-
-    Left out on purpose: the event log, the sender's write log (the judge reads only the entries of the
-    event at hand), the iteration counter and the lockstep digest (compared every 64 iterations, far
-    beyond any bound here; the replicas judge I9 directly after every step).
-    """
-    if isinstance(world, ReplicaWorld):
-        return (tuple(_one_rank(w) for w in world.ranks), tuple(world.violations))
-    return _one_rank(world)
-
-
-def _one_rank(world: World) -> tuple[object, ...]:
-    now, allocator, queue = world.clock.now(), world.allocator, world.queue
-    return (
-        tuple(_request(r, now) for r in queue),  # live, then held, then fencing: how many live, which fence
-        len(queue),
-        queue.fenced_rooms,
-        allocator.free_list(),
-        tuple(sorted(allocator.owners().items())),
-        tuple(sorted(allocator.fences().items())),
-        allocator.rejected_frees,
-        tuple(_sender_room(world, room) for room in world.sender.rooms()),
-        tuple(_tensor_bytes(t) for t in world.pool.buffers()),
-        tuple(_canon(o) for o in world.outcomes.values()),
-        tuple(world.violations),
-        _judge_memory(world, now),
-    )
-
-
-def _request(request: Request, now: float) -> tuple[object, ...]:
-    """Every plain attribute of the request (a variant's own included), its link, window and payload."""
-    found: list[tuple[str, object]] = []
-    for name, value in sorted(vars(request).items()):
-        if name == "deadline_at":
-            found.append((name, value - now))
-        elif isinstance(value, int | float | str | bool | Enum | tuple) or value is None:
-            found.append((name, value))
-        elif isinstance(value, ReceiverError):
-            found.append((name, (type(value).__name__, str(value))))
-        elif isinstance(value, EmbeddingPayload):
-            found.append((name, _payload(value, request.landed)))
-        elif isinstance(value, ReadWindow):
-            found.append((name, (value._aux_block, value._aux_spent, value._data_blocks)))
-        elif isinstance(value, LocallyConcludingLink):
-            found.append((name, (value.aborted, value.concluded)))
-        elif isinstance(value, WarmupLink):
-            found.append((name, tuple(value.inits)))
-    return tuple(found)
-
-
-def _payload(payload: EmbeddingPayload, landed: int) -> tuple[object, ...]:
-    """The tokens assembled so far; the rest of the output is uninitialised memory, which must not make
-    two equal states look different."""
-    tensors = [payload.embeddings[:landed], payload.fill_ids[:landed], payload.mrope_positions[:, :landed]]
-    if payload.deepstack is not None:
-        tensors.append(payload.deepstack[:landed])
-    return (payload.total_tokens, payload.mrope_delta, *(_tensor_bytes(t) for t in tensors))
-
-
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
-    return tensor.contiguous().view(torch.uint8).numpy().tobytes()
-
-
-def _sender_room(world: World, room: int) -> tuple[object, ...]:
-    """The sender's record of a room (status, pending chunk, messages, stopped, dead, a faulty sender's
-    next answer, ...) but the source, which the room's seed and total determine, and the statuses it
-    published as the receiver can see them: once each, since a repeat changes nothing."""
-    record = world.sender._rooms[room]
-    fields = (f.name for f in dataclasses.fields(record) if f.name not in ("source", "published"))
-    return (room, *(_canon(getattr(record, name)) for name in fields), tuple(world.sender.published(room)))
-
-
-def _canon(value: object) -> object:
-    """A hashable, order-faithful form: sets sorted, lists, dicts (in insertion order, which is arrival
-    order, the order the allocation pass follows) and dataclasses as tuples."""
-    if isinstance(value, set | frozenset):
-        return tuple(sorted((_canon(v) for v in value), key=repr))
-    if isinstance(value, dict):
-        return tuple((k, _canon(v)) for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return tuple(_canon(v) for v in value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return tuple(_canon(getattr(value, f.name)) for f in dataclasses.fields(value))
-    return value
-
-
-# The judge's notes of one iteration (the next starts them afresh), and what is taken separately.
-_JUDGE_SCRATCH = frozenset({"world", "outcomes", "violations", "entered", "fair", "timed_out", "lifted"})
-
-
-def _judge_memory(world: World, now: float) -> tuple[object, ...]:
-    """What the judge and the world remember between events: when each room entered its state (I8, I13),
-    every other note of the judge's (rooms that must fail, I10; that a fault touched, I12; whose sender
-    died, ...), which aborts the sender heard and when (the drain contract), which chunks were flipped,
-    and what each locally concluding link concluded (it outlives its request: a late write still lands)."""
-    judge = world.judge
-    notes = tuple((name, _canon(value)) for name, value in sorted(vars(judge).items()) if name not in _JUDGE_SCRATCH)
-    return (
-        tuple(sorted((room, now - t) for room, t in judge.entered.items())),
-        notes,
-        tuple(sorted((room, now - t) for room, t in world._abort_heard.items())),
-        tuple(sorted(world._corrupted)),
-        tuple((room, link.aborted, link.concluded) for room, link in world._concluding.items()),
-    )
+    """Everything that can influence what happens next or what the judge will say: equal fingerprints,
+    equal futures (``World.fingerprint``; on several ranks, every rank's and the replicas' own findings)."""
+    return world.fingerprint()

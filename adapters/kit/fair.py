@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
+from epd_receiver.adapters.kit.recording import Recording
 from epd_receiver.adapters.ports.payload import EmbeddingPayload
 from epd_receiver.fsm import ReceiverRequest, Room, State
 
@@ -69,7 +70,7 @@ def run_fairly(bench: FairlyDriven, patience: int = 3, max_waits: int = 8, max_i
     bench.violations.append(f"I8: not done after {max_iterations} fair iterations: {bench.unfinished()}")
 
 
-class FairSchedule:
+class FairSchedule(Recording):
     """The pieces of a fair schedule, for a World (the replicas of several ranks combine their ranks')."""
 
     queue: Any

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from epd_receiver.adapters.kit.recording import Recording
 from epd_receiver.fsm import KVPoll, Room, State
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ _CEILING = {
 LINK_CALLS = ("poll", "init", "resume")
 
 
-class Faults:
+class Faults(Recording):
     """The faults of a World (mixed into it): a failing, dying, lying or garbling sender, a broken link."""
 
     queue: Any
@@ -54,8 +55,6 @@ class Faults:
     config: Any
     _corrupted: set[tuple[Room, int]]
     _concluding: dict[Room, LocallyConcludingLink]
-
-    def _log(self, event: dict[str, Any]) -> None: ...
 
     def kill(self, room: Room) -> None:
         """The sender of ``room`` dies silently: it never writes or publishes again."""

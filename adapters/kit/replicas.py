@@ -320,6 +320,10 @@ class ReplicaWorld:
     def snapshot(self) -> tuple[object, ...]:
         return tuple(world.snapshot() for world in self.ranks)
 
+    def fingerprint(self) -> tuple[object, ...]:
+        """Every rank's canonical state, and what the replicas found across ranks (I9)."""
+        return (tuple(world.fingerprint() for world in self.ranks), tuple(self.violations))
+
     def scenario(self, **extra: Any) -> dict[str, Any]:
         return self.ranks[0].scenario(ranks=len(self.ranks), **extra) | {"events": list(self.log)}
 

@@ -4,30 +4,34 @@ This is the bench that ``simulate``, ``replay`` and the stateful tests share. Th
 the controller's reasoning: it knows what the sender was asked and wrote (its message log and sources),
 what the allocator says each block belongs to, which reads reached the pool and which rows the sender
 wrote, and from those alone it decides whether invariants I1-I8, I10 and I11 held.
+
+World holds the parts and speaks the vocabulary of scenarios (arrive, step, deliver, abort, advance, ...);
+the rest of what it does lives with its concern: the faults a peer injects (``faults.Faults``), the fair
+schedule (``fair.FairSchedule``), the event log (``recording.Recording``), the report
+(``report.Reporting``), the judge's witness on the pool (``audited_buffers``) and the canonical state
+(``fingerprint``), which ``World.fingerprint`` completes with what the World itself remembers.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
+from epd_receiver.adapters.kit.audited_buffers import AuditedBuffers
 from epd_receiver.adapters.kit.concluding import LocallyConcludingLink, concluding
 from epd_receiver.adapters.kit.fair import FairSchedule
 from epd_receiver.adapters.kit.faults import Faults
+from epd_receiver.adapters.kit.fingerprint import parts_of
 from epd_receiver.adapters.kit.judge import Judge
+from epd_receiver.adapters.kit.report import Reporting
+from epd_receiver.adapters.kit.world_config import WorldConfig
 from epd_receiver.adapters.ports.allocator import OwningBlockAllocator
 from epd_receiver.adapters.ports.buffers import TorchBlockBuffers
 from epd_receiver.adapters.ports.clock import ManualClock
 from epd_receiver.adapters.ports.payload import EmbeddingPayload
 from epd_receiver.adapters.ports.sender import InProcessSender, WarmupLink
 from epd_receiver.fsm import (
-    AuxRow,
     KVPoll,
     RankGroup,
-    ReceiverConfig,
     ReceiverQueue,
     ReceiverRequest,
     ReceiverSpec,
@@ -36,68 +40,10 @@ from epd_receiver.fsm import (
 )
 from epd_receiver.fsm.request import deadlines
 
-
-@dataclass(frozen=True, slots=True)
-class WorldConfig:
-    block_size: int
-    num_blocks: int
-    default_alloc_tokens: int
-    hidden_size: int
-    deepstack: int = 0
-    max_total_tokens: int = 1 << 24
-    timeouts: dict[str, float | None] = field(default_factory=dict)  # ReceiverConfig *_timeout_s overrides
-    sender_block_size: int | None = None  # the Encode side's B, when it is misconfigured to differ
-    async_abort: bool = False  # the sender may still land a chunk after an abort, until it acts on it
-    # Links conclude locally, as SGLang's receiver: an abort turns poll() to Failed and never reaches the
-    # sender, which lands what it had in flight; terminal statuses latch.
-    local_conclusion: bool = False
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> WorldConfig:
-        return cls(
-            block_size=int(data["block_size"]),
-            num_blocks=int(data["num_blocks"]),
-            default_alloc_tokens=int(data["default_alloc_tokens"]),
-            hidden_size=int(data["hidden_size"]),
-            deepstack=int(data.get("deepstack", 0)),
-            max_total_tokens=int(data.get("max_total_tokens", 1 << 24)),
-            timeouts={k: None if v is None else float(v) for k, v in dict(data.get("timeouts", {})).items()},
-            sender_block_size=None if data.get("sender_block_size") is None else int(data["sender_block_size"]),
-            async_abort=bool(data.get("async_abort", False)),
-            local_conclusion=bool(data.get("local_conclusion", False)),
-        )
-
-    def receiver_config(self) -> ReceiverConfig:
-        return ReceiverConfig(self.default_alloc_tokens, self.max_total_tokens, **self.timeouts)  # type: ignore[arg-type]
+__all__ = ["World", "WorldConfig"]  # WorldConfig lives in world_config.py; scenarios, tools and tests import it here
 
 
-class AuditedBuffers:
-    """The BlockBuffers port with a witness: every read is checked against the sender and the allocator."""
-
-    def __init__(self, world: World, inner: TorchBlockBuffers) -> None:
-        self._world = world
-        self.inner = inner
-
-    @property
-    def block_size(self) -> int:
-        return self.inner.block_size
-
-    def read_aux(self, block: int) -> AuxRow:
-        self._world.judge.aux_read(block)
-        return self.inner.read_aux(block)
-
-    def new_payload(self, total_tokens: int, mrope_delta: int) -> EmbeddingPayload:
-        return self.inner.new_payload(total_tokens, mrope_delta)
-
-    def checksum(self, payload: EmbeddingPayload) -> int:
-        return self.inner.checksum(payload)
-
-    def gather(self, blocks: Sequence[int], tokens: int, into: EmbeddingPayload, at: int) -> None:
-        self._world.judge.gathered(tuple(blocks))
-        self.inner.gather(blocks, tokens, into, at)
-
-
-class World(Faults, FairSchedule):
+class World(Faults, FairSchedule, Reporting):
     """The receiver's queue, its pool and allocator, the in-process sender and a manual clock, with the
     judge watching: the bench that ``simulate``, ``replay``, the fuzzer and the explorer share."""
 
@@ -140,11 +86,9 @@ class World(Faults, FairSchedule):
         self.violations = self.judge.violations  # the judge's findings, and the contract errors met here
         self.seed = seed
         self.bank_rows = bank_rows
-        self.log: list[dict[str, Any]] = []
-        self._recording = record
+        self._start_log(record)
         self._abort_heard: dict[Room, float] = {}  # when the sender got each abort it has not acted on
         self._concluding: dict[Room, LocallyConcludingLink] = {}  # links that conclude locally, by room
-        self.version = 0  # events so far, logged or not
         self._corrupted: set[tuple[Room, int]] = set()  # (room, block) of every data corruption so far
 
     # ---- the vocabulary of scenarios (each call is logged as the replay event that repeats it) -----
@@ -192,44 +136,6 @@ class World(Faults, FairSchedule):
             self.judge.iteration(ended, sent_before, fencing)
             finished.extend(ended)
         return finished
-
-    @property
-    def faulted(self) -> set[Room]:
-        """Rooms a fault touched, on any rank: their requests need not succeed (I12)."""
-        return self.judge.faulted
-
-    @property
-    def deadlines(self) -> dict[State, float]:
-        return self._deadlines
-
-    def overstayed(self, room: Room, limit: float) -> bool:
-        return self.judge.overstayed(room, limit)
-
-    def advance(self, seconds: float) -> None:
-        """Time passes on the receiver's clock (deadlines are judged at the next iteration).
-
-        A sender that learns of aborts late still acts on each within the drain deadline, and a write in
-        flight when the receiver gave up (a sender that never hears of the abort) lands within it: that is
-        the contract that lets the receiver reuse fenced blocks once the deadline has passed.
-        """
-        self._log({"advance": seconds})
-        for room in self.sender.rooms():
-            if self.sender.abort_queued(room) or self._unheard_abort(room):
-                self._abort_heard.setdefault(room, self.clock.now())
-        self.clock.advance(seconds)
-        drain = self.receiver_config.drain_timeout_s
-        for room, heard in list(self._abort_heard.items()):
-            if drain is not None and self.clock.now() - heard >= drain:
-                if self._unheard_abort(room):
-                    with self._quietly():  # part of this advance: a replay repeats it by itself
-                        self.deliver(room)
-                self.sender.act_on_abort(room)
-                del self._abort_heard[room]
-
-    def _unheard_abort(self, room: Room) -> bool:
-        """This side gave up on ``room`` without the sender hearing of it, and a write is still in flight."""
-        link = self._concluding.get(room)
-        return link is not None and link.aborted and self.sender.pending(room) is not None
 
     def deliver(self, room: Room, blocks: int | None = None) -> bool:
         """The sender lands its pending chunk for ``room`` (only ``blocks`` of it, still in flight, if given)."""
@@ -284,32 +190,56 @@ class World(Faults, FairSchedule):
             self.sender.forget(room)
         return True
 
-    # ---- the event log ---------------------------------------------------------------------------
+    # ---- time, and the sender's drain contract ---------------------------------------------------
 
-    def _log(self, event: dict[str, Any]) -> None:
-        self.version += 1  # every event passes here: what was judged before it may no longer hold
-        if self._recording:
-            self.log.append(event)
+    def advance(self, seconds: float) -> None:
+        """Time passes on the receiver's clock (deadlines are judged at the next iteration).
 
-    @contextlib.contextmanager
-    def _quietly(self) -> Iterator[None]:
-        recording, self._recording = self._recording, False
-        try:
-            yield
-        finally:
-            self._recording = recording
+        A sender that learns of aborts late still acts on each within the drain deadline, and a write in
+        flight when the receiver gave up (a sender that never hears of the abort) lands within it: that is
+        the contract that lets the receiver reuse fenced blocks once the deadline has passed.
+        """
+        self._log({"advance": seconds})
+        for room in self.sender.rooms():
+            if self.sender.abort_queued(room) or self._unheard_abort(room):
+                self._abort_heard.setdefault(room, self.clock.now())
+        self.clock.advance(seconds)
+        drain = self.receiver_config.drain_timeout_s
+        for room, heard in list(self._abort_heard.items()):
+            if drain is not None and self.clock.now() - heard >= drain:
+                if self._unheard_abort(room):
+                    with self._quietly():  # part of this advance: a replay repeats it by itself
+                        self.deliver(room)
+                self.sender.act_on_abort(room)
+                del self._abort_heard[room]
 
-    def scenario(self, **extra: Any) -> dict[str, Any]:
-        """Everything this world went through, as a scenario that ``replay`` repeats exactly."""
-        return {
-            **extra,
-            "config": dataclasses.asdict(self.config),
-            "seed": self.seed,
-            "bank_rows": self.bank_rows,
-            "events": list(self.log),
-        }
+    def _unheard_abort(self, room: Room) -> bool:
+        """This side gave up on ``room`` without the sender hearing of it, and a write is still in flight."""
+        link = self._concluding.get(room)
+        return link is not None and link.aborted and self.sender.pending(room) is not None
 
-    # ---- the judge's verdicts ----------------------------------------------------------------------
+    def drain_ahead(self) -> list[float]:
+        """Seconds left until the sender must have acted on each abort it heard, or will hear at the next
+        ``advance``: the drain contract's deadlines, which ``advance`` enforces."""
+        drain, now = self.receiver_config.drain_timeout_s, self.clock.now()
+        if drain is None:
+            return []
+        owed = [room for room in self.sender.rooms() if self.sender.abort_queued(room) or self._unheard_abort(room)]
+        return [drain - (now - self._abort_heard.get(room, now)) for room in owed]
+
+    # ---- the judge's hooks and verdicts -----------------------------------------------------------
+
+    @property
+    def faulted(self) -> set[Room]:
+        """Rooms a fault touched, on any rank: their requests need not succeed (I12)."""
+        return self.judge.faulted
+
+    @property
+    def deadlines(self) -> dict[State, float]:
+        return self._deadlines
+
+    def overstayed(self, room: Room, limit: float) -> bool:
+        return self.judge.overstayed(room, limit)
 
     def checkpoint(self) -> None:
         """Judge the state now and keep what is wrong: a replay is judged after every event, like the fuzzer."""
@@ -326,41 +256,21 @@ class World(Faults, FairSchedule):
             self.violations.append(f"{type(error).__name__}: {error}")
             return None
 
-    def request_view(self, room: Room) -> dict[str, Any]:
-        """The controller's view of one request, live or retired: state, blocks held, cached T, landed."""
-        request = self.queue.get(room)
-        outcome = self.outcomes[room]
-        if request is None:
-            return {"state": outcome.states[-1].name, "blocks": [], "total": outcome.total, "landed": outcome.landed}
-        return {
-            "state": request.state.name,
-            "blocks": list(request.blocks),
-            "total": request.total_tokens,
-            "landed": request.landed,
-        }
+    # ---- the canonical state ----------------------------------------------------------------------
 
-    # ---- reporting -------------------------------------------------------------------------------
+    def fingerprint(self) -> tuple[object, ...]:
+        """Everything that can influence what happens next or what the judge will say, with every time
+        taken relative to the clock: equal fingerprints, equal futures (``fingerprint.py`` says what is
+        left out, and why)."""
+        now = self.clock.now()
+        return (*parts_of(self, now), self._memory(now))
 
-    def report(self) -> dict[str, Any]:
-        requests: dict[str, Any] = {}
-        for room, outcome in self.outcomes.items():
-            request = self.queue.get(room)
-            if request is not None and outcome.verified is None:
-                outcome.reads, outcome.resumes = request.reads, request.resumes
-            requests[str(room)] = {
-                "state": outcome.states[-1].name,
-                "reads": outcome.reads,
-                "resumes": outcome.resumes,
-                "verified": bool(outcome.verified),
-                "error": outcome.error,
-            }
-        return {
-            "requests": requests,
-            "pool": {
-                "free": self.allocator.free_count,
-                "owned": self.allocator.owned_count,
-                "fenced": self.allocator.fenced_count,
-                "double_frees": self.allocator.rejected_frees,
-            },
-            "violations": self.check(),
-        }
+    def _memory(self, now: float) -> tuple[object, ...]:
+        """What the World itself remembers between events: which aborts the sender heard and when (the
+        drain contract), which chunks were flipped, and what each locally concluding link concluded (it
+        outlives its request: a late write still lands)."""
+        return (
+            tuple(sorted((room, now - t) for room, t in self._abort_heard.items())),
+            tuple(sorted(self._corrupted)),
+            tuple((room, link.aborted, link.concluded) for room, link in self._concluding.items()),
+        )

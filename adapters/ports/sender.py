@@ -9,6 +9,7 @@ receiver sent is logged, so tests can judge the receiver by what the sender saw.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -263,6 +264,14 @@ class InProcessSender:
 
     def rooms(self) -> list[Room]:
         return list(self._rooms)
+
+    def room_record(self, room: Room) -> dict[str, object]:
+        """What the sender keeps of ``room`` that shapes how it goes on, by name, in a fixed order (to read,
+        not to change): all but the source, which the room's seed and total determine, and the raw list of
+        published statuses (``published`` gives them as the receiver can see them)."""
+        state = self._rooms[room]
+        skipped = ("source", "published")
+        return {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name not in skipped}
 
     def writing_blocks(self) -> set[int]:
         """Blocks a pending chunk will write: nobody may read them before the status says they landed.
