@@ -20,12 +20,17 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from epd_receiver.adapters.kit.eager_fan_in import EagerFanIn
 from epd_receiver.adapters.kit.fair import run_fairly
 from epd_receiver.adapters.kit.properties import early_fence_lifts, early_timeouts
+from epd_receiver.adapters.kit.taking_turns import SimulatedRank, TakingTurns
 from epd_receiver.adapters.kit.world import World, WorldConfig
 from epd_receiver.adapters.ports.payload import EmbeddingPayload
 from epd_receiver.fsm import KVPoll, ReceiverQueue, ReceiverRequest, ReceiverSpec, Room
 from epd_receiver.fsm.errors import RankDivergence
+
+# The simulated ranks' RankGroup (taking_turns.py) and the #16 rig (eager_fan_in.py) are still importable from here.
+__all__ = ["EagerFanIn", "ReplicaWorld", "SimulatedRank", "TakingTurns"]
 
 _END_OF_ITERATION = "end of iteration"
 _ON_EVERY_RANK = {  # World method -> replay event
@@ -33,90 +38,6 @@ _ON_EVERY_RANK = {  # World method -> replay event
     "release": "release",
     "go_backwards": "backwards",
 }
-_PATIENCE_S = 30.0  # only a bug in this module could make a rank wait this long for its turn
-
-
-class TakingTurns:
-    """The collectives of ``size`` rank threads, run one at a time in rank order."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._turn = 0
-        self._done: set[int] = set()
-        self._slots: list[tuple[str, Any] | None] = [None] * size
-        self._gathered: list[tuple[str, Any] | None] = []
-        self._cond = threading.Condition()
-
-    def reset(self) -> None:
-        """Every rank ended its iteration: the next one starts with rank 0 again."""
-        with self._cond:
-            self._turn, self._done, self._slots = 0, set(), [None] * self.size
-
-    def begin(self, rank: int) -> None:
-        """Wait until it is this rank's turn to run (rank 0 first)."""
-        with self._cond:
-            self._wait(lambda: self._turn == rank)
-
-    def exchange(self, rank: int, name: str, value: Any) -> list[Any]:
-        """Give ``value``, get every rank's; RankDivergence on every rank if they called different things."""
-        with self._cond:
-            self._slots[rank] = (name, value)
-            if self._live_after(rank) is None:  # the last to arrive completes the round
-                self._gathered = list(self._slots)
-                self._slots = [None] * self.size
-                self._pass_from(-1)
-            else:
-                self._pass_from(rank)
-            self._wait(lambda: self._turn == rank)
-            gathered = self._gathered
-        names = {entry[0] if entry else "nothing (the rank had finished its iteration)" for entry in gathered}
-        if len(names) > 1:
-            raise RankDivergence(f"the ranks made different collectives: {sorted(names)}")
-        return [entry[1] for entry in gathered if entry is not None]
-
-    def end(self, rank: int) -> None:
-        """This rank's iteration is over; let the next rank run."""
-        with self._cond:
-            self._done.add(rank)
-            if self._live_after(rank) is None and any(self._slots):
-                self._gathered = list(self._slots)  # peers wait in a round this rank will never join
-                self._slots = [None] * self.size
-                self._pass_from(-1)
-            else:
-                self._pass_from(rank)
-
-    def _live_after(self, rank: int) -> int | None:
-        return next((r for r in range(rank + 1, self.size) if r not in self._done), None)
-
-    def _pass_from(self, rank: int) -> None:
-        following = self._live_after(rank)
-        self._turn = self.size if following is None else following
-        self._cond.notify_all()
-
-    def _wait(self, ready: Callable[[], bool]) -> None:
-        if not self._cond.wait_for(ready, timeout=_PATIENCE_S):
-            raise RuntimeError("a simulated rank waited for its turn for too long")
-
-
-class SimulatedRank:
-    """The RankGroup port of one simulated rank."""
-
-    def __init__(self, turns: TakingTurns, rank: int) -> None:
-        self._turns = turns
-        self.rank = rank
-
-    @property
-    def size(self) -> int:
-        return self._turns.size
-
-    def min_reduce(self, rooms: Sequence[Room], values: Sequence[int]) -> list[int]:
-        gathered = self._turns.exchange(self.rank, "min_reduce", (tuple(rooms), tuple(values)))
-        if len({entry[0] for entry in gathered}) > 1:
-            raise RankDivergence(f"the ranks polled different rooms: {[list(entry[0]) for entry in gathered]}")
-        return [min(column) for column in zip(*(entry[1] for entry in gathered), strict=True)]
-
-    def same(self, values: Sequence[int]) -> bool:
-        return len({tuple(v) for v in self._turns.exchange(self.rank, "same", tuple(values))}) == 1
 
 
 class ReplicaWorld:
@@ -397,37 +318,3 @@ def _decisions(request: ReceiverRequest[EmbeddingPayload] | None) -> tuple[objec
     if request is None:
         return None
     return (request.state.name, request.blocks, request.fenced, request.total_tokens, request.landed, request.resumes)
-
-
-class EagerFanIn:
-    """#16, the Encode side's resume fan-in race, as a rig on the replicas' senders.
-
-    One encode rank serves several Language ranks. The original started the resume chunk for all of them
-    on the first resume message that arrived, aiming the ranks whose own resume had not arrived yet at
-    the blocks they named last (their first allocation, already freed), and dropped their resumes when
-    they came. A sender that waits for every rank's resume has no such race.
-    """
-
-    def __init__(self, world: ReplicaWorld) -> None:
-        self._world = world
-        self._started: dict[tuple[Room, int], int] = {}  # (room, sent) -> the rank whose resume started it
-        for rank, replica in enumerate(world.ranks):
-            replica.sender.on_resume = self._on_resume_of(rank, replica.sender.on_resume)  # type: ignore[method-assign]
-            replica.judge.honest = False  # a sender with this bug owes no request success (I12)
-
-    def _on_resume_of(self, rank: int, original: Callable[..., None]) -> Callable[..., None]:
-        def on_resume(room: Room, blocks: Sequence[int], sent_tokens: int, allocated_tokens: int) -> None:
-            starter = self._started.setdefault((room, sent_tokens), rank)
-            mine = self._world.ranks[rank].sender
-            in_flight = mine.pending(room)
-            original(room, blocks, sent_tokens, allocated_tokens)  # the message is received (and logged)
-            if starter != rank:
-                if in_flight is not None:  # ... and dropped: this rank's chunk already left, aimed at stale blocks
-                    mine.aim(room, in_flight.blocks, in_flight.sent_tokens, in_flight.allocated_tokens)
-                return
-            for other in self._world.ranks:
-                messages = other.sender.room_messages(room)
-                if other.sender is not mine and messages:
-                    other.sender.aim(room, messages[-1].blocks, sent_tokens, messages[-1].allocated_tokens)
-
-        return on_resume

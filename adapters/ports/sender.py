@@ -16,9 +16,23 @@ from typing import Literal
 
 import torch
 
-from epd_receiver.adapters.ports.buffers import BlockView, TorchBlockBuffers
-from epd_receiver.adapters.ports.payload import EmbeddingPayload, crc32
+from epd_receiver.adapters.ports.buffers import TorchBlockBuffers
+from epd_receiver.adapters.ports.sender_links import ProgressSenderLink, SenderLink, WarmupLink
+from epd_receiver.adapters.ports.source import EmbeddingBank, SourcePayload
 from epd_receiver.fsm import KVPoll, Room
+
+# What the sender writes (source.py) and its links (sender_links.py) are still importable from here.
+__all__ = [
+    "VOCAB",
+    "Chunk",
+    "EmbeddingBank",
+    "InProcessSender",
+    "Message",
+    "ProgressSenderLink",
+    "SenderLink",
+    "SourcePayload",
+    "WarmupLink",
+]
 
 VOCAB = 151_936
 _TERMINAL = (KVPoll.Failed, KVPoll.Success)
@@ -44,85 +58,6 @@ class Chunk:
     @property
     def with_aux(self) -> bool:
         return self.sent_tokens == 0
-
-
-class EmbeddingBank:
-    """Seeded embedding rows: a token's embedding is its id's row, so a source is just ids and positions."""
-
-    def __init__(self, hidden_size: int, deepstack_layers: int, *, rows: int, seed: int) -> None:
-        generator = torch.Generator().manual_seed(seed)
-        self.rows = rows
-        self.embeddings = torch.randn(rows, hidden_size, generator=generator).to(torch.bfloat16)
-        self.deepstack = (
-            torch.randn(rows, hidden_size * deepstack_layers, generator=generator).to(torch.bfloat16)
-            if deepstack_layers
-            else None
-        )
-
-
-@dataclass(slots=True)
-class SourcePayload:
-    """What the sender produced for one room; every token's data derives from these tensors."""
-
-    bank: EmbeddingBank
-    fill_ids: torch.Tensor
-    mrope_positions: torch.Tensor
-    mrope_delta: int
-    checksum: int | None = None
-
-    @property
-    def total_tokens(self) -> int:
-        return int(self.fill_ids.shape[0])
-
-    def crc32(self, chunk: int = 4096) -> int:
-        """The CRC32 the receiver will compute over the payload, streamed without materialising it."""
-        rows = [(start, min(start + chunk, self.total_tokens)) for start in range(0, self.total_tokens, chunk)]
-        value = crc32(self.bank.embeddings[self._rows(a, b)] for a, b in rows)
-        value = crc32([self.fill_ids, self.mrope_positions], value)
-        if self.bank.deepstack is not None:
-            value = crc32((self.bank.deepstack[self._rows(a, b)] for a, b in rows), value)
-        return value
-
-    def write_tokens(self, start: int, stop: int, view: BlockView) -> None:
-        """Produce tokens [start, stop) straight into a pool row, as an encoder writing its output would."""
-        rows = self._rows(start, stop)
-        torch.index_select(self.bank.embeddings, 0, rows, out=view.embeddings)
-        view.fill_ids.copy_(self.fill_ids[start:stop])
-        view.mrope_positions.copy_(self.mrope_positions[:, start:stop])
-        if view.deepstack is not None:
-            if self.bank.deepstack is None:
-                view.deepstack.zero_()
-            else:
-                torch.index_select(self.bank.deepstack, 0, rows, out=view.deepstack)
-
-    def _rows(self, start: int, stop: int) -> torch.Tensor:
-        return self.fill_ids[start:stop].long() % self.bank.rows
-
-    def mismatches(self, payload: EmbeddingPayload, chunk: int = 1024) -> list[str]:
-        """Names of the parts of ``payload`` that are not bit-identical to this source (I6)."""
-        if payload.total_tokens != self.total_tokens:
-            return [f"total_tokens {payload.total_tokens} != {self.total_tokens}"]
-        wrong = []
-        if payload.mrope_delta != self.mrope_delta:
-            wrong.append(f"mrope_delta {payload.mrope_delta} != {self.mrope_delta}")
-        if not torch.equal(payload.fill_ids, self.fill_ids):
-            wrong.append("fill_ids")
-        if not torch.equal(payload.mrope_positions, self.mrope_positions):
-            wrong.append("mrope_positions")
-        if (self.bank.deepstack is None) != (payload.deepstack is None):
-            wrong.append("deepstack presence")
-        parts = [("embeddings", self.bank.embeddings, payload.embeddings)]
-        if self.bank.deepstack is not None and payload.deepstack is not None:
-            parts.append(("deepstack", self.bank.deepstack, payload.deepstack))
-        for name, bank, got in parts:
-            expected = torch.empty(min(chunk, self.total_tokens), bank.shape[1], dtype=bank.dtype)
-            for start in range(0, self.total_tokens, chunk):
-                stop = min(start + chunk, self.total_tokens)
-                torch.index_select(bank, 0, self._rows(start, stop), out=expected[: stop - start])
-                if not torch.equal(got[start:stop], expected[: stop - start]):
-                    wrong.append(f"{name}[{start}:{stop}]")
-                    break
-        return wrong
 
 
 @dataclass(slots=True)
@@ -428,64 +363,3 @@ class InProcessSender:
         state.pending = None
         state.status = KVPoll.Failed
         state.published.append(KVPoll.Failed)
-
-
-class SenderLink:
-    """The receiver's end of one room (the TransportLink port)."""
-
-    __slots__ = ("_room", "_sender")
-
-    def __init__(self, sender: InProcessSender, room: Room) -> None:
-        self._sender = sender
-        self._room = room
-
-    def poll(self) -> int:
-        return self._sender.poll(self._room)
-
-    def init(self, blocks: Sequence[int], allocated_tokens: int) -> None:
-        self._sender.on_init(self._room, blocks, allocated_tokens)
-
-    def resume(self, blocks: Sequence[int], sent_tokens: int, allocated_tokens: int) -> None:
-        self._sender.on_resume(self._room, blocks, sent_tokens, allocated_tokens)
-
-    def abort(self) -> None:
-        self._sender.on_abort(self._room)
-
-    def writes_stopped(self) -> bool:
-        return self._sender.writes_stopped(self._room)
-
-    def failure_reason(self) -> str | None:
-        return self._sender.failure(self._room)
-
-
-class ProgressSenderLink(SenderLink):
-    """A link that also reports the tokens landed so far (the ProgressLink port): resumes in rounds."""
-
-    __slots__ = ()
-
-    def landed_tokens(self) -> int:
-        return self._sender.reported_landed(self._room)
-
-
-class WarmupLink:
-    """The sender of a warm-up (health) request: ready at once, Success after the init, writes nothing."""
-
-    __slots__ = ("inits",)
-
-    def __init__(self) -> None:
-        self.inits: list[tuple[tuple[int, ...], int]] = []
-
-    def poll(self) -> int:
-        return int(KVPoll.Success if self.inits else KVPoll.WaitingForInput)
-
-    def init(self, blocks: Sequence[int], allocated_tokens: int) -> None:
-        self.inits.append((tuple(blocks), allocated_tokens))
-
-    def resume(self, blocks: Sequence[int], sent_tokens: int, allocated_tokens: int) -> None:
-        raise AssertionError("a warm-up request never resumes")
-
-    def abort(self) -> None:
-        pass
-
-    def writes_stopped(self) -> bool:
-        return True  # it never writes

@@ -1,0 +1,24 @@
+"""How the bench times: each action alone, and competing actions in turns on the same machine."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+
+def seconds(action: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    action()
+    return time.perf_counter() - started
+
+
+def interleaved(actions: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Best seconds of each action, run in turns so that drift in the machine hits all of them alike.
+
+    The best of several runs, not the median: on a shared machine the slower runs measure the neighbours.
+    """
+    samples: dict[str, list[float]] = {name: [] for name in actions}
+    for _ in range(repeats):
+        for name, action in actions.items():
+            samples[name].append(seconds(action))
+    return {name: min(values) for name, values in samples.items()}
