@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -95,3 +96,16 @@ def test_the_wheel_version_is_the_package_version(built: tuple[zipfile.ZipFile, 
 def _dist_info(wheel: zipfile.ZipFile) -> str:
     (name,) = {n.split("/")[0] for n in wheel.namelist() if n.split("/")[0].endswith(".dist-info")}
     return name
+
+
+def test_the_mutation_selection_names_only_test_files_that_exist() -> None:
+    """``make mutation`` runs these files against every mutant; one that was renamed or split away would make
+    mutmut's first run fail (or, were it skipped, leave the mutants it used to kill surviving)."""
+    mutmut = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["mutmut"]
+    selection = [Path(p) for p in mutmut["pytest_add_cli_args_test_selection"]]
+    missing = [p for p in selection if not (ROOT / p).is_file()]
+    assert selection and not missing, missing
+    staged = Path("src/epd_receiver")  # where the Makefile stages the package, so that mutant names match it
+    for path in [*mutmut["source_paths"], *mutmut["also_copy"]]:
+        local = Path(path).relative_to(staged) if Path(path).is_relative_to(staged) else Path(path)
+        assert (ROOT / local).exists(), f"{path}: {local} is not in the checkout"
