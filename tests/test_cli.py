@@ -297,16 +297,20 @@ def subparsers(top: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParse
 COMMANDS = subparsers(parser())
 
 
-def test_help_lists_every_command_with_one_line_each(capsys: pytest.CaptureFixture[str]) -> None:
+def test_help_lists_every_command_with_one_line_each(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
     with pytest.raises(SystemExit) as stopped:
         main(["--help"])
     assert stopped.value.code == 0
     listing = capsys.readouterr().out
+    commands = listing[listing.index("  COMMAND\n") : listing.index("\noptions:")].splitlines()[1:]
     top = [name for name in COMMANDS if " " not in name]
     assert set(top) == {"simulate", "bench", "replay", "variants", "explore", "walk", "spec"}
-    for name in top:
-        (line,) = [line for line in listing.splitlines() if line.strip().startswith(name + " ")]
-        assert len(line.split(maxsplit=1)) == 2, f"{name}: no help line"
+    assert [line.split()[0] for line in commands if line.strip()] == top, "one line per command, in order"
+    for line in commands:
+        assert len(line.split(maxsplit=1)) == 2, f"{line.strip()}: no help line"
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))

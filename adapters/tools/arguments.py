@@ -86,6 +86,7 @@ def parser() -> argparse.ArgumentParser:
         "--default-alloc-tokens",
         "--default-alloc",
         dest="default_alloc",
+        metavar="TOKENS",
         type=_positive,
         default=8192,
         help="D: tokens allocated before T is known; its blocks must fit the pool",
@@ -120,6 +121,7 @@ def parser() -> argparse.ArgumentParser:
         "--default-alloc-tokens",
         "--default-alloc",
         dest="default_alloc",
+        metavar="TOKENS",
         type=_positive,
         default=defaults.default_tokens,
         help="D: tokens in A0",
@@ -146,7 +148,7 @@ def parser() -> argparse.ArgumentParser:
     exp.add_argument("--variant", choices=sorted(VARIANTS), help="hunt a catalogued bug variant instead")
     exp.add_argument("--json", action="store_true", help="the counts, and the first violation as a scenario")
 
-    walk = commands.add_parser("walk", help="a seeded random walk over the World's vocabulary, judged every event")
+    walk = commands.add_parser("walk", help="a seeded random walk over the World's events, each one judged")
     walk.add_argument("--steps", type=_positive, default=100_000, help="judged events to walk")
     walk.add_argument("--seed", type=int, default=0)
     walk.add_argument("--ranks", type=int, choices=(0, 1, 2, 3), default=1, help="ranks per run (0: draw 1 to 3)")
