@@ -14,13 +14,15 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 from epd_receiver.adapters.ports.payload import EmbeddingPayload
-from epd_receiver.fsm import ReceiverRequest, Room, State, TimedOut
+from epd_receiver.fsm import ReceiverRequest, Room, State, TimedOut, load_spec
 
 if TYPE_CHECKING:
     from epd_receiver.adapters.kit.judge import Judge
 
 Request = ReceiverRequest[EmbeddingPayload]
-_WAITING = (State.WAITING_FOR_BLOCKS, State.WAITING_FOR_INPUT)  # the allocation order: remainders first
+# The order the pool serves waiting requests in, as the packaged spec declares it (remainders first): the
+# reference, never the order of the spec a variant runs with, whose deviation is what is being judged.
+_WAITING = load_spec().allocation_order
 
 
 def _blocks(tokens: int, block_size: int) -> int:
