@@ -5,6 +5,8 @@ what the sender was asked and wrote, what the allocator says, and which reads re
 from the controller's own bookkeeping. Random pool geometry and lengths give random chunkings: a
 payload may fit A0, need one resume, or be larger than the whole pool.
 
+The invariants, one per property, are ``fuzz_invariants.py``; the budgets, ``fuzz_profiles.py``.
+
 It ships with the package (``pip install epd-receiver[fuzz]``) so that a serving system can run it
 against its own controller subclass, and so that ``epd-receiver variants`` can prove it sharp.
 """
@@ -13,25 +15,27 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import os
 import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from hypothesis import HealthCheck, Phase, event, settings, target
+from hypothesis import event, settings, target
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
-    invariant,
     precondition,
     rule,
     run_state_machine_as_test,
 )
 
 from epd_receiver.adapters.kit.faults import LINK_CALLS
+from epd_receiver.adapters.kit.fuzz_invariants import INVARIANT_NAME, PropertyInvariants
+from epd_receiver.adapters.kit.fuzz_invariants import PROPERTIES as PROPERTIES
+from epd_receiver.adapters.kit.fuzz_profiles import PROFILES as PROFILES
+from epd_receiver.adapters.kit.fuzz_profiles import register_profiles as register_profiles
 from epd_receiver.adapters.kit.geometry import MAX_TOTAL, draw_config
 from epd_receiver.adapters.kit.judge import label as catch_label
 from epd_receiver.adapters.kit.replicas import ReplicaWorld
@@ -39,47 +43,6 @@ from epd_receiver.adapters.kit.variants import Variant
 from epd_receiver.adapters.kit.world import World, WorldConfig
 from epd_receiver.fsm import ReceiverRequest, State
 
-FAST_PHASES = [Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink]
-PROFILES: dict[str, dict[str, Any]] = {
-    # quick and random, for a developer's loop
-    "dev": {"max_examples": 50, "stateful_step_count": 30, "deadline": None, "phases": FAST_PHASES},
-    # derandomized; no explain or target phase (a failing stateful run there can take minutes)
-    "ci": {
-        "max_examples": 200,
-        "stateful_step_count": 50,
-        "derandomize": True,
-        "database": None,
-        "deadline": None,
-        "print_blob": True,
-        "report_multiple_bugs": False,
-        "phases": FAST_PHASES,
-    },
-    # large and random
-    "nightly": {"max_examples": 2000, "stateful_step_count": 100, "deadline": None},
-    # mutation testing: the ci budget, but a failure only needs finding, not shrinking
-    "mutation": {
-        "max_examples": 200,
-        "stateful_step_count": 50,
-        "derandomize": True,
-        "database": None,
-        "deadline": None,
-        "report_multiple_bugs": False,
-        "phases": [Phase.explicit, Phase.generate],
-    },
-}
-
-
-def register_profiles() -> None:
-    """Register ``dev``, ``ci`` and ``nightly``; load ``HYPOTHESIS_PROFILE``, else ``ci`` under CI, else ``dev``."""
-    for name, options in PROFILES.items():
-        settings.register_profile(
-            name, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much], **options
-        )
-    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
-
-
-PROPERTIES = frozenset(f"I{n}" for n in range(1, 15))
-INVARIANT_NAME = re.compile(r"i\d+_\w+|the_controller_keeps_its_contracts")  # the invariants' methods
 MAX_LIVE = 5
 IMPOSSIBLE_TOTALS = st.sampled_from([0, -1, -(2**31), MAX_TOTAL + 1])
 # statuses, values beside them, and the extremes a garbled 32-bit field can hold
@@ -102,7 +65,7 @@ class _DataDraw:
         return self.data.draw(st.booleans(), label=name)
 
 
-class ReceiverProtocol(RuleBasedStateMachine):
+class ReceiverProtocol(PropertyInvariants, RuleBasedStateMachine):
     """Run against the real controller, or against a Variant by ``protocol_for(variant)``."""
 
     world: World
@@ -289,83 +252,6 @@ class ReceiverProtocol(RuleBasedStateMachine):
     @rule(data=st.data())
     def the_caller_releases(self, data: st.DataObject) -> None:
         self.world.release(data.draw(st.sampled_from([r.room for r in self._requests(State.SUCCESS)]), label="room"))
-
-    # ---- invariants -------------------------------------------------------------------------------
-
-    def _violations(self, *labels: str) -> list[str]:
-        """What the judge found under ``labels`` (every other label, when none is named); judged once per event."""
-        views = self._seen()
-        if "judged" not in views:
-            views["judged"] = found = self.world.check()
-            type(self).judged_states += 1
-        else:
-            found = views["judged"]
-        if labels:
-            return [v for v in found if catch_label(v) in labels]
-        return [v for v in found if catch_label(v) not in PROPERTIES]
-
-    # One invariant per property (spec/RECEIVER.md §5), so that a failure names the property it broke.
-
-    @invariant()
-    def i1_reads_only_landed_blocks(self) -> None:
-        assert not self._violations("I1"), self._violations("I1")
-
-    @invariant()
-    def i2_one_aux_read_by_value(self) -> None:
-        assert not self._violations("I2"), self._violations("I2")
-
-    @invariant()
-    def i3_message_arithmetic(self) -> None:
-        assert not self._violations("I3"), self._violations("I3")
-
-    @invariant()
-    def i4_one_resume_per_stage(self) -> None:
-        assert not self._violations("I4"), self._violations("I4")
-
-    @invariant()
-    def i5_every_block_has_one_holder(self) -> None:
-        assert not self._violations("I5"), self._violations("I5")
-
-    @invariant()
-    def i6_payload_is_what_was_sent(self) -> None:
-        assert not self._violations("I6"), self._violations("I6")
-
-    @invariant()
-    def i7_states_move_forward(self) -> None:
-        assert not self._violations("I7"), self._violations("I7")
-
-    @invariant()
-    def i8_nothing_waits_forever(self) -> None:
-        assert not self._violations("I8"), self._violations("I8")
-
-    @invariant()
-    def i9_ranks_agree(self) -> None:
-        assert not self._violations("I9"), self._violations("I9")
-
-    @invariant()
-    def i10_bad_input_fails_closed(self) -> None:
-        assert not self._violations("I10"), self._violations("I10")
-
-    @invariant()
-    def i11_warmups_touch_nothing(self) -> None:
-        assert not self._violations("I11"), self._violations("I11")
-
-    @invariant()
-    def i12_good_requests_succeed(self) -> None:
-        assert not self._violations("I12"), self._violations("I12")
-
-    @invariant()
-    def i13_deadlines_are_not_early(self) -> None:
-        assert not self._violations("I13"), self._violations("I13")
-
-    @invariant()
-    def i14_allocation_serves_the_head_first(self) -> None:
-        assert not self._violations("I14"), self._violations("I14")
-
-    @invariant()
-    def the_controller_keeps_its_contracts(self) -> None:
-        """ReadOutsideWindow, OwnershipError, RankDivergence, or a crash: our own discipline broken."""
-        assert not self._violations(), self._violations()
 
     def teardown(self) -> None:
         if not hasattr(self, "world"):
