@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from epd_receiver.adapters.kit.quint import QuintMissing, quint_binary
+from epd_receiver.adapters.kit.variants import variants_markdown
 from epd_receiver.adapters.kit.world import WorldConfig
 from epd_receiver.adapters.tools.arguments import parser
 from epd_receiver.adapters.tools.cli import main
@@ -419,3 +420,26 @@ def test_a_simulation_whose_first_allocation_cannot_fit_the_pool_is_refused_befo
 
     with pytest.raises(ValueError, match="default_alloc_tokens=100000 needs 782 blocks"):
         simulate(config, Workload(requests=1, max_iterations=50))
+
+
+def test_spec_sync_refreshes_each_section_in_the_document_that_holds_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A generated section may live in VERIFICATION.md instead of RECEIVER.md: it is refreshed there."""
+    spec = copy_spec(tmp_path / "spec")
+    assert run_cli(capsys, "spec", "sync", "--spec-dir", str(spec))[0] == 0
+    receiver, verification = spec / "RECEIVER.md", spec / "VERIFICATION.md"
+    text = receiver.read_text(encoding="utf-8")
+    start, end = text.index("<!-- generated:variants -->"), text.index("<!-- /generated:variants -->")
+    receiver.write_text(text[:start] + text[end + len("<!-- /generated:variants -->") :], encoding="utf-8")
+    stale = "<!-- generated:variants -->\nSTALE-VARIANTS\n<!-- /generated:variants -->\n"
+    verification.write_text(verification.read_text(encoding="utf-8") + stale, encoding="utf-8")
+    before = receiver.read_bytes()
+
+    code, out, _ = run_cli(capsys, "spec", "sync", "--spec-dir", str(spec))
+
+    assert code == 0 and f"{verification}: regenerated" in out and f"{receiver}: up to date" in out
+    assert "STALE-VARIANTS" not in verification.read_text(encoding="utf-8")
+    assert variants_markdown(spec / "scenarios" / "bugs") in verification.read_text(encoding="utf-8")
+    assert receiver.read_bytes() == before
+    assert run_cli(capsys, "spec", "sync", "--spec-dir", str(spec), "--check")[0] == 0

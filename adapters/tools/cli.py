@@ -24,7 +24,7 @@ from epd_receiver.adapters.tools import arguments
 from epd_receiver.adapters.tools.bench import GOALS, BenchConfig, run_bench
 from epd_receiver.adapters.tools.simulate import Workload, simulate
 from epd_receiver.fsm import load_spec
-from epd_receiver.fsm.diagram import mermaid, sync_generated
+from epd_receiver.fsm.diagram import SYNCED_DOCUMENTS, mermaid, sync_documents
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -80,23 +80,25 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _sync(args: argparse.Namespace) -> int:
-    """RECEIVER.md's generated sections from the same directory's receiver.toml and recorded bug scenarios."""
+    """The generated sections, from the same directory's receiver.toml and recorded bug scenarios, each in the
+    document that holds it (RECEIVER.md or VERIFICATION.md)."""
     spec_dir = _spec_dir(args)
     if spec_dir is None:
         return 2
-    document = spec_dir / "RECEIVER.md"
-    current = document.read_text(encoding="utf-8")
+    paths = {name: spec_dir / name for name in SYNCED_DOCUMENTS if (spec_dir / name).is_file()}
+    current = {name: path.read_text(encoding="utf-8") for name, path in paths.items()}
     variants = {"variants": variants_markdown(spec_dir / "scenarios" / "bugs")}
-    fresh = sync_generated(current, load_spec(spec_dir / "receiver.toml"), variants)
-    if fresh == current:
-        print(f"{document}: up to date")
-        return 0
-    if args.check:
-        print(f"{document}: generated sections are stale; run `epd-receiver spec sync`", file=sys.stderr)
-        return 1
-    document.write_text(fresh, encoding="utf-8")
-    print(f"{document}: regenerated")
-    return 0
+    fresh = sync_documents(current, load_spec(spec_dir / "receiver.toml"), variants)
+    stale = [name for name in paths if fresh[name] != current[name]]
+    for name, path in paths.items():
+        if name not in stale:
+            print(f"{path}: up to date")
+        elif args.check:
+            print(f"{path}: generated sections are stale; run `epd-receiver spec sync`", file=sys.stderr)
+        else:
+            path.write_text(fresh[name], encoding="utf-8")
+            print(f"{path}: regenerated")
+    return 1 if stale and args.check else 0
 
 
 def _simulate(args: argparse.Namespace) -> int:
