@@ -425,21 +425,23 @@ def test_a_simulation_whose_first_allocation_cannot_fit_the_pool_is_refused_befo
 def test_spec_sync_refreshes_each_section_in_the_document_that_holds_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A generated section may live in VERIFICATION.md instead of RECEIVER.md: it is refreshed there."""
+    """A generated section is refreshed in whichever document holds it: moved from one to the other and
+    left stale there, it is regenerated in its new place and the first document is left alone."""
     spec = copy_spec(tmp_path / "spec")
     assert run_cli(capsys, "spec", "sync", "--spec-dir", str(spec))[0] == 0
-    receiver, verification = spec / "RECEIVER.md", spec / "VERIFICATION.md"
-    text = receiver.read_text(encoding="utf-8")
-    start, end = text.index("<!-- generated:variants -->"), text.index("<!-- /generated:variants -->")
-    receiver.write_text(text[:start] + text[end + len("<!-- /generated:variants -->") :], encoding="utf-8")
-    stale = "<!-- generated:variants -->\nSTALE-VARIANTS\n<!-- /generated:variants -->\n"
-    verification.write_text(verification.read_text(encoding="utf-8") + stale, encoding="utf-8")
-    before = receiver.read_bytes()
+    opening, closing = "<!-- generated:variants -->", "<!-- /generated:variants -->"
+    documents = [spec / "RECEIVER.md", spec / "VERIFICATION.md"]
+    holder, other = sorted(documents, key=lambda d: opening not in d.read_text(encoding="utf-8"))
+    text = holder.read_text(encoding="utf-8")
+    start, end = text.index(opening), text.index(closing) + len(closing)
+    holder.write_text(text[:start] + text[end:], encoding="utf-8")
+    other.write_text(other.read_text(encoding="utf-8") + f"{opening}\nSTALE-VARIANTS\n{closing}\n", encoding="utf-8")
+    before = holder.read_bytes()
 
     code, out, _ = run_cli(capsys, "spec", "sync", "--spec-dir", str(spec))
 
-    assert code == 0 and f"{verification}: regenerated" in out and f"{receiver}: up to date" in out
-    assert "STALE-VARIANTS" not in verification.read_text(encoding="utf-8")
-    assert variants_markdown(spec / "scenarios" / "bugs") in verification.read_text(encoding="utf-8")
-    assert receiver.read_bytes() == before
+    assert code == 0 and f"{other}: regenerated" in out and f"{holder}: up to date" in out
+    assert "STALE-VARIANTS" not in other.read_text(encoding="utf-8")
+    assert variants_markdown(spec / "scenarios" / "bugs") in other.read_text(encoding="utf-8")
+    assert holder.read_bytes() == before
     assert run_cli(capsys, "spec", "sync", "--spec-dir", str(spec), "--check")[0] == 0

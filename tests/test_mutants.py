@@ -2,7 +2,7 @@
 
 Each test here states one observable behaviour of ``fsm/`` that a plausible slip in the code would change
 (a boundary off by one, an argument dropped, a strict check made lenient) and that the controller, spec and
-machine tests above it do not distinguish. spec/MUTATION.md lists what mutation testing of ``fsm/`` finds.
+machine tests above it do not distinguish. spec/VERIFICATION.md §9 lists what mutation testing of ``fsm/`` finds.
 """
 
 from __future__ import annotations

@@ -72,8 +72,8 @@ def test_variants_are_deviations_applied_from_outside() -> None:
         assert variant.spec() is not None  # the overlay yields a spec the loader accepts
 
 
-def test_receiver_md_variant_table_is_current() -> None:
-    document = (ROOT / "spec" / "RECEIVER.md").read_text(encoding="utf-8")
+def test_verification_md_variant_table_is_current() -> None:
+    document = (ROOT / "spec" / "VERIFICATION.md").read_text(encoding="utf-8")
     assert variants_markdown(BUGS) in document, "run `epd-receiver spec sync`"
 
 

@@ -442,7 +442,7 @@ def record_catch(directory: Path, variant: Variant, catch: Any) -> Path:
 
 
 def variants_markdown(directory: Path) -> str:
-    """The RECEIVER.md table: bug, variant, what caught it, and the recorded minimal schedule."""
+    """The VERIFICATION.md table: bug, variant, what caught it, and the recorded minimal schedule."""
     rows = [
         "| bug | variant (trigger) | caught by | shrunk steps | minimal schedule |",
         "|---|---|---|---|---|",

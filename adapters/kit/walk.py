@@ -6,9 +6,8 @@ takes its events from the exhaustive explorer's vocabulary (``explore_world.enab
 make sense in the current state): arrivals of every kind the explorer knows, scheduler iterations, whole
 and partial landings (on one rank alone, with several), acting on an abort, releases, client aborts,
 failing, dying and backwards senders, late statuses, corrupt aux rows and data, and the clock moved just
-past each deadline ahead. Some of the fuzzer's vocabulary is not the explorer's, and so not the walk's:
-statuses outside KVPoll and wrong landed counts (``misreport``), links that raise (``break_link``), aborts
-of requests that already ended, totals other than the explorer's kinds, and clock moves of any length.
+past each deadline ahead; and the fuzzer's faults beyond the explorer's (``EVENTS_FAULTS``): statuses
+outside KVPoll and wrong landed counts, links that raise, and aborts of requests that already ended.
 
 A run is one random small world, drawn by the fuzzer's rule (``geometry.draw_config``: pool geometry with
 A0 never larger than the pool, hidden size, deepstack layers, an asynchronous abort or links that conclude

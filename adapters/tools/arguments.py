@@ -161,9 +161,10 @@ def parser() -> argparse.ArgumentParser:
     check = spec_commands.add_parser("check", help="run the Quint model's typecheck, tests and invariant simulation")
     check.add_argument("--samples", type=_positive, default=SIMULATION_SAMPLES, help="simulation runs")
     check.add_argument("--steps", type=_positive, default=SIMULATION_STEPS, help="steps per simulation run")
-    sync = spec_commands.add_parser("sync", help="regenerate the generated sections of spec/RECEIVER.md")
+    sync = spec_commands.add_parser("sync", help="regenerate the tables in RECEIVER.md and VERIFICATION.md")
     sync.add_argument("--check", action="store_true", help="only report whether the document is up to date")
-    for command, what in ((check, "whose node_modules holds Quint"), (sync, "whose RECEIVER.md is regenerated")):
+    regenerated = "whose RECEIVER.md and VERIFICATION.md are regenerated"
+    for command, what in ((check, "whose node_modules holds Quint"), (sync, regenerated)):
         command.add_argument("--spec-dir", type=Path, metavar="PATH", help=SPEC_DIR_HELP.format(what))
     _show_defaults(parser)
     return parser
