@@ -1,5 +1,6 @@
 """The pure core of the receiver: no torch, no sockets, no threads; the world is reached through ports."""
 
+from .config import ReceiverConfig
 from .errors import (
     Aborted,
     ConfigError,
@@ -25,7 +26,7 @@ from .errors import (
 from .kvpoll import LINK_ERROR, UNKNOWN_STATUS, KVPoll
 from .ports import AuxRow, BlockAllocator, BlockBuffers, Clock, MonotonicClock, RankGroup, SingleRank, TransportLink
 from .queue import ReceiverQueue
-from .request import ReceiverConfig, ReceiverRequest
+from .request import ReceiverRequest
 from .spec import ReceiverSpec, load_spec
 from .states import State
 

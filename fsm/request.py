@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from .assembly import PayloadAssembly
-from .config import ReceiverConfig, Wiring, deadlines, poll_table
+from .config import Wiring
 from .errors import ReceiverError, Room
 from .kvpoll import LINK_ERROR, STATUSES, UNKNOWN_STATUS, KVPoll
 from .ports import PayloadT, TransportLink
@@ -22,7 +22,6 @@ from .states import State
 from .window import ReadWindow
 
 # Where they were first defined; the queue, the kit and the tests still import them from here.
-__all__ = ["ReceiverConfig", "ReceiverRequest", "Wiring", "deadlines", "poll_table"]
 
 
 class ReceiverRequest(PayloadAssembly[PayloadT]):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from epd_receiver.adapters.kit.fuzz import register_profiles
+from epd_receiver.adapters.kit.fuzz_profiles import register_profiles
 
 register_profiles()
 logging.getLogger("transitions").setLevel(logging.ERROR)

@@ -15,7 +15,9 @@ import torch
 
 from epd_receiver.adapters.ports.buffers import TorchBlockBuffers
 from epd_receiver.adapters.ports.payload import EmbeddingPayload, PayloadArena
-from epd_receiver.adapters.tools.bench import GOALS, TINY, BenchConfig, assembly, run_bench
+from epd_receiver.adapters.tools.bench import GOALS, run_bench
+from epd_receiver.adapters.tools.bench_assembly import assembly
+from epd_receiver.adapters.tools.bench_config import TINY, BenchConfig
 from epd_receiver.adapters.tools.cli import main
 
 TINY_ARGS = [

@@ -21,7 +21,7 @@ import pytest
 
 from epd_receiver.adapters.kit.quint import QuintMissing, quint_binary
 from epd_receiver.adapters.kit.variants import variants_markdown
-from epd_receiver.adapters.kit.world import WorldConfig
+from epd_receiver.adapters.kit.world_config import WorldConfig
 from epd_receiver.adapters.tools.arguments import parser
 from epd_receiver.adapters.tools.cli import main
 from epd_receiver.adapters.tools.simulate import Workload, simulate

@@ -40,11 +40,10 @@ from epd_receiver.adapters.kit.explore import (
     copy_fork,
     explore,
     hunt,
-    small_config,
     worlds_for,
 )
 from epd_receiver.adapters.kit.explore_world import Bench, enabled, fingerprint
-from epd_receiver.adapters.kit.geometry import first_blocks
+from epd_receiver.adapters.kit.geometry import first_blocks, small_config
 from epd_receiver.adapters.kit.judge import label
 from epd_receiver.adapters.kit.scenario import replay
 from epd_receiver.adapters.kit.variants import CATALOGUE, Variant, scenario_path

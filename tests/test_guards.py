@@ -20,7 +20,8 @@ from test_spec import dump_toml
 from epd_receiver.adapters.ports.allocator import OwningBlockAllocator
 from epd_receiver.adapters.ports.buffers import TorchBlockBuffers
 from epd_receiver.adapters.ports.payload import EmbeddingPayload
-from epd_receiver.adapters.ports.sender import InProcessSender, WarmupLink
+from epd_receiver.adapters.ports.sender import InProcessSender
+from epd_receiver.adapters.ports.sender_links import WarmupLink
 from epd_receiver.fsm import (
     Aborted,
     KVPoll,

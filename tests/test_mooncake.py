@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from epd_receiver.adapters.kit.world import WorldConfig
+from epd_receiver.adapters.kit.world_config import WorldConfig
 from epd_receiver.adapters.ports.mooncake.link import Geometry, mooncake_missing
 from epd_receiver.adapters.tools.encode.write import coalesce, write_entries
 from epd_receiver.adapters.tools.simulate import Workload
@@ -91,7 +91,7 @@ def test_loopback_two_ranks_every_payload_verified_on_every_rank(cluster) -> Non
 
 
 def test_a_pool_smaller_than_the_payload_fills_in_rounds(cluster) -> None:  # type: ignore[no-untyped-def]
-    from epd_receiver.adapters.tools.distributed import Arrival
+    from epd_receiver.adapters.tools.rank_job import Arrival
 
     config = WorldConfig(block_size=B, num_blocks=8, default_alloc_tokens=64, hidden_size=H)
     summary = cluster.run(config, Workload(seed=5), [Arrival(0, 8 * B * 3 + 5, progress=True), Arrival(1, 40)])
@@ -100,8 +100,8 @@ def test_a_pool_smaller_than_the_payload_fills_in_rounds(cluster) -> None:  # ty
 
 
 def test_a_transfer_error_fails_that_request_with_the_engine_s_answer(cluster) -> None:  # type: ignore[no-untyped-def]
-    from epd_receiver.adapters.tools.distributed import Arrival
     from epd_receiver.adapters.tools.encode.desk import TRANSFER_ERROR_ON_RESUME
+    from epd_receiver.adapters.tools.rank_job import Arrival
 
     arrivals = [Arrival(0, 400, fault=TRANSFER_ERROR_ON_RESUME), Arrival(1, 300), Arrival(2, 50)]
     summary = cluster.run(world(), Workload(seed=7), arrivals)
@@ -114,7 +114,7 @@ def test_a_transfer_error_fails_that_request_with_the_engine_s_answer(cluster) -
 
 def test_encode_process_killed_mid_resume_times_out_everywhere(cluster) -> None:  # type: ignore[no-untyped-def]
     """Small requests land first; the Encode process dies halfway through the first resume chunk."""
-    from epd_receiver.adapters.tools.distributed import Arrival
+    from epd_receiver.adapters.tools.rank_job import Arrival
 
     arrivals = [Arrival(room, 40 + room) for room in range(4)] + [Arrival(room, 500 + room) for room in range(4, 8)]
     cluster.ensure_encode().arm_kill(resumes=1)

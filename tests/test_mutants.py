@@ -445,7 +445,8 @@ def test_the_lockstep_check_compares_a_fingerprint_of_this_rank_s_allocations() 
 
 
 def test_a_request_is_not_a_warm_up_unless_it_is_said_to_be() -> None:
-    from epd_receiver.fsm.request import ReceiverRequest, Wiring, deadlines, poll_table
+    from epd_receiver.fsm.config import Wiring, deadlines, poll_table
+    from epd_receiver.fsm.request import ReceiverRequest
 
     spec, config = load_spec(), ReceiverConfig()
     buffers, allocator = FakeBuffers(B), FakeAllocator(8, B)
@@ -793,7 +794,7 @@ def test_a_spec_without_deadlines_loads_and_waits_forever() -> None:
     del raw["timeouts"]
     spec = load_spec(dump_toml(raw))
     assert spec.timeouts == {}
-    from epd_receiver.fsm.request import deadlines
+    from epd_receiver.fsm.config import deadlines
 
     assert deadlines(spec, ReceiverConfig()) == {}
 

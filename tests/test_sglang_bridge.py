@@ -33,26 +33,22 @@ from sglang_fork import (
 )
 from sglang_fork import EncodeSide as ForkEncodeSide
 
-from epd_receiver.adapters.integrations.sglang.install import (
+from epd_receiver.adapters.integrations.sglang.bridge import (
     FAKE_BOOTSTRAP_HOST,
     EmbeddingBridge,
-    KVPoll,
     LanguageEntry,
-    MultimodalInputsLike,
     PromptKind,
-    ReceiverLink,
     classify,
-    install,
-    receiver_factory,
-    remote_evidence,
-    sglang_multimodal_inputs,
 )
+from epd_receiver.adapters.integrations.sglang.install import install, receiver_factory
+from epd_receiver.adapters.integrations.sglang.link import ReceiverLink, remote_evidence
+from epd_receiver.adapters.integrations.sglang.mm import MultimodalInputsLike, sglang_multimodal_inputs
 from epd_receiver.adapters.ports import payload
 from epd_receiver.adapters.ports.buffers import TorchBlockBuffers
 from epd_receiver.adapters.ports.clock import ManualClock
 from epd_receiver.adapters.ports.payload import PayloadArena, storage_unshared
 from epd_receiver.adapters.ports.ranks import GlooRankGroup, RankContext, RankProcesses
-from epd_receiver.fsm import ReceiverConfig
+from epd_receiver.fsm import KVPoll, ReceiverConfig
 
 B, H, K, N, D = 4, 8, 2, 16, 8  # block size, hidden size, deepstack layers, pool blocks, default tokens
 PORT = 8998

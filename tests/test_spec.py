@@ -422,7 +422,7 @@ def test_deadlines_need_a_timeout_cause() -> None:
 
 
 def test_a_deadline_naming_a_missing_config_field_is_refused() -> None:
-    from epd_receiver.fsm.request import ReceiverConfig, deadlines
+    from epd_receiver.fsm.config import ReceiverConfig, deadlines
 
     spec = load_spec(overlay={"timeouts": {"RESUMING": "no_such_field_s"}})
     with pytest.raises(SpecError, match="no_such_field_s"):

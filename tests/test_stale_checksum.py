@@ -16,7 +16,8 @@ import pytest
 from epd_receiver.adapters.ports.allocator import OwningBlockAllocator
 from epd_receiver.adapters.ports.buffers import CHECKSUM, CHECKSUM_FLAG, TorchBlockBuffers
 from epd_receiver.adapters.ports.payload import EmbeddingPayload
-from epd_receiver.adapters.ports.sender import InProcessSender, SenderLink
+from epd_receiver.adapters.ports.sender import InProcessSender
+from epd_receiver.adapters.ports.sender_links import SenderLink
 from epd_receiver.fsm import ReceiverConfig, ReceiverQueue, State
 
 B = 4

@@ -11,7 +11,8 @@ from hypothesis.stateful import run_state_machine_as_test
 
 from epd_receiver.adapters.kit.fuzz import MultiRankProtocol, ReceiverProtocol, protocol_for
 from epd_receiver.adapters.kit.geometry import BLOCK_SIZES, first_blocks
-from epd_receiver.adapters.kit.world import World, WorldConfig
+from epd_receiver.adapters.kit.world import World
+from epd_receiver.adapters.kit.world_config import WorldConfig
 
 ThreeRanks = protocol_for(None, ranks=3)
 TestReceiverProtocol = ReceiverProtocol.TestCase

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from epd_receiver.adapters.kit.fuzz import Catch, catch_label, hunt
+from epd_receiver.adapters.kit.fuzz import Catch, hunt
+from epd_receiver.adapters.kit.judge import label as catch_label
 from epd_receiver.adapters.kit.scenario import replay
 from epd_receiver.adapters.kit.variants import CATALOGUE, PENDING, VARIANTS, Variant, scenario_path, variants_markdown
 

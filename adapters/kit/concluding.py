@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from epd_receiver.adapters.ports.sender import ProgressSenderLink, SenderLink
+from epd_receiver.adapters.ports.sender_links import ProgressSenderLink, SenderLink
 from epd_receiver.fsm import KVPoll
 
 _TERMINAL = (int(KVPoll.Failed), int(KVPoll.Success))

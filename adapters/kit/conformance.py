@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from epd_receiver.adapters.kit.itf import Step, load_trace
-from epd_receiver.adapters.kit.world import World, WorldConfig
+from epd_receiver.adapters.kit.world import World
+from epd_receiver.adapters.kit.world_config import WorldConfig
 from epd_receiver.adapters.ports.payload import EmbeddingPayload
 from epd_receiver.fsm import KVPoll, ReceiverRequest, ReceiverSpec
 

@@ -35,7 +35,8 @@ from epd_receiver.adapters.kit.judge import label
 from epd_receiver.adapters.kit.replicas import ReplicaWorld
 from epd_receiver.adapters.kit.scenario import EVENTS
 from epd_receiver.adapters.kit.variants import Variant
-from epd_receiver.adapters.kit.world import World, WorldConfig
+from epd_receiver.adapters.kit.world import World
+from epd_receiver.adapters.kit.world_config import WorldConfig
 
 SEED = 2
 BANK_ROWS = 31

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 from epd_receiver.adapters.kit.replicas import ReplicaWorld
-from epd_receiver.adapters.kit.world import World, WorldConfig
+from epd_receiver.adapters.kit.world import World
+from epd_receiver.adapters.kit.world_config import WorldConfig
 from epd_receiver.adapters.ports.payload import EmbeddingPayload
 from epd_receiver.fsm import KVPoll, ReceiverRequest, State
 

@@ -19,7 +19,8 @@ import torch
 
 from epd_receiver.adapters.kit.concluding import LocallyConcludingLink
 from epd_receiver.adapters.ports.payload import EmbeddingPayload
-from epd_receiver.adapters.ports.sender import InProcessSender, WarmupLink
+from epd_receiver.adapters.ports.sender import InProcessSender
+from epd_receiver.adapters.ports.sender_links import WarmupLink
 from epd_receiver.fsm import ReceiverError, ReceiverRequest, Room
 from epd_receiver.fsm.window import ReadWindow
 

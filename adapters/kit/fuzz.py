@@ -40,7 +40,8 @@ from epd_receiver.adapters.kit.geometry import MAX_TOTAL, draw_config
 from epd_receiver.adapters.kit.judge import label as catch_label
 from epd_receiver.adapters.kit.replicas import ReplicaWorld
 from epd_receiver.adapters.kit.variants import Variant
-from epd_receiver.adapters.kit.world import World, WorldConfig
+from epd_receiver.adapters.kit.world import World
+from epd_receiver.adapters.kit.world_config import WorldConfig
 from epd_receiver.fsm import ReceiverRequest, State
 
 MAX_LIVE = 5

@@ -17,7 +17,7 @@ import random
 from collections.abc import Sequence
 from typing import Protocol
 
-from epd_receiver.adapters.kit.world import WorldConfig
+from epd_receiver.adapters.kit.world_config import WorldConfig
 
 MAX_TOTAL = 1 << 20
 BLOCK_SIZES = (1, 2, 4, 8, 16)

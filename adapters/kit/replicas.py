@@ -20,18 +20,16 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from epd_receiver.adapters.kit.eager_fan_in import EagerFanIn
 from epd_receiver.adapters.kit.fair import run_fairly
 from epd_receiver.adapters.kit.properties import early_fence_lifts, early_timeouts
 from epd_receiver.adapters.kit.taking_turns import SimulatedRank, TakingTurns
-from epd_receiver.adapters.kit.world import World, WorldConfig
+from epd_receiver.adapters.kit.world import World
+from epd_receiver.adapters.kit.world_config import WorldConfig
 from epd_receiver.adapters.ports.payload import EmbeddingPayload
 from epd_receiver.fsm import KVPoll, ReceiverQueue, ReceiverRequest, ReceiverSpec, Room
 from epd_receiver.fsm.errors import RankDivergence
 
 # The simulated ranks' RankGroup (taking_turns.py) and the #16 rig (eager_fan_in.py) are still importable from here.
-__all__ = ["EagerFanIn", "ReplicaWorld", "SimulatedRank", "TakingTurns"]
-
 _END_OF_ITERATION = "end of iteration"
 _ON_EVERY_RANK = {  # World method -> replay event
     "abort": "abort",

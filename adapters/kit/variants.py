@@ -34,7 +34,7 @@ from epd_receiver.adapters.kit.deviations import (
     TryRemainderOnce,
     WarmupTreatedAsReal,
 )
-from epd_receiver.adapters.kit.replicas import EagerFanIn
+from epd_receiver.adapters.kit.eager_fan_in import EagerFanIn
 from epd_receiver.adapters.ports.payload import EmbeddingPayload
 from epd_receiver.fsm import ReceiverQueue, ReceiverRequest, ReceiverSpec, load_spec
 

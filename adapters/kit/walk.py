@@ -43,7 +43,8 @@ from epd_receiver.adapters.kit.geometry import MAX_TOTAL, RandomDraw, draw_confi
 from epd_receiver.adapters.kit.judge import label
 from epd_receiver.adapters.kit.replicas import ReplicaWorld
 from epd_receiver.adapters.kit.variants import Variant
-from epd_receiver.adapters.kit.world import World, WorldConfig
+from epd_receiver.adapters.kit.world import World
+from epd_receiver.adapters.kit.world_config import WorldConfig
 
 BANK_ROWS = 31
 KIND_NAMES = tuple(KINDS)

@@ -28,7 +28,8 @@ from epd_receiver.adapters.ports.allocator import OwningBlockAllocator
 from epd_receiver.adapters.ports.buffers import TorchBlockBuffers
 from epd_receiver.adapters.ports.clock import ManualClock
 from epd_receiver.adapters.ports.payload import EmbeddingPayload
-from epd_receiver.adapters.ports.sender import InProcessSender, WarmupLink
+from epd_receiver.adapters.ports.sender import InProcessSender
+from epd_receiver.adapters.ports.sender_links import WarmupLink
 from epd_receiver.fsm import (
     KVPoll,
     RankGroup,
@@ -38,9 +39,7 @@ from epd_receiver.fsm import (
     Room,
     State,
 )
-from epd_receiver.fsm.request import deadlines
-
-__all__ = ["World", "WorldConfig"]  # WorldConfig lives in world_config.py; scenarios, tools and tests import it here
+from epd_receiver.fsm.config import deadlines
 
 
 class World(Faults, FairSchedule, Reporting):

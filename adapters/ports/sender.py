@@ -17,23 +17,11 @@ from typing import Literal
 import torch
 
 from epd_receiver.adapters.ports.buffers import TorchBlockBuffers
-from epd_receiver.adapters.ports.sender_links import ProgressSenderLink, SenderLink, WarmupLink
+from epd_receiver.adapters.ports.sender_links import ProgressSenderLink, SenderLink
 from epd_receiver.adapters.ports.source import EmbeddingBank, SourcePayload
 from epd_receiver.fsm import KVPoll, Room
 
 # What the sender writes (source.py) and its links (sender_links.py) are still importable from here.
-__all__ = [
-    "VOCAB",
-    "Chunk",
-    "EmbeddingBank",
-    "InProcessSender",
-    "Message",
-    "ProgressSenderLink",
-    "SenderLink",
-    "SourcePayload",
-    "WarmupLink",
-]
-
 VOCAB = 151_936
 _TERMINAL = (KVPoll.Failed, KVPoll.Success)
 

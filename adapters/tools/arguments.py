@@ -11,7 +11,7 @@ from pathlib import Path
 from epd_receiver.adapters.kit.geometry import first_allocation_problem, first_blocks
 from epd_receiver.adapters.kit.quint import SIMULATION_SAMPLES, SIMULATION_STEPS
 from epd_receiver.adapters.kit.variants import VARIANTS
-from epd_receiver.adapters.tools.bench import BenchConfig
+from epd_receiver.adapters.tools.bench_config import BenchConfig
 
 DESCRIPTION = (
     "epd-receiver: simulate a workload, measure, replay a scenario, hunt bug variants, explore and walk small "

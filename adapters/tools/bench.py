@@ -23,23 +23,11 @@ from typing import Any
 import torch
 
 from epd_receiver.adapters.tools.bench_assembly import assembly
-from epd_receiver.adapters.tools.bench_config import FULL, TINY, BenchConfig
+from epd_receiver.adapters.tools.bench_config import FULL, BenchConfig
 from epd_receiver.adapters.tools.bench_polls import poll_overhead, transitions
 from epd_receiver.adapters.tools.bench_timing import seconds
 
 # The measurements live in bench_polls.py and bench_assembly.py; these names are still importable from here.
-__all__ = [
-    "GOALS",
-    "TINY",
-    "BenchConfig",
-    "assembly",
-    "fuzz_rate",
-    "poll_overhead",
-    "run_bench",
-    "transitions",
-    "walk_rate",
-]
-
 GOALS: dict[str, tuple[str, float]] = {
     "poll_overhead_ratio": ("<=", 1.5),
     "transition_us": ("<=", 50.0),

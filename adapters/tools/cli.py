@@ -19,9 +19,10 @@ from rich.table import Table
 from epd_receiver.adapters.kit.quint import QuintMissing, SpecDirError, check_all, writable_spec_dir
 from epd_receiver.adapters.kit.scenario import ScenarioError, load_scenario, replay
 from epd_receiver.adapters.kit.variants import CATALOGUE, VARIANTS, record_catch, variants_markdown
-from epd_receiver.adapters.kit.world import WorldConfig
+from epd_receiver.adapters.kit.world_config import WorldConfig
 from epd_receiver.adapters.tools import arguments
-from epd_receiver.adapters.tools.bench import GOALS, BenchConfig, run_bench
+from epd_receiver.adapters.tools.bench import GOALS, run_bench
+from epd_receiver.adapters.tools.bench_config import BenchConfig
 from epd_receiver.adapters.tools.simulate import Workload, simulate
 from epd_receiver.fsm import load_spec
 from epd_receiver.fsm.diagram import SYNCED_DOCUMENTS, mermaid, sync_documents
@@ -252,7 +253,8 @@ def _walk(args: argparse.Namespace) -> int:
 
 
 def _variants(args: argparse.Namespace) -> int:
-    from epd_receiver.adapters.kit.fuzz import hunt, register_profiles  # hypothesis is needed only here
+    from epd_receiver.adapters.kit.fuzz import hunt
+    from epd_receiver.adapters.kit.fuzz_profiles import register_profiles
 
     register_profiles()
     chosen = [v for v in CATALOGUE if not args.names or v.name in args.names]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from epd_receiver.adapters.kit.world import WorldConfig
+from epd_receiver.adapters.kit.world_config import WorldConfig
 from epd_receiver.adapters.tools.rank_job import Arrival
 
 BYTES_PER_POSITION = 4 + 12  # an int32 id and three int32 M-RoPE positions per token

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from epd_receiver.adapters.kit.world import WorldConfig
+from epd_receiver.adapters.kit.world_config import WorldConfig
 from epd_receiver.adapters.ports.allocator import OwningBlockAllocator
 from epd_receiver.adapters.ports.buffers import TorchBlockBuffers
 from epd_receiver.adapters.ports.mooncake.link import Engine, Geometry, MooncakeReceiver, SenderUnreachable

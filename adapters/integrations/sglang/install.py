@@ -26,56 +26,23 @@ from http import HTTPStatus
 from typing import Any
 
 from epd_receiver.adapters.integrations.sglang.bridge import (
-    FAKE_BOOTSTRAP_HOST,
     BridgeConfig,
     EmbeddingBridge,
     FailureHook,
-    LanguageEntry,
-    PayloadReleaser,
-    PromptKind,
     ReceiverFactory,
-    classify,
     is_fake,
 )
 from epd_receiver.adapters.integrations.sglang.link import (
-    REMOTE_FAILURE_RECORD,
-    EmbeddingReceiver,
     LinkFactory,
     ReceiverLink,
-    remote_evidence,
 )
 from epd_receiver.adapters.integrations.sglang.mm import (
     MultimodalInputsFactory,
-    MultimodalInputsLike,
     multimodal_inputs_like_sglang,
-    position_delta,
     sglang_factory_if_importable,
-    sglang_multimodal_inputs,
 )
-from epd_receiver.fsm import KVPoll, RankGroup, ReceiverConfig, ReceiverError
+from epd_receiver.fsm import RankGroup, ReceiverConfig, ReceiverError
 from epd_receiver.fsm.ports import Clock
-
-__all__ = [
-    "FAKE_BOOTSTRAP_HOST",
-    "REMOTE_FAILURE_RECORD",
-    "BridgeConfig",
-    "EmbeddingBridge",
-    "EmbeddingReceiver",
-    "KVPoll",
-    "LanguageEntry",
-    "MultimodalInputsLike",
-    "PayloadReleaser",
-    "PromptKind",
-    "ReceiverLink",
-    "classify",
-    "install",
-    "multimodal_inputs_like_sglang",
-    "position_delta",
-    "receiver_factory",
-    "remote_evidence",
-    "report_like_sglang",
-    "sglang_multimodal_inputs",
-]
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,8 @@ from collections.abc import Iterator, Sequence
 
 from epd_receiver.adapters.ports.buffers import TorchBlockBuffers
 from epd_receiver.adapters.ports.mooncake.link import Engine, Geometry
-from epd_receiver.adapters.ports.sender import InProcessSender, SourcePayload
+from epd_receiver.adapters.ports.sender import InProcessSender
+from epd_receiver.adapters.ports.source import SourcePayload
 from epd_receiver.fsm import Room
 
 AUX = 3  # the aux buffer's index in get_buf_infos order: embeddings, ids, M-RoPE, aux, deepstack
