@@ -38,7 +38,7 @@ test: lint model
 WALK_SEED := $(or $(WALK_SEED),$(shell date +%Y%m%d))
 
 fuzz-nightly: $(READY)
-	HYPOTHESIS_PROFILE=nightly $(PY) -m pytest -q tests/test_stateful.py
+	HYPOTHESIS_PROFILE=nightly $(PY) -m pytest -q tests/kit/test_stateful.py
 	$(VENV)/bin/epd-receiver walk --steps 1000000 --seed $(WALK_SEED)
 	$(VENV)/bin/epd-receiver walk --steps 100000 --ranks 0 --seed $(WALK_SEED)
 

@@ -140,7 +140,7 @@ def copy_fork(world: Bench) -> Bench:
     typed error cannot be rebuilt from its args). Tensors are cloned (a tenth of a tensor's deepcopy; no
     two of them share storage), and a simulated rank's condition variable is a fresh one (no thread waits
     on it between events). Against a replay of the event log from a fresh world, which walks the same
-    states (tests/test_explore.py): a copy costs 0.6 to 0.9 ms on one rank and 1.3 ms on two, whatever
+    states (tests/kit/test_explore.py): a copy costs 0.6 to 0.9 ms on one rank and 1.3 ms on two, whatever
     the depth; a replay 0.2 ms and 0.06 ms an event on one rank, and far more on two, where every step
     starts the ranks' threads. Over whole walks the two are within 15% on one rank, and a copy is up to
     three times as fast on two ranks: copying is the default."""

@@ -3,7 +3,7 @@
 A variant is one named, small deviation applied to the real controller from outside: a spec overlay
 (a poll cell or a transition changed) and/or a subclass that replaces one action. The product has no
 switch for any of them. The fuzzer must catch every variant (``epd-receiver variants``,
-``tests/test_variants.py``); a variant it cannot catch is a hole in the suite.
+``tests/kit/test_variants.py``); a variant it cannot catch is a hole in the suite.
 
 Numbers are those of the original system's bug catalogue (spec/RECEIVER.md §6); a variant without one
 is a plausible bug that only a property beyond safety catches (a good request lost, a deadline fired

@@ -1,4 +1,5 @@
-"""A configuration that cannot work is refused when the queue is built, naming the fields.
+"""A configuration that cannot work is refused, naming the fields: by ReceiverConfig alone, or when the
+queue is built.
 
 A first allocation larger than the pool used to make every request fail PoolTooSmall, progress senders
 and one-token payloads included; ports of different block sizes would read rows with a B they were not
@@ -55,3 +56,23 @@ def test_every_deadline_field_the_spec_names_must_be_positive_or_none(field: str
     with pytest.raises(ConfigError, match=f"^{field} must be positive or None$"):
         ReceiverConfig(**{field: 0.0})  # type: ignore[arg-type]
     assert getattr(ReceiverConfig(**{field: None}), field) is None  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"default_alloc_tokens": 0},
+        {"max_total_tokens": 0},
+        {"max_total_tokens": -1},
+        {"transfer_timeout_s": 0.0},
+        {"resume_timeout_s": -1.0},
+    ],
+)
+def test_impossible_configuration_is_refused(fields: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        ReceiverConfig(**fields)  # type: ignore[arg-type]
+
+
+def test_the_smallest_configuration_is_accepted() -> None:
+    config = ReceiverConfig(default_alloc_tokens=1, max_total_tokens=1, transfer_timeout_s=0.5)
+    assert (config.default_alloc_tokens, config.max_total_tokens, config.transfer_timeout_s) == (1, 1, 0.5)

@@ -14,7 +14,7 @@ import pytest
 
 from epd_receiver.adapters.kit.scenario import load_scenario, replay
 
-SCENARIOS = sorted((Path(__file__).parent.parent / "spec" / "scenarios").glob("*.json"))
+SCENARIOS = sorted((Path(__file__).parents[2] / "spec" / "scenarios").glob("*.json"))
 
 
 def test_scenarios_are_shipped() -> None:

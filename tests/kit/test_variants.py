@@ -1,7 +1,7 @@
 """The fuzzer is sharp: every catalogued receiver bug, re-created as a variant, is caught.
 
 Both directions are asserted: each variant breaks an invariant (or trips a guard) within the active
-Hypothesis profile, and the unmodified controller passes the very same machine (tests/test_stateful.py).
+Hypothesis profile, and the unmodified controller passes the very same machine (tests/kit/test_stateful.py).
 Each variant's recorded minimal schedule (spec/scenarios/bugs/) must reproduce the catch on replay and
 be clean on the real controller.
 """
@@ -19,7 +19,7 @@ from epd_receiver.adapters.kit.judge import label as catch_label
 from epd_receiver.adapters.kit.scenario import replay
 from epd_receiver.adapters.kit.variants import CATALOGUE, PENDING, VARIANTS, Variant, scenario_path, variants_markdown
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 BUGS = ROOT / "spec" / "scenarios" / "bugs"
 CATCHES: list[Catch] = []
 NEW = [v for v in CATALOGUE if v.bug is None]

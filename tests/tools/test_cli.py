@@ -330,7 +330,7 @@ def test_every_option_shows_its_default(name: str) -> None:
 
 # ---- commands that write files: into a checkout, never into an installed package ----------------------
 
-SPEC = Path(__file__).parent.parent / "spec"
+SPEC = Path(__file__).parents[2] / "spec"
 STALE = "<!-- generated:states -->\nstale\n<!-- /generated:states -->"
 
 

@@ -49,7 +49,7 @@ from epd_receiver.adapters.kit.scenario import replay
 from epd_receiver.adapters.kit.variants import CATALOGUE, Variant, scenario_path
 from epd_receiver.adapters.tools.cli import main
 
-BUGS = Path(__file__).parent.parent / "spec" / "scenarios" / "bugs"
+BUGS = Path(__file__).parents[2] / "spec" / "scenarios" / "bugs"
 REPORT: list[str] = []
 
 

@@ -619,7 +619,7 @@ def test_a_link_that_raises_when_told_of_the_failure_does_not_stop_the_failure(h
 # ---- parsing the spec afresh ---------------------------------------------------------------------------
 # load_spec() hands out the packaged spec parsed once per process; these parse its text again.
 
-RECEIVER_MD = Path(__file__).parent.parent / "spec" / "RECEIVER.md"
+RECEIVER_MD = Path(__file__).parents[2] / "spec" / "RECEIVER.md"
 
 
 def fresh_spec() -> ReceiverSpec:
