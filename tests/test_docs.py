@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from epd_receiver.adapters.kit.variants import variants_markdown
+from epd_receiver.adapters.kit.variant_records import variants_markdown
 from epd_receiver.fsm import load_spec
 from epd_receiver.fsm.diagram import (
     SYNCED_DOCUMENTS,

@@ -3,7 +3,9 @@
 A variant is one named, small deviation applied to the real controller from outside: a spec overlay
 (a poll cell or a transition changed) and/or a subclass that replaces one action. The product has no
 switch for any of them. The fuzzer must catch every variant (``epd-receiver variants``,
-``tests/kit/test_variants.py``); a variant it cannot catch is a hole in the suite.
+``tests/kit/test_variants.py``); a variant it cannot catch is a hole in the suite. The overlays are
+in ``variant_overlays.py``, the subclasses in ``deviations.py``; ``variant_records.py`` keeps what the
+fuzzer found for each variant.
 
 Numbers are those of the original system's bug catalogue (spec/RECEIVER.md §6); a variant without one
 is a plausible bug that only a property beyond safety catches (a good request lost, a deadline fired
@@ -13,10 +15,8 @@ early, the allocation order broken: I12-I14).
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from epd_receiver.adapters.kit.deviations import (
@@ -35,6 +35,19 @@ from epd_receiver.adapters.kit.deviations import (
     WarmupTreatedAsReal,
 )
 from epd_receiver.adapters.kit.eager_fan_in import EagerFanIn
+from epd_receiver.adapters.kit.variant_overlays import (
+    A0_FREED_BUT_STILL_HELD,
+    ABORT_FREES_BLOCKS_IN_FLIGHT,
+    AUX_OF_RESUME_BLOCKS_AT_SUCCESS,
+    FREE_THEN_TRY_ONCE,
+    HOLD_AND_WAIT,
+    RANKS_DECIDE_ALONE,
+    RESUME_DEDUPED_BY_BLOCKS,
+    SECOND_ROUND_NEVER_TRIGGERED,
+    SEED_READS_RESUME_BLOCKS,
+    STALE_AUX_ASSUMED_ZERO,
+    TRANSFERRING_REHANDLED,
+)
 from epd_receiver.adapters.ports.payload import EmbeddingPayload
 from epd_receiver.fsm import ReceiverQueue, ReceiverRequest, ReceiverSpec, load_spec
 
@@ -68,64 +81,13 @@ def _spec(name: str) -> ReceiverSpec:
 
 # ---- the catalogue -----------------------------------------------------------------------------------
 
-
-def _action(name: str, doc: str) -> dict[str, Any]:
-    return {"actions": {name: {"doc": doc}}}
-
-
-def _merge(*overlays: Mapping[str, Any]) -> dict[str, Any]:
-    merged: dict[str, Any] = {}
-    for overlay in overlays:
-        for key, value in overlay.items():
-            if isinstance(value, dict):
-                merged.setdefault(key, {}).update(value)
-            else:
-                merged[key] = merged.get(key, []) + list(value)
-    return merged
-
-
-REHANDLE_TRANSFERRING = {"polls": {"RESUMING": {"Transferring": "first_chunk_landed"}}}
-
 CATALOGUE = (
     Variant(
         "ranks-decide-alone",
         4,
         "Each tensor-parallel rank decides from its own aux row: a rank that read another T (or 0) takes "
         "another branch than its peers, and their pools drift apart.",
-        overlay={
-            "transitions": [
-                {
-                    "trigger": "first_chunk_landed",
-                    "source": "TRANSFERRING",
-                    "dest": "WAITING_FOR_BLOCKS",
-                    "unless": ["is_warmup"],
-                    "reads": ["aux", "data"],
-                    "actions": [
-                        "learn_total",
-                        "check_total",
-                        "expect_remainder",
-                        "expect_landed",
-                        "gather_landed",
-                        "free_blocks",
-                    ],
-                },
-                {
-                    "trigger": "payload_landed",
-                    "source": "TRANSFERRING",
-                    "dest": "SUCCESS",
-                    "unless": ["is_warmup"],
-                    "reads": ["aux", "data"],
-                    "actions": [
-                        "learn_total",
-                        "check_total",
-                        "expect_no_remainder",
-                        "expect_landed",
-                        "gather_landed",
-                        "verify_checksum",
-                    ],
-                },
-            ]
-        },
+        overlay=RANKS_DECIDE_ALONE,
         caught_by=frozenset({"I9"}),
         ranks=2,
     ),
@@ -141,40 +103,14 @@ CATALOGUE = (
         3,
         "At Success after a resume, T is read from the aux row of A1[0], which the sender never wrote.",
         TotalFromCurrentBlocks,
-        _merge(
-            _action("learn_total_from_current", "T from the current allocation's first aux row."),
-            {
-                "transitions": [
-                    {
-                        "trigger": "payload_landed",
-                        "source": "RESUMING",
-                        "dest": "SUCCESS",
-                        "reads": ["aux", "data"],
-                        "actions": ["learn_total_from_current", "gather_landed"],
-                    }
-                ]
-            },
-        ),
+        AUX_OF_RESUME_BLOCKS_AT_SUCCESS,
         frozenset({"ReadOutsideWindow"}),
     ),
     Variant(
         "transferring-rehandled",
         5,
         "Every Transferring poll after the resume re-reads the resume blocks, frees them and resumes again.",
-        overlay=_merge(
-            REHANDLE_TRANSFERRING,
-            {
-                "transitions": [
-                    {
-                        "trigger": "first_chunk_landed",
-                        "source": "RESUMING",
-                        "dest": "WAITING_FOR_BLOCKS",
-                        "reads": ["data"],
-                        "actions": ["gather_landed", "free_blocks"],
-                    }
-                ]
-            },
-        ),
+        overlay=TRANSFERRING_REHANDLED,
         caught_by=frozenset({"I1", "I3", "I4", "I5"}),
     ),
     Variant(
@@ -182,21 +118,7 @@ CATALOGUE = (
         6,
         "Transferring after the resume re-allocates; a resume is skipped only when the same blocks come back.",
         DedupeByBlocks,
-        _merge(
-            REHANDLE_TRANSFERRING,
-            _action("rehandle_unless_same_blocks", "Free, re-allocate, resume unless the blocks repeat."),
-            {
-                "transitions": [
-                    {
-                        "trigger": "first_chunk_landed",
-                        "source": "RESUMING",
-                        "dest": "RESUMING",
-                        "internal": True,
-                        "actions": ["rehandle_unless_same_blocks"],
-                    }
-                ]
-            },
-        ),
+        RESUME_DEDUPED_BY_BLOCKS,
         frozenset({"I1", "I4", "I5", "I6", "I8"}),  # or stuck: a round it thinks it already resumed
     ),
     Variant(
@@ -204,22 +126,7 @@ CATALOGUE = (
         7,
         "The seed: every Transferring after the resume reads the resume blocks and takes T from their aux row.",
         TotalFromCurrentBlocks,
-        _merge(
-            REHANDLE_TRANSFERRING,
-            _action("learn_total_from_current", "T from the current allocation's first aux row."),
-            {
-                "transitions": [
-                    {
-                        "trigger": "first_chunk_landed",
-                        "source": "RESUMING",
-                        "dest": "RESUMING",
-                        "internal": True,
-                        "reads": ["aux", "data"],
-                        "actions": ["learn_total_from_current", "gather_landed"],
-                    }
-                ]
-            },
-        ),
+        SEED_READS_RESUME_BLOCKS,
         frozenset({"ReadOutsideWindow"}),
     ),
     Variant(
@@ -227,27 +134,7 @@ CATALOGUE = (
         14,
         "A0 is freed at the first Transferring but still recorded; a failure while waiting frees it again.",
         FreeKeepsRecord,
-        _merge(
-            _action("free_but_keep_record", "Free the blocks and keep naming them."),
-            {
-                "transitions": [
-                    {
-                        "trigger": "first_chunk_landed",
-                        "source": "TRANSFERRING",
-                        "dest": "WAITING_FOR_BLOCKS",
-                        "unless": ["is_warmup"],
-                        "reads": ["aux", "data"],
-                        "actions": [
-                            "learn_total",
-                            "check_total",
-                            "expect_remainder",
-                            "gather_landed",
-                            "free_but_keep_record",
-                        ],
-                    }
-                ]
-            },
-        ),
+        A0_FREED_BUT_STILL_HELD,
         frozenset({"I5", "OwnershipError"}),
     ),
     Variant(
@@ -255,28 +142,7 @@ CATALOGUE = (
         15,
         "A0 is freed, the remainder is tried once; if the pool is short the request never tries again.",
         TryRemainderOnce,
-        _merge(
-            _action("alloc_remainder_once", "Allocate the remainder now or never."),
-            {
-                "transitions": [
-                    {
-                        "trigger": "first_chunk_landed",
-                        "source": "TRANSFERRING",
-                        "dest": "RESUMING",
-                        "unless": ["is_warmup"],
-                        "reads": ["aux", "data"],
-                        "actions": [
-                            "learn_total",
-                            "check_total",
-                            "expect_remainder",
-                            "gather_landed",
-                            "free_blocks",
-                            "alloc_remainder_once",
-                        ],
-                    }
-                ]
-            },
-        ),
+        FREE_THEN_TRY_ONCE,
         frozenset({"I8", "I5"}),  # stuck, or reading a "round" of no blocks when the sender reports progress
     ),
     Variant(
@@ -313,7 +179,7 @@ CATALOGUE = (
         "second-round-never-triggered",
         21,
         "A Transferring after a resume is always ignored, so a remainder larger than one round never completes.",
-        overlay={"polls": {"RESUMING": {"Transferring": "noop"}}},
+        overlay=SECOND_ROUND_NEVER_TRIGGERED,
         caught_by=frozenset({"I8"}),
     ),
     Variant(
@@ -321,20 +187,7 @@ CATALOGUE = (
         22,
         "At Success after a resume, a non-zero aux row in A1[0] (stale, from an earlier request) is taken as T.",
         StaleAuxTrusted,
-        _merge(
-            _action("trust_nonzero_aux_of_current", "Take A1[0]'s aux as T unless it is zero."),
-            {
-                "transitions": [
-                    {
-                        "trigger": "payload_landed",
-                        "source": "RESUMING",
-                        "dest": "SUCCESS",
-                        "reads": ["data"],
-                        "actions": ["trust_nonzero_aux_of_current", "gather_landed"],
-                    }
-                ]
-            },
-        ),
+        STALE_AUX_ASSUMED_ZERO,
         frozenset({"I2", "I5"}),
     ),
     Variant(
@@ -342,17 +195,7 @@ CATALOGUE = (
         23,
         "A request that fails while its sender may still write frees its blocks at once, so the late write "
         "lands in a free block or in the request that is handed it next.",
-        overlay={
-            "transitions": [
-                {
-                    "trigger": "fail",
-                    "source": ["TRANSFERRING", "RESUMING"],
-                    "dest": "FAILED",
-                    "conditions": ["sender_may_write"],
-                    "actions": ["record_error", "notify_sender", "free_blocks"],
-                }
-            ]
-        },
+        overlay=ABORT_FREES_BLOCKS_IN_FLIGHT,
         caught_by=frozenset({"I5", "I6"}),
     ),
     Variant(
@@ -389,24 +232,7 @@ CATALOGUE = (
         "hold-and-wait",
         24,
         "A0 is held while waiting for the remainder and freed only once it is granted: a full pool deadlocks.",
-        overlay={
-            "transitions": [
-                {
-                    "trigger": "first_chunk_landed",
-                    "source": "TRANSFERRING",
-                    "dest": "WAITING_FOR_BLOCKS",
-                    "unless": ["is_warmup"],
-                    "reads": ["aux", "data"],
-                    "actions": ["learn_total", "check_total", "expect_remainder", "gather_landed"],
-                },
-                {
-                    "trigger": "blocks_granted",
-                    "source": "WAITING_FOR_BLOCKS",
-                    "dest": "RESUMING",
-                    "actions": ["free_blocks", "take_blocks", "send_resume"],
-                },
-            ]
-        },
+        overlay=HOLD_AND_WAIT,
         caught_by=frozenset({"I8"}),
     ),
 )
@@ -416,45 +242,3 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in CATALOGUE}
 # Catalogued receiver bugs whose variants need a feature this version does not have yet; each is added
 # by the work that builds the feature, and must then be caught like the others.
 PENDING: dict[int, str] = {}
-
-
-# ---- minimal failing schedules -------------------------------------------------------------------------
-
-
-def scenario_path(directory: Path, variant: Variant) -> Path:
-    number = "new" if variant.bug is None else f"{variant.bug:02d}"
-    return directory / f"{number}-{variant.name}.json"
-
-
-def record_catch(directory: Path, variant: Variant, catch: Any) -> Path:
-    """Keep the fuzzer's shrunk program for ``variant`` as a replay scenario, with what caught it."""
-    path = scenario_path(directory, variant)
-    directory.mkdir(parents=True, exist_ok=True)
-    scenario = {
-        "description": f"{'new' if variant.bug is None else f'#{variant.bug}'}: {variant.trigger}",
-        "caught_by": catch.by,
-        "first_violation": catch.violation,
-        "steps": catch.steps,
-        **catch.scenario,
-    }
-    path.write_text(json.dumps(scenario, indent=1) + "\n", encoding="utf-8")
-    return path
-
-
-def variants_markdown(directory: Path) -> str:
-    """The VERIFICATION.md table: bug, variant, what caught it, and the recorded minimal schedule."""
-    rows = [
-        "| bug | variant (trigger) | caught by | shrunk steps | minimal schedule |",
-        "|---|---|---|---|---|",
-    ]
-    for variant in sorted(CATALOGUE, key=lambda v: (v.bug is None, v.bug or 0)):
-        path = scenario_path(directory, variant)
-        recorded = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-        schedule = f"`bugs/{path.name}`" if recorded else "not recorded"
-        rows.append(
-            f"| {'new' if variant.bug is None else f'#{variant.bug}'} | `{variant.name}`: {variant.trigger} "
-            f"| {recorded.get('caught_by', '?')} "
-            f"| {recorded.get('steps', '?')} | {schedule} |"
-        )
-    rows += [f"| #{bug} | pending: {why} | | | |" for bug, why in sorted(PENDING.items())]
-    return "\n".join(rows)

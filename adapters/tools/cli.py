@@ -18,7 +18,8 @@ from rich.table import Table
 
 from epd_receiver.adapters.kit.quint import QuintMissing, SpecDirError, check_all, writable_spec_dir
 from epd_receiver.adapters.kit.scenario import ScenarioError, load_scenario, replay
-from epd_receiver.adapters.kit.variants import CATALOGUE, VARIANTS, record_catch, variants_markdown
+from epd_receiver.adapters.kit.variant_records import record_catch, variants_markdown
+from epd_receiver.adapters.kit.variants import CATALOGUE, VARIANTS
 from epd_receiver.adapters.kit.world_config import WorldConfig
 from epd_receiver.adapters.tools import arguments
 from epd_receiver.adapters.tools.bench import GOALS, run_bench

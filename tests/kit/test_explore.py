@@ -46,7 +46,8 @@ from epd_receiver.adapters.kit.explore_world import Bench, enabled, fingerprint
 from epd_receiver.adapters.kit.geometry import first_blocks, small_config
 from epd_receiver.adapters.kit.judge import label
 from epd_receiver.adapters.kit.scenario import replay
-from epd_receiver.adapters.kit.variants import CATALOGUE, Variant, scenario_path
+from epd_receiver.adapters.kit.variant_records import scenario_path
+from epd_receiver.adapters.kit.variants import CATALOGUE, Variant
 from epd_receiver.adapters.tools.cli import main
 
 BUGS = Path(__file__).parents[2] / "spec" / "scenarios" / "bugs"

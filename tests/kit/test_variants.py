@@ -17,7 +17,8 @@ import pytest
 from epd_receiver.adapters.kit.fuzz import Catch, hunt
 from epd_receiver.adapters.kit.judge import label as catch_label
 from epd_receiver.adapters.kit.scenario import replay
-from epd_receiver.adapters.kit.variants import CATALOGUE, PENDING, VARIANTS, Variant, scenario_path, variants_markdown
+from epd_receiver.adapters.kit.variant_records import scenario_path, variants_markdown
+from epd_receiver.adapters.kit.variants import CATALOGUE, PENDING, VARIANTS, Variant
 
 ROOT = Path(__file__).parents[2]
 BUGS = ROOT / "spec" / "scenarios" / "bugs"

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from epd_receiver.adapters.kit.quint import QuintMissing, quint_binary
-from epd_receiver.adapters.kit.variants import variants_markdown
+from epd_receiver.adapters.kit.variant_records import variants_markdown
 from epd_receiver.adapters.kit.world_config import WorldConfig
 from epd_receiver.adapters.tools.arguments import parser
 from epd_receiver.adapters.tools.cli import main
