@@ -1,14 +1,14 @@
-"""The ``epd-receiver`` command line: simulate, replay and spec diagram, as an operator would run them.
+"""The ``epd-receiver`` command line: simulate and replay, as an operator would run them.
 
-The CLI is how a reviewer reproduces a protocol case (a replayed scenario), checks the whole bench end to
-end (a simulated workload, every payload verified, no block leaked) and reads the spec (the diagram).
-Its JSON is what scripts consume and its exit codes are what CI branches on, so both are pinned here:
-0 for a clean run, 2 for a scenario that is itself malformed, with the reason on stderr.
+The CLI is how a reviewer reproduces a protocol case (a replayed scenario) and checks the whole bench end
+to end (a simulated workload, every payload verified, no block leaked). Its JSON is what scripts consume
+and its exit codes are what CI branches on, so both are pinned here: 0 for a clean run, 2 for a scenario
+that is itself malformed, with the reason on stderr. The parser is pinned in ``test_cli_parser.py``, the
+``spec`` commands in ``test_cli_spec.py``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
@@ -19,13 +19,9 @@ from typing import Any
 
 import pytest
 
-from epd_receiver.adapters.kit.quint import QuintMissing, quint_binary
-from epd_receiver.adapters.kit.variant_records import variants_markdown
 from epd_receiver.adapters.kit.world_config import WorldConfig
-from epd_receiver.adapters.tools.arguments import parser
 from epd_receiver.adapters.tools.cli import main
 from epd_receiver.adapters.tools.simulate import Workload, simulate
-from epd_receiver.fsm import State
 
 SEED_CONFIG = {"block_size": 128, "num_blocks": 160, "default_alloc_tokens": 8192, "hidden_size": 8}
 SEED_REQUESTS = [{"room": 1, "total_tokens": 16384}]
@@ -106,16 +102,12 @@ def test_simulate_without_json_prints_a_table(capsys: pytest.CaptureFixture[str]
     assert "succeeded" in out and "leaked blocks" in out
 
 
-# ---- spec diagram -----------------------------------------------------------------------------------
+def test_a_simulation_whose_first_allocation_cannot_fit_the_pool_is_refused_before_it_runs() -> None:
+    """No request could ever be admitted: the run would only spin to its iteration limit."""
+    config = WorldConfig(block_size=128, num_blocks=2, default_alloc_tokens=100_000, hidden_size=8)
 
-
-def test_spec_diagram_prints_a_mermaid_state_diagram_of_every_state(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run_cli(capsys, "spec", "diagram")
-
-    assert code == 0
-    assert "stateDiagram-v2" in out.splitlines()
-    for state in State:
-        assert state.name in out
+    with pytest.raises(ValueError, match="default_alloc_tokens=100000 needs 782 blocks"):
+        simulate(config, Workload(requests=1, max_iterations=50))
 
 
 # ---- replay -----------------------------------------------------------------------------------------
@@ -216,13 +208,6 @@ def test_replay_of_invalid_json_or_a_missing_file_exits_2(tmp_path: Path, capsys
     assert code == 2 and "absent.json" in err
 
 
-def test_usage_errors_exit_through_argparse(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as raised:
-        main(["no-such-command"])
-    assert raised.value.code == 2
-    assert "invalid choice" in capsys.readouterr().err
-
-
 # ---- the installed entry point ------------------------------------------------------------------------
 
 
@@ -243,205 +228,3 @@ def test_installed_console_script_replays_a_scenario(tmp_path: Path) -> None:
     report = json.loads(result.stdout)
     assert report["requests"]["1"]["state"] == "SUCCESS"
     assert report["pool"]["owned"] == 0
-
-
-@pytest.mark.parametrize(
-    ("argv", "says"),
-    [
-        (["simulate", "--num-blocks", "0"], "--num-blocks: must be a positive whole number, not 0"),
-        (["simulate", "--deliver-prob", "-1"], "--deliver-prob: must be above 0 and at most 1"),
-        (["simulate", "--deliver-prob", "0"], "--deliver-prob: must be above 0 and at most 1"),
-        (["simulate", "--abort-rate", "1.5"], "--abort-rate: must be between 0 and 1"),
-        (["simulate", "--deepstack", "-2"], "--deepstack: must not be negative"),
-        (["simulate", "--requests", "many"], "--requests: not a whole number: 'many'"),
-        (["bench", "--threads", "0"], "--threads: must be a positive whole number"),
-        (["walk", "--steps", "-5"], "--steps: must be a positive whole number"),
-        (["walk", "--steps", "-1"], "--steps: must be a positive whole number"),
-        (["walk", "--ranks", "4"], "--ranks: invalid choice"),
-        (
-            ["simulate", "--num-blocks", "2", "--default-alloc-tokens", "100000"],
-            "default_alloc_tokens=100000 needs 782 blocks of block_size=128 tokens, more than the pool's num_blocks=2",
-        ),
-        (["simulate", "--num-blocks", "1", "--block-size", "4", "--default-alloc", "5"], "num_blocks=1"),
-        (["explore", "--depth", "0"], "--depth: must be a positive whole number"),
-        (["explore", "--ranks", "3"], "--ranks: invalid choice"),
-        (["explore", "--variant", "no-such-bug"], "--variant: invalid choice"),
-        (["bench", "--total-tokens", "100"], "--total-tokens 100 fits in A0"),
-        (["bench", "--block-sizes", "0"], "--block-sizes: must be a positive whole number"),
-        (["replay"], "the following arguments are required: scenario"),
-        (["replay", "x.json", "--variant", "no-such-bug"], "--variant: invalid choice"),
-        (["variants", "no-such-bug"], "unknown variant 'no-such-bug'"),
-        (["spec", "check", "--samples", "0"], "--samples: must be a positive whole number"),
-    ],
-)
-def test_an_impossible_value_is_refused_by_the_parser_with_status_2(
-    argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    with pytest.raises(SystemExit) as stopped:
-        main(argv)
-    assert stopped.value.code == 2
-    assert says in capsys.readouterr().err
-
-
-def subparsers(top: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    """Every command's parser by its name, nested commands as ``spec check``."""
-    found: dict[str, argparse.ArgumentParser] = {}
-    for action in top._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for command in action.choices.values():
-                prefix = command.prog.split(" ", 1)[1]
-                found[prefix] = command
-                found |= subparsers(command)
-    return found
-
-
-COMMANDS = subparsers(parser())
-
-
-def test_help_lists_every_command_with_one_line_each(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("COLUMNS", "80")
-    with pytest.raises(SystemExit) as stopped:
-        main(["--help"])
-    assert stopped.value.code == 0
-    listing = capsys.readouterr().out
-    commands = listing[listing.index("  COMMAND\n") : listing.index("\noptions:")].splitlines()[1:]
-    top = [name for name in COMMANDS if " " not in name]
-    assert set(top) == {"simulate", "bench", "replay", "variants", "explore", "walk", "spec"}
-    assert [line.split()[0] for line in commands if line.strip()] == top, "one line per command, in order"
-    for line in commands:
-        assert len(line.split(maxsplit=1)) == 2, f"{line.strip()}: no help line"
-
-
-@pytest.mark.parametrize("name", sorted(COMMANDS))
-def test_every_option_shows_its_default(name: str) -> None:
-    """Each option with a default says it in its help; a None default is named in the help or not at all."""
-    command = COMMANDS[name]
-    shown = command.format_help()
-    assert command.formatter_class is not argparse.HelpFormatter
-    for action in command._actions:
-        if not action.option_strings or action.default in (None, argparse.SUPPRESS):
-            continue
-        text = command._get_formatter()._format_action(action)
-        assert "(default:" in text and str(action.default) in " ".join(text.split()), (name, action.dest)
-    assert "(default: None)" not in shown
-
-
-# ---- commands that write files: into a checkout, never into an installed package ----------------------
-
-SPEC = Path(__file__).parents[2] / "spec"
-STALE = "<!-- generated:states -->\nstale\n<!-- /generated:states -->"
-
-
-def copy_spec(destination: Path) -> Path:
-    """The checkout's spec/ (without node_modules) at ``destination``, its state table made stale."""
-    shutil.copytree(SPEC, destination, ignore=shutil.ignore_patterns("node_modules", "__pycache__"))
-    document = destination / "RECEIVER.md"
-    text = document.read_text(encoding="utf-8")
-    start, end = text.index("<!-- generated:states -->"), text.index("<!-- /generated:states -->")
-    document.write_text(text[:start] + STALE + text[end + len("<!-- /generated:states -->") :], encoding="utf-8")
-    return destination
-
-
-def test_spec_sync_writes_into_the_spec_directory_it_is_given(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    spec = copy_spec(tmp_path / "checkout" / "spec")
-    ours = (SPEC / "RECEIVER.md").read_bytes()
-
-    assert run_cli(capsys, "spec", "sync", "--spec-dir", str(spec), "--check")[0] == 1
-    code, out, _ = run_cli(capsys, "spec", "sync", "--spec-dir", str(spec))
-
-    assert code == 0 and "regenerated" in out and str(spec) in out
-    assert STALE not in (spec / "RECEIVER.md").read_text(encoding="utf-8")
-    assert run_cli(capsys, "spec", "sync", "--spec-dir", str(spec), "--check")[0] == 0
-    assert (SPEC / "RECEIVER.md").read_bytes() == ours, "the checkout's own document is left alone"
-
-
-def test_spec_sync_defaults_to_the_checkout_it_runs_in(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """``make docs`` runs ``epd-receiver spec sync`` from the checkout's root."""
-    spec = copy_spec(tmp_path / "checkout" / "spec")
-    monkeypatch.chdir(spec.parent)
-
-    assert run_cli(capsys, "spec", "sync")[0] == 0
-    assert STALE not in (spec / "RECEIVER.md").read_text(encoding="utf-8")
-
-
-@pytest.mark.parametrize("command", [["spec", "sync"], ["spec", "sync", "--check"], ["spec", "check"]])
-def test_outside_a_checkout_the_spec_directory_must_be_named(
-    command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.chdir(tmp_path)
-
-    code, out, err = run_cli(capsys, *command)
-
-    assert code == 2 and out == ""
-    assert "--spec-dir" in err and str(tmp_path / "spec") in err
-
-
-@pytest.mark.parametrize("packages", ["site-packages", "dist-packages"])
-@pytest.mark.parametrize("command", [["spec", "sync"], ["spec", "check"]])
-def test_nothing_is_written_into_an_installed_package(
-    packages: str, command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    installed = copy_spec(tmp_path / "lib" / "python3.11" / packages / "epd_receiver" / "spec")
-    before = {p: p.read_bytes() for p in installed.rglob("*") if p.is_file()}
-
-    code, out, err = run_cli(capsys, *command, "--spec-dir", str(installed))
-
-    assert code == 2 and out == ""
-    assert "installed package" in err and "--spec-dir" in err
-    assert {p: p.read_bytes() for p in installed.rglob("*") if p.is_file()} == before
-    assert not (installed / "node_modules").exists()
-
-
-def test_a_spec_directory_without_the_spec_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run_cli(capsys, "spec", "sync", "--spec-dir", str(tmp_path))
-
-    assert code == 2 and "receiver.toml" in err and str(tmp_path) in err
-
-
-def test_quint_is_never_to_be_installed_into_an_installed_package(tmp_path: Path) -> None:
-    installed = copy_spec(tmp_path / "site-packages" / "epd_receiver" / "spec")
-
-    with pytest.raises(QuintMissing) as missing:
-        quint_binary(installed)
-
-    assert f"`npm ci` in {installed}" not in str(missing.value)
-    assert "not into the installed package" in str(missing.value) and "--spec-dir" in str(missing.value)
-
-
-def test_a_simulation_whose_first_allocation_cannot_fit_the_pool_is_refused_before_it_runs() -> None:
-    """No request could ever be admitted: the run would only spin to its iteration limit."""
-    config = WorldConfig(block_size=128, num_blocks=2, default_alloc_tokens=100_000, hidden_size=8)
-
-    with pytest.raises(ValueError, match="default_alloc_tokens=100000 needs 782 blocks"):
-        simulate(config, Workload(requests=1, max_iterations=50))
-
-
-def test_spec_sync_refreshes_each_section_in_the_document_that_holds_it(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """A generated section is refreshed in whichever document holds it: moved from one to the other and
-    left stale there, it is regenerated in its new place and the first document is left alone."""
-    spec = copy_spec(tmp_path / "spec")
-    assert run_cli(capsys, "spec", "sync", "--spec-dir", str(spec))[0] == 0
-    opening, closing = "<!-- generated:variants -->", "<!-- /generated:variants -->"
-    documents = [spec / "RECEIVER.md", spec / "VERIFICATION.md"]
-    holder, other = sorted(documents, key=lambda d: opening not in d.read_text(encoding="utf-8"))
-    text = holder.read_text(encoding="utf-8")
-    start, end = text.index(opening), text.index(closing) + len(closing)
-    holder.write_text(text[:start] + text[end:], encoding="utf-8")
-    other.write_text(other.read_text(encoding="utf-8") + f"{opening}\nSTALE-VARIANTS\n{closing}\n", encoding="utf-8")
-    before = holder.read_bytes()
-
-    code, out, _ = run_cli(capsys, "spec", "sync", "--spec-dir", str(spec))
-
-    assert code == 0 and f"{other}: regenerated" in out and f"{holder}: up to date" in out
-    assert "STALE-VARIANTS" not in other.read_text(encoding="utf-8")
-    assert variants_markdown(spec / "scenarios" / "bugs") in other.read_text(encoding="utf-8")
-    assert holder.read_bytes() == before
-    assert run_cli(capsys, "spec", "sync", "--spec-dir", str(spec), "--check")[0] == 0
