@@ -7,8 +7,8 @@ without holding back the ones behind it; blocks come back exactly once, on relea
 from __future__ import annotations
 
 import pytest
-from controller_bench import BYSTANDER, POOL, SUBJECT, B, Bench, D, assert_failed_cleanly
-from fakes import HOG, FakeLink
+from support.controller_bench import BYSTANDER, POOL, SUBJECT, B, Bench, D, assert_failed_cleanly
+from support.fakes import HOG, FakeLink
 
 from epd_receiver.fsm import (
     ContractError,

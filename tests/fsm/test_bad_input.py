@@ -6,7 +6,7 @@ Each must fail that request only, with a typed error naming the room and cause, 
 from __future__ import annotations
 
 import pytest
-from controller_bench import (
+from support.controller_bench import (
     BYSTANDER,
     MAX_T,
     POOL,
@@ -18,7 +18,7 @@ from controller_bench import (
     bench_with_subject_in,
     subject_lands,
 )
-from fakes import ExplainingLink, FakePayload
+from support.fakes import ExplainingLink, FakePayload
 
 from epd_receiver.fsm import (
     AuxRow,

@@ -6,8 +6,8 @@ A deadline counts from entering the state, exactly-at is still in time, and a st
 from __future__ import annotations
 
 import pytest
-from controller_bench import SPEC, SUBJECT, Bench, D, assert_failed_cleanly, bench_with_subject_in
-from fakes import FakeClock
+from support.controller_bench import SPEC, SUBJECT, Bench, D, assert_failed_cleanly, bench_with_subject_in
+from support.fakes import FakeClock
 
 from epd_receiver.fsm import (
     KVPoll,

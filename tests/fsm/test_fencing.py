@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from controller_bench import (
+from support.controller_bench import (
     BYSTANDER,
     NON_TERMINAL,
     RESUMED_TOTAL,
@@ -20,7 +20,7 @@ from controller_bench import (
     bench_with_subject_in,
     subject_lands,
 )
-from fakes import BrokenLink, ConcludingLink, FakeClock, FakeLink, RaisingLink
+from support.fakes import BrokenLink, ConcludingLink, FakeClock, FakeLink, RaisingLink
 
 from epd_receiver.fsm import (
     Aborted,

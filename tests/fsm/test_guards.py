@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from test_spec import dump_toml
+from support.spec_text import dump_toml
 
 from epd_receiver.adapters.ports.allocator import OwningBlockAllocator
 from epd_receiver.adapters.ports.buffers import TorchBlockBuffers

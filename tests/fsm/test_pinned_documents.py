@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_pinned_spec import fresh_spec
+from support.spec_text import fresh_spec
 
 from epd_receiver.fsm import load_spec
 from epd_receiver.fsm.diagram import generated_sections, mermaid, sync_generated, timeouts_markdown

@@ -9,11 +9,9 @@ mutation testing of ``fsm/`` finds).
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
-from controller_bench import Bench
-from fakes import FakeAllocator, FakeBuffers, FakeLink, ProgressLink
+from support.controller_bench import Bench, progress_request
+from support.fakes import FakeAllocator, FakeBuffers, FakeLink, ProgressLink
 
 from epd_receiver.fsm import ConfigError, KVPoll, ReceiverConfig, ReceiverQueue, State
 
@@ -113,17 +111,6 @@ def test_a_request_too_large_for_the_pool_is_told_how_many_blocks_it_needs() -> 
     bench.land(1, 4 + 9, KVPoll.Transferring)  # a remainder of 9: ceil(9 / 4) = 3 blocks
     bench.step()
     assert request.error is not None and request.error.detail == "needs 3 blocks, the pool has 2"
-
-
-def progress_request(bench: Bench, total: int, room: int = 1) -> tuple[ProgressLink, Any]:
-    """A request whose link reports progress, its init sent; its first chunk of 8 has landed (not yet read)."""
-    link = ProgressLink()
-    bench.links[room] = link
-    request = bench.queue.add(room, link)
-    bench.step()
-    bench.land(room, total, KVPoll.Transferring)
-    link.landed = 8
-    return link, request
 
 
 def test_with_progress_a_remainder_of_one_token_gets_its_block() -> None:

@@ -13,9 +13,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from controller_bench import B, Bench, two_ranks_transferring
-from fakes import FakeAllocator, FakeBuffers, FakeClock, FakeLink, PeerRank
-from test_pinned_queue import progress_request
+from support.controller_bench import B, Bench, progress_request, two_ranks_transferring
+from support.fakes import FakeAllocator, FakeBuffers, FakeClock, FakeLink, PeerRank
 
 from epd_receiver.fsm import (
     LINK_ERROR,

@@ -10,9 +10,8 @@ mutation testing of ``fsm/`` finds).
 from __future__ import annotations
 
 import pytest
-from controller_bench import B, Bench
-from fakes import BrokenLink, FakeAllocator, FakeBuffers, FakeClock, FakeLink, FakePayload
-from test_pinned_queue import progress_request
+from support.controller_bench import B, Bench, progress_request
+from support.fakes import BrokenLink, FakeAllocator, FakeBuffers, FakeClock, FakeLink, FakePayload
 
 from epd_receiver.fsm import KVPoll, ReadOutsideWindow, ReceiverConfig, SingleRank, State, load_spec
 

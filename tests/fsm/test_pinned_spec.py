@@ -17,10 +17,10 @@ import tomllib
 from typing import Any
 
 import pytest
-from test_spec import dump_toml
+from support.spec_text import dump_toml, fresh_spec
 
 from epd_receiver.fsm import KVPoll, ReceiverConfig, SpecError, State, load_spec
-from epd_receiver.fsm.spec import ReceiverSpec, default_spec_text
+from epd_receiver.fsm.spec import default_spec_text
 
 # ---- overlays -----------------------------------------------------------------------------------------
 
@@ -62,10 +62,6 @@ def test_a_loaded_spec_does_not_alias_its_overlay() -> None:
 
 # ---- parsing the spec afresh --------------------------------------------------------------------------
 # load_spec() hands out the packaged spec parsed once per process; these parse its text again.
-
-
-def fresh_spec() -> ReceiverSpec:
-    return load_spec(default_spec_text())
 
 
 def test_a_fresh_parse_of_the_packaged_text_is_the_packaged_spec() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from controller_bench import (
+from support.controller_bench import (
     BYSTANDER,
     NON_TERMINAL,
     PARKED_TOTAL,

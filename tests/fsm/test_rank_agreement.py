@@ -6,8 +6,8 @@ The other rank is scripted (fakes.PeerRank); ranks simulated in full are in test
 from __future__ import annotations
 
 import pytest
-from controller_bench import B, Bench, D, two_ranks_transferring
-from fakes import BrokenLink, FakeAllocator, FakeClock, PeerRank
+from support.controller_bench import B, Bench, D, two_ranks_transferring
+from support.fakes import BrokenLink, FakeAllocator, FakeClock, PeerRank
 
 from epd_receiver.fsm import (
     LINK_ERROR,

@@ -10,8 +10,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from controller_bench import MAX_T, POOL, RESUMED_TOTAL, SUBJECT, B, Bench, D, bench_with_subject_in
-from fakes import FakeAllocator, FakeBuffers, FakeLink, FakePayload
+from support.controller_bench import MAX_T, POOL, RESUMED_TOTAL, SUBJECT, B, Bench, D, bench_with_subject_in
+from support.fakes import FakeAllocator, FakeBuffers, FakeLink, FakePayload
 
 from epd_receiver.fsm import (
     AuxRow,

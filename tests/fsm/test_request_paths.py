@@ -7,8 +7,8 @@ round) and what it holds at the end.
 from __future__ import annotations
 
 import pytest
-from controller_bench import SUBJECT, B, Bench, D, assert_failed_cleanly
-from fakes import FakePayload, ProgressLink
+from support.controller_bench import SUBJECT, B, Bench, D, assert_failed_cleanly
+from support.fakes import FakePayload, ProgressLink
 
 from epd_receiver.fsm import (
     KVPoll,

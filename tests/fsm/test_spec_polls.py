@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from test_spec import load_edited
+from support.spec_text import load_edited
 
 from epd_receiver.fsm import KVPoll, SpecError, State, errors
 from epd_receiver.fsm.spec import Guards, ReceiverSpec, load_spec

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from sglang_bridge_bench import (
+from support.sglang_bridge_bench import (
     DRAIN,
     FAST,
     PORT,
@@ -24,9 +24,9 @@ from sglang_bridge_bench import (
     aborted_with_500,
     delivered_mismatch,
 )
-from sglang_fork_encode import EncodeSide as ForkEncodeSide
-from sglang_fork_receiver import BootstrapServer
-from sglang_fork_scheduler import Req
+from support.sglang_fork_encode import EncodeSide as ForkEncodeSide
+from support.sglang_fork_receiver import BootstrapServer
+from support.sglang_fork_scheduler import Req
 
 from epd_receiver.fsm import KVPoll
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch.distributed as dist
-from sglang_bridge_bench import (
+from support.sglang_bridge_bench import (
     BROKEN,
     DRAIN,
     FAST,
@@ -26,9 +26,9 @@ from sglang_bridge_bench import (
     aborted_with_500,
     delivered_mismatch,
 )
-from sglang_fork_encode import EncodeSide as ForkEncodeSide
-from sglang_fork_receiver import FakeKVReceiver, LanguageManager, MooncakeEmbeddingReceiver, Network
-from sglang_fork_scheduler import Req
+from support.sglang_fork_encode import EncodeSide as ForkEncodeSide
+from support.sglang_fork_receiver import FakeKVReceiver, LanguageManager, MooncakeEmbeddingReceiver, Network
+from support.sglang_fork_scheduler import Req
 
 from epd_receiver.adapters.integrations.sglang.link import ReceiverLink, remote_evidence
 from epd_receiver.adapters.ports.ranks import GlooRankGroup, RankContext, RankProcesses

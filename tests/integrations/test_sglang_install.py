@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sglang_bridge_bench import FAST, B, D, Fork, H, K, N, delivered_mismatch
-from sglang_fork_receiver import MooncakeEmbeddingReceiver
-from sglang_fork_scheduler import LanguageScheduler, Modality, MultimodalInputs, prepare_abort
+from support.sglang_bridge_bench import FAST, B, D, Fork, H, K, N, delivered_mismatch
+from support.sglang_fork_receiver import MooncakeEmbeddingReceiver
+from support.sglang_fork_scheduler import LanguageScheduler, Modality, MultimodalInputs, prepare_abort
 
 from epd_receiver.adapters.integrations.sglang.bridge import PromptKind, classify
 from epd_receiver.adapters.integrations.sglang.install import install

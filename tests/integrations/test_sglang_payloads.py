@@ -8,8 +8,8 @@ import logging
 
 import pytest
 import torch
-from sglang_bridge_bench import Fork, delivered_mismatch
-from sglang_fork_scheduler import Req
+from support.sglang_bridge_bench import Fork, delivered_mismatch
+from support.sglang_fork_scheduler import Req
 
 from epd_receiver.adapters.ports import payload
 from epd_receiver.adapters.ports.payload import PayloadArena, storage_unshared

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from block_tokens import NUM_BLOCKS, B, H
+from support.block_tokens import NUM_BLOCKS, B, H
 
 from epd_receiver.adapters.ports.buffers import TorchBlockBuffers
 

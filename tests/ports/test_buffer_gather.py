@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from block_tokens import NUM_BLOCKS, B, H, Tokens, make_tokens, write_tokens
+from support.block_tokens import NUM_BLOCKS, B, H, Tokens, make_tokens, write_tokens
 
 from epd_receiver.adapters.ports.buffers import TorchBlockBuffers
 from epd_receiver.adapters.ports.payload import EmbeddingPayload

@@ -13,7 +13,7 @@ from dataclasses import FrozenInstanceError
 
 import pytest
 import torch
-from block_tokens import NUM_BLOCKS, B, H, make_tokens, write_tokens
+from support.block_tokens import NUM_BLOCKS, B, H, make_tokens, write_tokens
 
 from epd_receiver.adapters.ports.buffers import AUX_INTS, TorchBlockBuffers
 from epd_receiver.fsm import AuxRow

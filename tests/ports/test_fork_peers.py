@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 import torch
-from fork_wire_fakes import ForkEncode, Parsed
+from support.fork_wire_fakes import ForkEncode, Parsed
 
 from epd_receiver.adapters.ports.buffers import TorchBlockBuffers
 from epd_receiver.adapters.ports.mooncake import wire

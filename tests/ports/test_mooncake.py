@@ -137,7 +137,7 @@ def test_encode_process_killed_mid_resume_times_out_everywhere(cluster) -> None:
 def test_our_encode_process_serves_the_fork_s_language_side(cluster) -> None:  # type: ignore[no-untyped-def]
     """A stand-in of the fork's Language manager (``fork_wire_fakes.ForkLanguage``): it announces nothing,
     so it must only ever receive two-frame statuses, and it reads the payload exactly as written."""
-    from fork_wire_fakes import ForkLanguage
+    from support.fork_wire_fakes import ForkLanguage
 
     from epd_receiver.adapters.ports.buffers import TorchBlockBuffers
     from epd_receiver.adapters.ports.mooncake.link import Engine, Geometry

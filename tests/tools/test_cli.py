@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.command_line import run_cli
 
 from epd_receiver.adapters.kit.world_config import WorldConfig
-from epd_receiver.adapters.tools.cli import main
 from epd_receiver.adapters.tools.simulate import Workload, simulate
 
 SEED_CONFIG = {"block_size": 128, "num_blocks": 160, "default_alloc_tokens": 8192, "hidden_size": 8}
@@ -47,12 +47,6 @@ def write_scenario(tmp_path: Path, scenario: dict[str, Any] | str, name: str = "
 
 def seed_scenario(*extra_events: dict[str, Any]) -> dict[str, Any]:
     return {"config": SEED_CONFIG, "requests": SEED_REQUESTS, "events": [*SEED_EVENTS, *extra_events]}
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def replay_json(capsys: pytest.CaptureFixture[str], path: Path) -> tuple[int, dict[str, Any]]:

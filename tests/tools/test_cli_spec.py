@@ -10,18 +10,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from support.command_line import run_cli
 
 from epd_receiver.adapters.kit.quint import QuintMissing, quint_binary
 from epd_receiver.adapters.kit.variant_records import variants_markdown
-from epd_receiver.adapters.tools.cli import main
 from epd_receiver.fsm import State
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
 
 # ---- spec diagram -----------------------------------------------------------------------------------
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from fakes import FakeAllocator, FakeBuffers, FakeLink, FakePayload, PeerRank
-
 from epd_receiver.fsm import (
     AuxRow,
     KVPoll,
@@ -21,6 +19,7 @@ from epd_receiver.fsm import (
     State,
     load_spec,
 )
+from support.fakes import FakeAllocator, FakeBuffers, FakeLink, FakePayload, PeerRank, ProgressLink
 
 SPEC = load_spec()
 NON_TERMINAL = [s for s in State if s not in SPEC.terminal]
@@ -149,3 +148,14 @@ def two_ranks_transferring(**options: Any) -> tuple[PeerRank, Bench, ReceiverReq
     request = bench.add(1)
     bench.step()
     return peer, bench, request
+
+
+def progress_request(bench: Bench, total: int, room: int = 1) -> tuple[ProgressLink, Any]:
+    """A request whose link reports progress, its init sent; its first chunk of 8 has landed (not yet read)."""
+    link = ProgressLink()
+    bench.links[room] = link
+    request = bench.queue.add(room, link)
+    bench.step()
+    bench.land(room, total, KVPoll.Transferring)
+    link.landed = 8
+    return link, request

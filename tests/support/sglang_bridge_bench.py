@@ -14,10 +14,17 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from sglang_fork_encode import EncodeSide as ForkEncodeSide
-from sglang_fork_encode import Source
-from sglang_fork_receiver import FakeKVReceiver, LanguageManager, MooncakeEmbeddingReceiver, Network
-from sglang_fork_scheduler import (
+
+from epd_receiver.adapters.integrations.sglang.bridge import FAKE_BOOTSTRAP_HOST, EmbeddingBridge, LanguageEntry
+from epd_receiver.adapters.integrations.sglang.install import install, receiver_factory
+from epd_receiver.adapters.integrations.sglang.link import ReceiverLink
+from epd_receiver.adapters.integrations.sglang.mm import sglang_multimodal_inputs
+from epd_receiver.adapters.ports.clock import ManualClock
+from epd_receiver.fsm import ReceiverConfig
+from support.sglang_fork_encode import EncodeSide as ForkEncodeSide
+from support.sglang_fork_encode import Source
+from support.sglang_fork_receiver import FakeKVReceiver, LanguageManager, MooncakeEmbeddingReceiver, Network
+from support.sglang_fork_scheduler import (
     FinishAbort,
     LanguageScheduler,
     Modality,
@@ -26,13 +33,6 @@ from sglang_fork_scheduler import (
     Req,
     prepare_abort,
 )
-
-from epd_receiver.adapters.integrations.sglang.bridge import FAKE_BOOTSTRAP_HOST, EmbeddingBridge, LanguageEntry
-from epd_receiver.adapters.integrations.sglang.install import install, receiver_factory
-from epd_receiver.adapters.integrations.sglang.link import ReceiverLink
-from epd_receiver.adapters.integrations.sglang.mm import sglang_multimodal_inputs
-from epd_receiver.adapters.ports.clock import ManualClock
-from epd_receiver.fsm import ReceiverConfig
 
 B, H, K, N, D = 4, 8, 2, 16, 8  # block size, hidden size, deepstack layers, pool blocks, default tokens
 PORT = 8998

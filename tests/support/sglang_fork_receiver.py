@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from epd_receiver.fsm import KVPoll
 
 if TYPE_CHECKING:
-    from sglang_fork_encode import EncodeSide
+    from support.sglang_fork_encode import EncodeSide
 
 
 # ---- disaggregation/mooncake/conn_multimodal.py: the Language side ------------------------------------

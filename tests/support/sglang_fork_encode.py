@@ -17,10 +17,10 @@ import ctypes
 from dataclasses import dataclass
 
 import torch
-from sglang_fork_receiver import BootstrapServer, LanguageManager, Network
 
 from epd_receiver.adapters.ports.buffers import TorchBlockBuffers
 from epd_receiver.fsm import KVPoll
+from support.sglang_fork_receiver import BootstrapServer, LanguageManager, Network
 
 AUX_BUFFER = 3  # the aux rows are the fourth buffer of get_buf_infos() (disaggregation/utils.py:567-592)
 
