@@ -6,8 +6,12 @@ Nothing in the product refers to them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import copy
+import tomllib
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+from epd_receiver.fsm.spec import default_spec_text
 
 
 def _action(name: str, doc: str) -> dict[str, Any]:
@@ -25,42 +29,47 @@ def _merge(*overlays: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _edited(
+    trigger: str,
+    source: str | Sequence[str],
+    *,
+    replace: Mapping[str, Sequence[str]] | None = None,
+    drop: Sequence[str] = (),
+    before: Sequence[str] = (),
+    after: Sequence[str] = (),
+    dest: str | None = None,
+    conditions: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """The packaged transition of ``trigger`` from ``source`` (the one whose guards ``conditions`` names,
+    when several share them), with only the deviation changed: actions replaced, dropped or added, or
+    another destination. Whatever else the spec says of that transition stays as the spec says it, so a
+    variant never drifts from the controller in more than its one deviation."""
+    sources = [source] if isinstance(source, str) else list(source)
+    matches = [
+        t
+        for t in tomllib.loads(default_spec_text())["transitions"]
+        if t["trigger"] == trigger
+        and ([t["source"]] if isinstance(t["source"], str) else t["source"]) == sources
+        and (conditions is None or t.get("conditions", []) == list(conditions))
+    ]
+    if len(matches) != 1:
+        raise ValueError(f"{trigger} from {sources}: {len(matches)} packaged transitions match, not one")
+    edited = copy.deepcopy(matches[0])
+    actions = [name for action in edited.get("actions", []) for name in (replace or {}).get(action, [action])]
+    edited["actions"] = [*before, *(a for a in actions if a not in drop), *after]
+    if dest is not None:
+        edited["dest"] = dest
+    return edited
+
+
 REHANDLE_TRANSFERRING = {"polls": {"RESUMING": {"Transferring": "first_chunk_landed"}}}
 
 # ---- the original system's bugs, by number -------------------------------------------------------------
 
-RANKS_DECIDE_ALONE = {  # 4
+RANKS_DECIDE_ALONE = {  # 4: no agreement across ranks, before judging or after assembling
     "transitions": [
-        {
-            "trigger": "first_chunk_landed",
-            "source": "TRANSFERRING",
-            "dest": "WAITING_FOR_BLOCKS",
-            "unless": ["is_warmup"],
-            "reads": ["aux", "data"],
-            "actions": [
-                "learn_total",
-                "check_total",
-                "expect_remainder",
-                "expect_landed",
-                "gather_landed",
-                "free_blocks",
-            ],
-        },
-        {
-            "trigger": "payload_landed",
-            "source": "TRANSFERRING",
-            "dest": "SUCCESS",
-            "unless": ["is_warmup"],
-            "reads": ["aux", "data"],
-            "actions": [
-                "learn_total",
-                "check_total",
-                "expect_no_remainder",
-                "expect_landed",
-                "gather_landed",
-                "verify_checksum",
-            ],
-        },
+        _edited(trigger, "TRANSFERRING", drop=["agree_across_ranks", "agree_on_payload"], conditions=[])
+        for trigger in ("first_chunk_landed", "payload_landed")
     ]
 }
 
@@ -129,45 +138,14 @@ SEED_READS_RESUME_BLOCKS = _merge(  # 7
 
 A0_FREED_BUT_STILL_HELD = _merge(  # 14
     _action("free_but_keep_record", "Free the blocks and keep naming them."),
-    {
-        "transitions": [
-            {
-                "trigger": "first_chunk_landed",
-                "source": "TRANSFERRING",
-                "dest": "WAITING_FOR_BLOCKS",
-                "unless": ["is_warmup"],
-                "reads": ["aux", "data"],
-                "actions": [
-                    "learn_total",
-                    "check_total",
-                    "expect_remainder",
-                    "gather_landed",
-                    "free_but_keep_record",
-                ],
-            }
-        ]
-    },
+    {"transitions": [_edited("first_chunk_landed", "TRANSFERRING", replace={"free_blocks": ["free_but_keep_record"]})]},
 )
 
 FREE_THEN_TRY_ONCE = _merge(  # 15
     _action("alloc_remainder_once", "Allocate the remainder now or never."),
     {
         "transitions": [
-            {
-                "trigger": "first_chunk_landed",
-                "source": "TRANSFERRING",
-                "dest": "RESUMING",
-                "unless": ["is_warmup"],
-                "reads": ["aux", "data"],
-                "actions": [
-                    "learn_total",
-                    "check_total",
-                    "expect_remainder",
-                    "gather_landed",
-                    "free_blocks",
-                    "alloc_remainder_once",
-                ],
-            }
+            _edited("first_chunk_landed", "TRANSFERRING", after=["alloc_remainder_once"], dest="RESUMING"),
         ]
     },
 )
@@ -191,31 +169,18 @@ STALE_AUX_ASSUMED_ZERO = _merge(  # 22
 
 ABORT_FREES_BLOCKS_IN_FLIGHT = {  # 23
     "transitions": [
-        {
-            "trigger": "fail",
-            "source": ["TRANSFERRING", "RESUMING"],
-            "dest": "FAILED",
-            "conditions": ["sender_may_write"],
-            "actions": ["record_error", "notify_sender", "free_blocks"],
-        }
+        _edited(
+            "fail",
+            ["TRANSFERRING", "RESUMING"],
+            replace={"fence_blocks": ["free_blocks"]},
+            conditions=["sender_may_write"],
+        )
     ]
 }
 
-HOLD_AND_WAIT = {  # 24
+HOLD_AND_WAIT = {  # 24: A0 is freed only once the remainder's blocks are granted
     "transitions": [
-        {
-            "trigger": "first_chunk_landed",
-            "source": "TRANSFERRING",
-            "dest": "WAITING_FOR_BLOCKS",
-            "unless": ["is_warmup"],
-            "reads": ["aux", "data"],
-            "actions": ["learn_total", "check_total", "expect_remainder", "gather_landed"],
-        },
-        {
-            "trigger": "blocks_granted",
-            "source": "WAITING_FOR_BLOCKS",
-            "dest": "RESUMING",
-            "actions": ["free_blocks", "take_blocks", "send_resume"],
-        },
+        _edited("first_chunk_landed", "TRANSFERRING", drop=["free_blocks"]),
+        _edited("blocks_granted", "WAITING_FOR_BLOCKS", before=["free_blocks"]),
     ]
 }
