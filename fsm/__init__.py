@@ -24,7 +24,18 @@ from .errors import (
     UnknownRoom,
 )
 from .kvpoll import LINK_ERROR, UNKNOWN_STATUS, KVPoll
-from .ports import AuxRow, BlockAllocator, BlockBuffers, Clock, MonotonicClock, RankGroup, SingleRank, TransportLink
+from .ports import (
+    AuxRow,
+    BlockAllocator,
+    BlockBuffers,
+    Clock,
+    MonotonicClock,
+    NoMetrics,
+    RankGroup,
+    ReceiverMetrics,
+    SingleRank,
+    TransportLink,
+)
 from .queue import ReceiverQueue
 from .request import ReceiverRequest
 from .spec import ReceiverSpec, load_spec
@@ -45,6 +56,7 @@ __all__ = [
     "IntegrityError",
     "KVPoll",
     "MonotonicClock",
+    "NoMetrics",
     "OwnershipError",
     "PoolTooSmall",
     "ProtocolViolation",
@@ -54,6 +66,7 @@ __all__ = [
     "ReadOutsideWindow",
     "ReceiverConfig",
     "ReceiverError",
+    "ReceiverMetrics",
     "ReceiverQueue",
     "ReceiverRequest",
     "ReceiverSpec",

@@ -68,6 +68,7 @@ class PayloadAssembly(Generic[PayloadT]):
         seen = [self._total(), self.capacity, -1 if self.checksum is None else self.checksum]
         if not self._wiring.ranks.same(seen):
             self.total_tokens = None  # a T the ranks do not share is kept by none of them
+            self._wiring.metrics.rank_disagreement("aux")
             raise RankDisagreement(self.room, f"the ranks differ on (T, S, checksum); this rank read {seen}")
 
     def agree_on_payload(self, event: Any) -> None:
@@ -77,6 +78,7 @@ class PayloadAssembly(Generic[PayloadT]):
             return
         assert self.payload is not None
         if not ranks.same([self._wiring.buffers.checksum(self.payload)]):
+            self._wiring.metrics.rank_disagreement("payload")
             raise RankDisagreement(self.room, "the ranks assembled different payloads")
 
     def expect_remainder(self, event: Any) -> None:

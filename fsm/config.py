@@ -5,12 +5,12 @@ and the ports; and the checks that refuse a configuration that cannot work befor
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic
 
 from .errors import ConfigError, SpecError
 from .kvpoll import LINK_ERROR, UNKNOWN_STATUS
-from .ports import BlockAllocator, BlockBuffers, Clock, PayloadT, RankGroup
+from .ports import BlockAllocator, BlockBuffers, Clock, NoMetrics, PayloadT, RankGroup, ReceiverMetrics
 from .spec import Guards, PollOutcome, ReceiverSpec, load_spec
 from .states import State
 
@@ -69,6 +69,7 @@ class Wiring(Generic[PayloadT]):
     clock: Clock
     deadlines: Mapping[State, float]
     ranks: RankGroup
+    metrics: ReceiverMetrics = field(default_factory=NoMetrics)
 
 
 def deadlines(spec: ReceiverSpec, config: ReceiverConfig) -> dict[State, float]:

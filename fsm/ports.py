@@ -7,11 +7,12 @@ everything it does to the world leaves through one. That is what makes it fuzzab
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from .errors import Room
+from .states import State
 
 PayloadT = TypeVar("PayloadT")
 
@@ -188,3 +189,64 @@ class MonotonicClock:
 
     def now(self) -> float:
         return time.monotonic()
+
+
+class ReceiverMetrics(Protocol):
+    """Where the controller reports what a serving team scrapes: stage latencies, outcomes, fences, pool use.
+
+    Called only where something changed (a state change, a request's end, a fence set or lifted) and once
+    per scheduler iteration for the gauges, never on the quiet poll that leaves a request where it was:
+    a receive that spends most iterations waiting must cost nothing extra while it waits. Implementations
+    must not raise; they run inside the controller's transitions.
+    """
+
+    def entered(self, state: State, left: State, seconds: float) -> None:
+        """A request entered ``state`` after ``seconds`` in ``left``."""
+        ...
+
+    def ended(
+        self, outcome: State, cause: str | None, failed_in: State | None, seconds: float, tokens: int, resumes: int
+    ) -> None:
+        """A request reached a terminal state, ``seconds`` after it arrived; ``cause`` names the error class of
+        a failure (None on success) and ``failed_in`` the state it failed from; ``tokens`` landed in all."""
+        ...
+
+    def fenced(self, blocks: int) -> None:
+        """A failed request fenced ``blocks`` blocks its sender might still write into."""
+        ...
+
+    def fence_lifted(self, blocks: int, seconds: float) -> None:
+        """A fence of ``blocks`` blocks, set ``seconds`` ago, returned them to the pool."""
+        ...
+
+    def rank_disagreement(self, what: str) -> None:
+        """The tensor-parallel ranks disagreed on ``what`` (a fixed word: "aux", "payload", "allocator")."""
+        ...
+
+    def iteration(self, requests: Mapping[State, int], free: int, owned: int, fenced: int) -> None:
+        """The end of a scheduler iteration: requests per state and the pool's blocks by standing."""
+        ...
+
+
+class NoMetrics:
+    """The default: reports nothing. The queue recognises it and skips counting the gauges it would drop."""
+
+    def entered(self, state: State, left: State, seconds: float) -> None:
+        pass
+
+    def ended(
+        self, outcome: State, cause: str | None, failed_in: State | None, seconds: float, tokens: int, resumes: int
+    ) -> None:
+        pass
+
+    def fenced(self, blocks: int) -> None:
+        pass
+
+    def fence_lifted(self, blocks: int, seconds: float) -> None:
+        pass
+
+    def rank_disagreement(self, what: str) -> None:
+        pass
+
+    def iteration(self, requests: Mapping[State, int], free: int, owned: int, fenced: int) -> None:
+        pass

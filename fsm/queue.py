@@ -24,7 +24,18 @@ from .config import ReceiverConfig, Wiring, check_pool, deadlines, poll_table
 from .errors import Aborted, DuplicateRoom, PoolTooSmall, RankDivergence, Room, UnknownRoom
 from .lockstep import LockstepAllocator
 from .machine import build_machine
-from .ports import BlockAllocator, BlockBuffers, Clock, MonotonicClock, PayloadT, RankGroup, SingleRank, TransportLink
+from .ports import (
+    BlockAllocator,
+    BlockBuffers,
+    Clock,
+    MonotonicClock,
+    NoMetrics,
+    PayloadT,
+    RankGroup,
+    ReceiverMetrics,
+    SingleRank,
+    TransportLink,
+)
 from .request import ReceiverRequest
 from .spec import BLOCKS_GRANTED, RELEASE_EVENT, WARMUP_ADMITTED, ReceiverSpec, load_spec
 
@@ -40,6 +51,7 @@ class ReceiverQueue(Generic[PayloadT]):
         clock: Clock | None = None,
         spec: ReceiverSpec | None = None,
         request_class: type[ReceiverRequest[PayloadT]] = ReceiverRequest,
+        metrics: ReceiverMetrics | None = None,
     ) -> None:
         spec = spec or load_spec()
         config = config or ReceiverConfig()
@@ -56,7 +68,10 @@ class ReceiverQueue(Generic[PayloadT]):
             self._clock,
             deadlines(spec, config),
             self._ranks,
+            metrics or NoMetrics(),
         )
+        # Counting the gauges walks every request; the default would drop them, so it is spared the walk.
+        self._gauged = not isinstance(self._wiring.metrics, NoMetrics)
         self._machine: Machine = build_machine(spec, request_class)
         self._request_class = request_class
         self._live: dict[Room, ReceiverRequest[PayloadT]] = {}
@@ -107,7 +122,10 @@ class ReceiverQueue(Generic[PayloadT]):
         self._allocate()
         self._iterations += 1
         self._check_lockstep()
-        return self._collect()
+        finished = self._collect()
+        if self._gauged:
+            self._gauge()
+        return finished
 
     def _dispatch_local(self, polled: list[ReceiverRequest[PayloadT]]) -> None:
         """One rank: what it observes is what a reduce over one rank would return, so no lists are built."""
@@ -142,6 +160,7 @@ class ReceiverQueue(Generic[PayloadT]):
         if self._lockstep is None or self._iterations % self._wiring.config.lockstep_every:
             return
         if not self._ranks.same([self._lockstep.digest]):
+            self._wiring.metrics.rank_disagreement("allocator")
             raise RankDivergence(
                 f"iteration {self._iterations}: the ranks' allocator operations differ "
                 f"(this rank's fingerprint {self._lockstep.digest:#010x})"
@@ -180,8 +199,14 @@ class ReceiverQueue(Generic[PayloadT]):
 
     def _collect(self) -> list[ReceiverRequest[PayloadT]]:
         finished = [r for r in self._live.values() if r.state in self._wiring.spec.terminal]
+        metrics = self._wiring.metrics
         for request in finished:
             del self._live[request.room]
+            error = request.error
+            cause = None if error is None else type(error).__name__
+            metrics.ended(
+                request.state, cause, request.failed_in, request.receive_seconds, request.landed, request.resumes
+            )
             if request.state in self._wiring.spec.held_until_release:
                 self._held[request.room] = request
             elif request.fenced:
@@ -192,6 +217,17 @@ class ReceiverQueue(Generic[PayloadT]):
             del self._fenced[request.room]
             self._retire(request)
         return finished
+
+    def _gauge(self) -> None:
+        """Requests per state (held and fencing ones included) and the pool's blocks by standing."""
+        counts = dict.fromkeys(self._wiring.spec.states, 0)
+        fenced = 0
+        for request in self:
+            counts[request.state] += 1
+            fenced += len(request.fenced)
+        allocator = self._wiring.allocator
+        free = allocator.free_count
+        self._wiring.metrics.iteration(counts, free, allocator.num_blocks - free - fenced, fenced)
 
     def _retire(self, request: ReceiverRequest[PayloadT]) -> None:
         """Out of the Machine, and rid of the triggers it bound onto the request: those refer back to the

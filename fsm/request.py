@@ -48,6 +48,14 @@ class ReceiverRequest(PayloadAssembly[PayloadT]):
         self.resumes = 0
         self.error: ReceiverError | None = None
         self.deadline_at = self._deadline_from_now(wiring.spec.initial)
+        # Seconds spent in each state it has left, by state name, summed over visits (a resume round may
+        # visit WAITING_FOR_BLOCKS and RESUMING several times); on the queue's clock.
+        self.stage_seconds: dict[str, float] = {}
+        self.arrived_at = self.entered_at = wiring.clock.now()
+        self.failed_in: State | None = None  # the state it failed from, for timeouts by state
+        self._stage: State = wiring.spec.initial
+        self._fenced_at: float | None = None  # when the fence it holds was set, to report how long it lasted
+        self._fence_blocks = 0
         self._landed_tokens: Callable[[], int] | None = getattr(link, "landed_tokens", None)
 
     def __repr__(self) -> str:
@@ -136,8 +144,32 @@ class ReceiverRequest(PayloadAssembly[PayloadT]):
         self.fire(timeout.event, error=error_type(self.room, f"{self.state.name} for more than {limit:g} s"))
 
     def stamp_entry(self, event: Any) -> None:
-        """After every state change: deadlines count from here."""
-        self.deadline_at = self._deadline_from_now(self.state)
+        """After every state change (internal ones included): deadlines count from here, the stage left is
+        timed, and a fence set or lifted is reported. The only place the metrics hear of a transition, so
+        that the poll loop, which changes nothing most iterations, never reaches them."""
+        state, left = self.state, self._stage
+        now = self._wiring.clock.now()
+        limit = self._wiring.deadlines.get(state)
+        self.deadline_at = math.inf if limit is None else now + limit
+        if state is not left:
+            spent = now - self.entered_at
+            self.stage_seconds[left.name] = self.stage_seconds.get(left.name, 0.0) + spent
+            self.entered_at, self._stage = now, state
+            if self.error is not None and self.failed_in is None:
+                self.failed_in = left
+            self._wiring.metrics.entered(state, left, spent)
+        if self._fenced_at is None:
+            if self.fenced:
+                self._fenced_at, self._fence_blocks = now, len(self.fenced)
+                self._wiring.metrics.fenced(len(self.fenced))
+        elif not self.fenced:
+            self._wiring.metrics.fence_lifted(self._fence_blocks, now - self._fenced_at)
+            self._fenced_at = None
+
+    @property
+    def receive_seconds(self) -> float:
+        """From arrival to the state it is in now (its end, once terminal)."""
+        return self.entered_at - self.arrived_at
 
     @property
     def takes_partial_grants(self) -> bool:

@@ -48,10 +48,18 @@ def parts_of(world: World, now: float) -> tuple[object, ...]:
     )
 
 
+# What a request keeps only to report it (when it arrived and entered its state, when its fence was set and
+# how large it was, the state it failed from): no guard or action reads them, so two states that differ
+# only there have the same future and must merge.
+_REPORTED_ONLY = frozenset({"arrived_at", "entered_at", "failed_in", "_fenced_at", "_fence_blocks"})
+
+
 def _request(request: ReceiverRequest[EmbeddingPayload], now: float) -> tuple[object, ...]:
     """Every plain attribute of the request (a variant's own included), its link, window and payload."""
     found: list[tuple[str, object]] = []
     for name, value in sorted(vars(request).items()):
+        if name in _REPORTED_ONLY:
+            continue
         if name == "deadline_at":
             found.append((name, value - now))
         elif isinstance(value, int | float | str | bool | Enum | tuple) or value is None:

@@ -33,6 +33,7 @@ from epd_receiver.adapters.ports.sender_links import WarmupLink
 from epd_receiver.fsm import (
     KVPoll,
     RankGroup,
+    ReceiverMetrics,
     ReceiverQueue,
     ReceiverRequest,
     ReceiverSpec,
@@ -57,6 +58,7 @@ class World(Faults, FairSchedule, Reporting):
         queue_class: type[ReceiverQueue[EmbeddingPayload]] = ReceiverQueue,
         ranks: RankGroup | None = None,
         record: bool = True,
+        metrics: ReceiverMetrics | None = None,
     ) -> None:
         self.config = config
         self.pool = TorchBlockBuffers(config.num_blocks, config.block_size, config.hidden_size, config.deepstack)
@@ -78,6 +80,7 @@ class World(Faults, FairSchedule, Reporting):
             request_class=request_class,
             clock=self.clock,
             ranks=ranks,
+            metrics=metrics,
         )
         self._deadlines = deadlines(self.queue.spec, self.receiver_config)
         self.judge = Judge(self)

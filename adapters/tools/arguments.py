@@ -107,6 +107,13 @@ def parser() -> argparse.ArgumentParser:
         help="mooncake: an Encode process writes into every rank's pool with Mooncake over loopback tcp",
     )
     sim.add_argument("--ranks", type=_positive, default=1, help="tensor-parallel rank processes (gloo); needs mooncake")
+    sim.add_argument(
+        "--metrics-port",
+        type=_positive,
+        metavar="PORT",
+        help="serve Prometheus /metrics on 127.0.0.1 while it runs",
+    )
+    sim.add_argument("--metrics-out", type=Path, metavar="FILE", help="write the final Prometheus exposition text")
     sim.add_argument("--json", action="store_true", help="print the summary as JSON")
     sim.add_argument("--no-progress", action="store_true")
 
@@ -184,6 +191,10 @@ def _show_defaults(parser: argparse.ArgumentParser) -> None:
 def impossible(args: argparse.Namespace) -> str | None:
     """What no single option's type can see: a combination that could never run; None when all can."""
     if args.command == "simulate":
+        if args.transport == "mooncake" and (args.metrics_port is not None or args.metrics_out is not None):
+            return (
+                "--metrics-port and --metrics-out need --transport inprocess: the ranks' queues run in other processes"
+            )
         return first_allocation_problem(args.block_size, args.num_blocks, args.default_alloc)
     if args.command == "bench":
         fits = [b for b in args.block_sizes if first_blocks(b, args.default_alloc) * b >= args.total_tokens]

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import generate_latest, start_http_server
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -21,10 +22,11 @@ from epd_receiver.adapters.kit.scenario import ScenarioError, load_scenario, rep
 from epd_receiver.adapters.kit.variant_records import record_catch, variants_markdown
 from epd_receiver.adapters.kit.variants import CATALOGUE, VARIANTS
 from epd_receiver.adapters.kit.world_config import WorldConfig
+from epd_receiver.adapters.ports.prometheus import PrometheusMetrics
 from epd_receiver.adapters.tools import arguments
 from epd_receiver.adapters.tools.bench import GOALS, run_bench
 from epd_receiver.adapters.tools.bench_config import BenchConfig
-from epd_receiver.adapters.tools.simulate import Workload, simulate
+from epd_receiver.adapters.tools.simulate import Workload, bytes_per_token, simulate
 from epd_receiver.fsm import load_spec
 from epd_receiver.fsm.diagram import SYNCED_DOCUMENTS, mermaid, sync_documents
 
@@ -140,8 +142,22 @@ def _simulate(args: argparse.Namespace) -> int:
         disable=args.no_progress or args.json,
     ) as bar:
         task = bar.add_task("requests", total=args.requests)
-        summary = simulate(config, workload, progress=lambda n: bar.advance(task, n))
+        metrics = _metrics(args, config)
+        summary = simulate(config, workload, progress=lambda n: bar.advance(task, n), metrics=metrics)
+    if metrics is not None and args.metrics_out is not None:
+        args.metrics_out.write_bytes(generate_latest(metrics.registry))
     return _report(args, summary)
+
+
+def _metrics(args: argparse.Namespace, config: WorldConfig) -> PrometheusMetrics | None:
+    """The Prometheus families, served on loopback while the run lasts when a port is named (the server is
+    a daemon thread: it goes with the process)."""
+    if args.metrics_port is None and args.metrics_out is None:
+        return None
+    metrics = PrometheusMetrics(bytes_per_token=bytes_per_token(config))
+    if args.metrics_port is not None:
+        start_http_server(args.metrics_port, addr="127.0.0.1", registry=metrics.registry)
+    return metrics
 
 
 def _report(args: argparse.Namespace, summary: dict[str, Any]) -> int:

@@ -16,7 +16,7 @@ from typing import Any
 
 from epd_receiver.adapters.kit.world import World
 from epd_receiver.adapters.kit.world_config import WorldConfig
-from epd_receiver.fsm import State
+from epd_receiver.fsm import ReceiverMetrics, State
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,9 +42,20 @@ def draw_length(rng: random.Random, config: WorldConfig, workload: Workload) -> 
     return min(d, max(1, round(math.exp(rng.uniform(math.log(16), math.log(d))))))
 
 
-def simulate(config: WorldConfig, workload: Workload, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+def bytes_per_token(config: WorldConfig) -> int:
+    """What one token occupies in the pool: its bf16 rows (the embedding and each deepstack layer) and its
+    share of the aux row, as the sender writes it."""
+    return config.hidden_size * 2 * (1 + config.deepstack) + 4 + 12
+
+
+def simulate(
+    config: WorldConfig,
+    workload: Workload,
+    progress: Callable[[int], None] | None = None,
+    metrics: ReceiverMetrics | None = None,
+) -> dict[str, Any]:
     rng = random.Random(workload.seed)
-    world = World(config, seed=workload.seed)
+    world = World(config, seed=workload.seed, metrics=metrics)
     doomed = {room for room in range(workload.requests) if rng.random() < workload.fail_rate}
     abandoned = {room for room in range(workload.requests) if rng.random() < workload.abort_rate}
     next_room = iterations = tokens = 0
@@ -81,7 +92,7 @@ def summarize(world: World, iterations: int, tokens: int, elapsed: float) -> dic
     succeeded = [o for o in outcomes if o.states[-1] is State.SUCCESS]
     failed = [o for o in outcomes if o.states[-1] is State.FAILED]
     ended = succeeded + failed
-    bytes_per_token = world.config.hidden_size * 2 * (1 + world.config.deepstack) + 4 + 12
+    row_bytes = bytes_per_token(world.config)
     violations = world.check()
     if world.allocator.owned_count or world.allocator.fenced_count:
         violations.append(
@@ -103,7 +114,7 @@ def summarize(world: World, iterations: int, tokens: int, elapsed: float) -> dic
         "tokens": tokens,
         "seconds": round(elapsed, 3),
         "requests_per_s": round(len(ended) / elapsed, 1) if elapsed else 0.0,
-        "payload_gb_per_s": round(tokens * bytes_per_token / elapsed / 1e9, 3) if elapsed else 0.0,
+        "payload_gb_per_s": round(tokens * row_bytes / elapsed / 1e9, 3) if elapsed else 0.0,
         "config": {
             "block_size": world.config.block_size,
             "num_blocks": world.config.num_blocks,

@@ -49,12 +49,15 @@ class Bench:
         max_total: int = MAX_T,
         clock: Any = None,
         ranks: Any = None,
+        metrics: Any = None,
         **timeouts: Any,
     ) -> Bench:
         buffers = FakeBuffers(block_size)
         allocator = FakeAllocator(num_blocks, block_size)
         config = ReceiverConfig(default_alloc_tokens=default_alloc, max_total_tokens=max_total, **timeouts)
-        queue: ReceiverQueue[FakePayload] = ReceiverQueue(buffers, allocator, config, clock=clock, ranks=ranks)
+        queue: ReceiverQueue[FakePayload] = ReceiverQueue(
+            buffers, allocator, config, clock=clock, ranks=ranks, metrics=metrics
+        )
         return cls(buffers, allocator, queue)
 
     def add(self, room: Room, status: int = KVPoll.WaitingForInput) -> ReceiverRequest[FakePayload]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from epd_receiver.fsm import (
     AuxRow,
@@ -241,6 +242,34 @@ class FakeClock:
 
     def now(self) -> float:
         return self.t
+
+
+class RecordingMetrics:
+    """The ReceiverMetrics port: records every call, by method name with its arguments."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+
+    def named(self, name: str) -> list[tuple[Any, ...]]:
+        return [args for called, args in self.calls if called == name]
+
+    def entered(self, *args: Any) -> None:
+        self.calls.append(("entered", args))
+
+    def ended(self, *args: Any) -> None:
+        self.calls.append(("ended", args))
+
+    def fenced(self, *args: Any) -> None:
+        self.calls.append(("fenced", args))
+
+    def fence_lifted(self, *args: Any) -> None:
+        self.calls.append(("fence_lifted", args))
+
+    def rank_disagreement(self, *args: Any) -> None:
+        self.calls.append(("rank_disagreement", args))
+
+    def iteration(self, requests: Any, *args: Any) -> None:
+        self.calls.append(("iteration", (dict(requests), *args)))
 
 
 class ProgressLink(FakeLink):
