@@ -57,6 +57,17 @@ class PollCell:
 PollTable = Mapping[State, Mapping[int, PollCell]]
 
 
+class Changes:
+    """How often a queue's membership or a request's state may have changed: every admission, and every
+    event a request fires (counted before the Machine is asked, so a refused event or an action that raises
+    midway counts too). While it stays put, what the queue derived from its requests' states still holds."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
 @dataclass(frozen=True, slots=True)
 class Wiring(Generic[PayloadT]):
     """What every request of one queue shares: the spec's tables and the ports."""
@@ -70,6 +81,7 @@ class Wiring(Generic[PayloadT]):
     deadlines: Mapping[State, float]
     ranks: RankGroup
     metrics: ReceiverMetrics = field(default_factory=NoMetrics)
+    changes: Changes = field(default_factory=Changes)
 
 
 def deadlines(spec: ReceiverSpec, config: ReceiverConfig) -> dict[State, float]:

@@ -73,6 +73,14 @@ class ReceiverQueue(Generic[PayloadT]):
         # Counting the gauges walks every request; the default would drop them, so it is spared the walk.
         self._gauged = not isinstance(self._wiring.metrics, NoMetrics)
         self._machine: Machine = build_machine(spec, request_class)
+        # What can change which requests step() polls, allocates for or collects is counted (Changes): a
+        # quiet iteration, in which the count stays put, reuses the previous iteration's list of polled
+        # requests and skips the allocation and collection passes, which would find nothing.
+        self._changes = self._wiring.changes
+        self._polled: list[ReceiverRequest[PayloadT]] = []
+        self._polled_at = -1  # the count the list of polled requests was built at
+        self._none_waiting_at = -1  # the count at which an allocation pass last found nobody waiting
+        self._collected_at = -1  # the count at which the last collection pass ended
         self._request_class = request_class
         self._live: dict[Room, ReceiverRequest[PayloadT]] = {}
         self._held: dict[Room, ReceiverRequest[PayloadT]] = {}
@@ -88,6 +96,7 @@ class ReceiverQueue(Generic[PayloadT]):
         request = self._request_class(room, link, self._wiring, warmup=warmup)
         self._machine.add_model(request)
         self._live[room] = request
+        self._changes.count += 1
         return request
 
     def abort(self, room: Room) -> bool:
@@ -111,14 +120,13 @@ class ReceiverQueue(Generic[PayloadT]):
 
     def step(self) -> list[ReceiverRequest[PayloadT]]:
         """One iteration; returns the requests that ended in it (SUCCESS ones are held until released)."""
-        terminal = self._wiring.spec.terminal
-        live = [r for r in self._live.values() if r.state not in terminal]
-        # then the fences: those of earlier iterations, then those of requests aborted since the last one
-        fencing = [*self._fenced.values(), *(r for r in self._live.values() if r.state in terminal and r.fenced)]
+        if self._polled_at != self._changes.count:
+            self._polled_at = self._changes.count
+            self._polled = self._to_poll()
         if self._ranks.size == 1:
-            self._dispatch_local(live + fencing)
+            self._dispatch_local(self._polled)
         else:
-            self._dispatch_reduced(live + fencing)
+            self._dispatch_reduced(self._polled)
         self._allocate()
         self._iterations += 1
         self._check_lockstep()
@@ -126,6 +134,13 @@ class ReceiverQueue(Generic[PayloadT]):
         if self._gauged:
             self._gauge()
         return finished
+
+    def _to_poll(self) -> list[ReceiverRequest[PayloadT]]:
+        """The live requests, then the fences: those of earlier iterations, then those of requests aborted
+        since the last one."""
+        terminal = self._wiring.spec.terminal
+        aborted = (r for r in self._live.values() if r.state in terminal and r.fenced)
+        return [*(r for r in self._live.values() if r.state not in terminal), *self._fenced.values(), *aborted]
 
     def _dispatch_local(self, polled: list[ReceiverRequest[PayloadT]]) -> None:
         """One rank: what it observes is what a reduce over one rank would return, so no lists are built."""
@@ -167,8 +182,12 @@ class ReceiverQueue(Generic[PayloadT]):
             )
 
     def _allocate(self) -> None:
+        if self._none_waiting_at == self._changes.count:
+            return  # nobody waited at the last pass, and no request has changed state since
         allocator = self._wiring.allocator
+        waited = False
         for request in self._waiting():
+            waited = True
             if request.is_warmup():
                 request.fire(WARMUP_ADMITTED)  # needs no blocks, so it never holds back those behind it
                 continue
@@ -191,6 +210,8 @@ class ReceiverQueue(Generic[PayloadT]):
             if blocks is None:
                 return
             request.fire(BLOCKS_GRANTED, blocks=blocks)
+        if not waited:
+            self._none_waiting_at = self._changes.count
 
     def _waiting(self) -> Iterator[ReceiverRequest[PayloadT]]:
         """In the spec's allocation order, each state's requests in arrival order."""
@@ -198,6 +219,8 @@ class ReceiverQueue(Generic[PayloadT]):
             yield from [r for r in self._live.values() if r.state is state]
 
     def _collect(self) -> list[ReceiverRequest[PayloadT]]:
+        if self._collected_at == self._changes.count:
+            return []  # the last pass left no request terminal nor fence lifted, and nothing changed since
         finished = [r for r in self._live.values() if r.state in self._wiring.spec.terminal]
         metrics = self._wiring.metrics
         for request in finished:
@@ -216,6 +239,7 @@ class ReceiverQueue(Generic[PayloadT]):
         for request in [r for r in self._fenced.values() if not r.fenced]:
             del self._fenced[request.room]
             self._retire(request)
+        self._collected_at = self._changes.count
         return finished
 
     def _gauge(self) -> None:
@@ -232,7 +256,8 @@ class ReceiverQueue(Generic[PayloadT]):
     def _retire(self, request: ReceiverRequest[PayloadT]) -> None:
         """Out of the Machine, and rid of the triggers it bound onto the request: those refer back to the
         request, a cycle that only the garbage collector would break, keeping its payload's memory alive
-        until then (and a payload arena from reusing it)."""
+        until then (and a payload arena from reusing it). The list of polled requests may hold it too."""
+        self._polled, self._polled_at = [], -1
         self._machine.remove_model(request)
         bound = vars(request)
         for name in [n for n, value in bound.items() if isinstance(value, partial)]:

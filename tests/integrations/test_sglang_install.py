@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.sglang_bridge_bench import FAST, B, D, Fork, H, K, N, delivered_mismatch
+from prometheus_client import CollectorRegistry
+from support.sglang_bridge_bench import FAST, SLOW, B, D, Fork, H, K, N, delivered_mismatch
 from support.sglang_fork_receiver import MooncakeEmbeddingReceiver
 from support.sglang_fork_scheduler import LanguageScheduler, Modality, MultimodalInputs, prepare_abort
 
@@ -17,6 +18,7 @@ from epd_receiver.adapters.integrations.sglang.bridge import PromptKind, classif
 from epd_receiver.adapters.integrations.sglang.install import install
 from epd_receiver.adapters.integrations.sglang.mm import MultimodalInputsLike
 from epd_receiver.adapters.ports.buffers import TorchBlockBuffers
+from epd_receiver.adapters.ports.prometheus import PrometheusMetrics
 from epd_receiver.fsm import KVPoll
 
 # ---- layout and classification ---------------------------------------------------------------------
@@ -149,3 +151,29 @@ def test_a_full_pool_holds_later_requests_in_the_prealloc_queue() -> None:
     assert len(fork.bridge.prealloc_queue) == 1 and len(fork.bridge.transfer_queue) == 1
     fork.iterate(4)
     assert fork.scheduler.waiting_queue == [first, second]
+
+
+# ---- metrics in the host's registry -----------------------------------------------------------------
+
+
+def test_the_receivers_metrics_land_in_the_registry_the_host_passes() -> None:
+    registry = CollectorRegistry()  # the scheduler's (prometheus_client.REGISTRY in a real deployment)
+    fork = Fork(metrics=PrometheusMetrics(prefix="sglang:", registry=registry))
+
+    def sample(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(f"sglang:epd_receive_{name}", labels)
+
+    delivered = fork.arrive(1, total=6, own_length=6)
+    aborted = fork.arrive(2, total=8, own_length=2, host=SLOW)
+    fork.iterate(2, deliver=False)
+    fork.scheduler.abort_request("r2")
+    fork.iterate(1, deliver=False)
+    assert sample("requests_total", outcome="failed") == 1 and sample("failed_reqs_total", cause="Aborted") == 1
+    assert sample("pool_blocks", standing="fenced") == 2 == sample("fenced_blocks_total")  # its sender may write
+    fork.iterate(6)
+
+    assert fork.scheduler.streamed == [aborted] and fork.scheduler.waiting_queue == [delivered]
+    assert sample("requests_total", outcome="success") == 1 and sample("requests_total", outcome="failed") == 1
+    assert sample("stage_seconds_count", stage="receive") == 2 and sample("tokens_total") == 6
+    assert sample("fence_seconds_count") == 1 and sample("pool_blocks", standing="fenced") == 0
+    assert sample("requests_in_state", state="success") == 0  # handed over to prefill, no longer counted

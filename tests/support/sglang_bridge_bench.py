@@ -20,7 +20,7 @@ from epd_receiver.adapters.integrations.sglang.install import install, receiver_
 from epd_receiver.adapters.integrations.sglang.link import ReceiverLink
 from epd_receiver.adapters.integrations.sglang.mm import sglang_multimodal_inputs
 from epd_receiver.adapters.ports.clock import ManualClock
-from epd_receiver.fsm import ReceiverConfig
+from epd_receiver.fsm import ReceiverConfig, ReceiverMetrics
 from support.sglang_fork_encode import EncodeSide as ForkEncodeSide
 from support.sglang_fork_encode import Source
 from support.sglang_fork_receiver import FakeKVReceiver, LanguageManager, MooncakeEmbeddingReceiver, Network
@@ -54,6 +54,7 @@ class Fork:
         link_factory: Callable[..., Any] = ReceiverLink,
         multimodal_inputs: Any = FORK_MM,
         group: Any = None,
+        metrics: ReceiverMetrics | None = None,
         **timeouts: float,
     ) -> None:
         self.network = Network()
@@ -77,6 +78,7 @@ class Fork:
             multimodal_inputs=multimodal_inputs,
             environ=environ,
             link_factory=link_factory,
+            metrics=metrics,
         )
 
     def _connect(self, buf_infos: tuple[list[int], list[int], list[int]]) -> Callable[[Any], Any]:

@@ -45,7 +45,7 @@ from epd_receiver.fsm import (
     State,
     TransportFailed,
 )
-from epd_receiver.fsm.ports import Clock
+from epd_receiver.fsm.ports import Clock, ReceiverMetrics
 
 __all__ = [
     "FAKE_BOOTSTRAP_HOST",
@@ -168,6 +168,7 @@ class EmbeddingBridge:
         clock: Clock | None = None,
         multimodal_inputs: MultimodalInputsFactory = multimodal_inputs_like_sglang,
         link_factory: LinkFactory = ReceiverLink,
+        metrics: ReceiverMetrics | None = None,
     ) -> None:
         self.config = config
         # Payloads come from an arena of warm memory: writing into fresh memory is several times slower.
@@ -178,7 +179,7 @@ class EmbeddingBridge:
         self.allocator = OwningBlockAllocator(config.num_blocks, config.block_size)
         receiver_config = receiver_config or ReceiverConfig(default_alloc_tokens=config.default_allocate_tokens)
         self.queue: ReceiverQueue[EmbeddingPayload] = ReceiverQueue(
-            self.buffers, self.allocator, receiver_config, ranks=ranks, clock=clock
+            self.buffers, self.allocator, receiver_config, ranks=ranks, clock=clock, metrics=metrics
         )
         self.receiver_factory = receiver_factory
         self.on_failed = on_failed

@@ -42,7 +42,7 @@ from epd_receiver.adapters.integrations.sglang.mm import (
     sglang_factory_if_importable,
 )
 from epd_receiver.fsm import RankGroup, ReceiverConfig, ReceiverError
-from epd_receiver.fsm.ports import Clock
+from epd_receiver.fsm.ports import Clock, ReceiverMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,7 @@ def install(
     multimodal_inputs: MultimodalInputsFactory | None = None,
     environ: Mapping[str, str] | None = None,
     link_factory: LinkFactory = ReceiverLink,
+    metrics: ReceiverMetrics | None = None,
 ) -> EmbeddingBridge:
     """Wire the bridge into a fork scheduler (module docstring) and return it.
 
@@ -103,7 +104,10 @@ def install(
     The model's hidden size and deepstack layer count are read from ``scheduler.model_config`` unless
     given; SGLang's ``MultimodalInputs`` is built for multimodal prompts when SGLang is importable.
     ``link_factory`` turns a receiver into the controller's link (``ReceiverLink`` reads the Mooncake
-    manager's table for evidence that the sender stopped).
+    manager's table for evidence that the sender stopped). ``metrics`` is fed by the controller (state
+    changes, ended receives, once per iteration); the Prometheus adapter,
+    ``PrometheusMetrics(prefix="sglang:", registry=...)``, puts its families in the registry the scheduler's
+    metrics are served from (``prometheus_client.REGISTRY`` unless the host keeps its own).
     """
     _refuse_fork_queues(scheduler)
     config = BridgeConfig.from_env(
@@ -119,6 +123,7 @@ def install(
         clock=clock,
         multimodal_inputs=multimodal_inputs or sglang_factory_if_importable() or multimodal_inputs_like_sglang,
         link_factory=link_factory,
+        metrics=metrics,
     )
     bridge.receiver_factory = connect(bridge.get_buf_infos())
     scheduler.disagg_metadata_buffers = bridge.buffers
