@@ -14,7 +14,7 @@ from typing import Any, Generic
 
 from .config import Wiring
 from .errors import CorruptAux, IntegrityError, RankDisagreement, Room, SizeMismatch
-from .ports import PayloadT
+from .ports import ChecksumAlgorithm, PayloadT
 from .window import ReadWindow
 
 
@@ -32,7 +32,9 @@ class PayloadAssembly(Generic[PayloadT]):
         """Nothing known yet: T, the checksum and the delta arrive with A0[0]'s aux row."""
         self.total_tokens: int | None = None
         self.checksum: int | None = None
+        self.checksum_algorithm: int = ChecksumAlgorithm.XXH3_64
         self._mrope_delta = 0
+        self._digest: int | None = None  # the assembled payload's, once computed: one pass serves both checks
         self.landed = 0
         self.payload: PayloadT | None = None
         self.reads = 0
@@ -52,6 +54,7 @@ class PayloadAssembly(Generic[PayloadT]):
         assert self.first_block is not None
         aux = self._window.read_aux(self.first_block)
         self.total_tokens, self.checksum, self._mrope_delta = aux.total_tokens, aux.checksum, aux.mrope_delta
+        self.checksum_algorithm = aux.checksum_algorithm
 
     def check_total(self, event: Any) -> None:
         total = self._total()
@@ -61,23 +64,29 @@ class PayloadAssembly(Generic[PayloadT]):
                 self.room,
                 f"aux[0] of block {self.first_block} is {total}, outside 1..{self._wiring.config.max_total_tokens}",
             )
+        if self.checksum is not None and not ChecksumAlgorithm.known(self.checksum_algorithm):
+            raise CorruptAux(
+                self.room,
+                f"aux[2] of block {self.first_block} names checksum algorithm {self.checksum_algorithm}, unknown",
+            )
         self.payload = self._wiring.buffers.new_payload(total, self._mrope_delta)
 
     def agree_across_ranks(self, event: Any) -> None:
         """Every rank must have read the same T and checksum into an allocation of the same size (#4)."""
-        seen = [self._total(), self.capacity, -1 if self.checksum is None else self.checksum]
+        checksum = [-1, 0, 0] if self.checksum is None else [self.checksum_algorithm, *_halves(self.checksum)]
+        seen = [self._total(), self.capacity, *checksum]
         if not self._wiring.ranks.same(seen):
             self.total_tokens = None  # a T the ranks do not share is kept by none of them
             self._wiring.metrics.rank_disagreement("aux")
             raise RankDisagreement(self.room, f"the ranks differ on (T, S, checksum); this rank read {seen}")
 
     def agree_on_payload(self, event: Any) -> None:
-        """With several ranks, every rank must hold bit-identical data; one checksum each, compared."""
+        """With several ranks, every rank must hold bit-identical data; one digest each, compared."""
         ranks = self._wiring.ranks
         if ranks.size == 1 or not self._wiring.config.compare_payloads:
             return
         assert self.payload is not None
-        if not ranks.same([self._wiring.buffers.checksum(self.payload)]):
+        if not ranks.same(_halves(self._payload_digest())):
             self._wiring.metrics.rank_disagreement("payload")
             raise RankDisagreement(self.room, "the ranks assembled different payloads")
 
@@ -114,11 +123,27 @@ class PayloadAssembly(Generic[PayloadT]):
     def verify_checksum(self, event: Any) -> None:
         if self.checksum is None:
             return
-        assert self.payload is not None
-        computed = self._wiring.buffers.checksum(self.payload)
+        computed = self._payload_digest()
         if computed != self.checksum:
-            raise IntegrityError(self.room, f"payload CRC32 {computed:#010x}, the sender wrote {self.checksum:#010x}")
+            name = ChecksumAlgorithm(self.checksum_algorithm).name
+            raise IntegrityError(self.room, f"payload {name} {computed:#x}, the sender wrote {self.checksum:#x}")
+
+    def _payload_digest(self) -> int:
+        """The assembled payload's digest, with the sender's algorithm when it wrote a checksum (else the
+        default), computed once however many checks use it: only Success actions ask, after the last gather."""
+        if self._digest is None:
+            assert self.payload is not None and self.landed == self._total(), "only a whole payload is hashed"
+            algorithm = (
+                ChecksumAlgorithm.XXH3_64 if self.checksum is None else ChecksumAlgorithm(self.checksum_algorithm)
+            )
+            self._digest = self._wiring.buffers.checksum(self.payload, algorithm)
+        return self._digest
 
     def _total(self) -> int:
         assert self.total_tokens is not None, "T is read before any action that needs it"
         return self.total_tokens
+
+
+def _halves(digest: int) -> list[int]:
+    """A 64-bit digest as two 32-bit values: a rank group compares values well inside int64."""
+    return [digest & 0xFFFFFFFF, digest >> 32]

@@ -43,7 +43,7 @@ class ProtocolViolation(ReceiverError):
 
 
 class CorruptAux(ReceiverError):
-    """The aux row of A0[0] holds a total length that cannot be true."""
+    """The aux row of A0[0] holds a total length, or names a checksum algorithm, that cannot be true."""
 
     cause = "corrupt_aux"
 

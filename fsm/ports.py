@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import Protocol, TypeVar
 
 from .errors import Room
@@ -17,13 +18,26 @@ from .states import State
 PayloadT = TypeVar("PayloadT")
 
 
+class ChecksumAlgorithm(IntEnum):
+    """The hash a sender's checksum was made with, by its id in aux slot 2 (0 there: no checksum)."""
+
+    CRC32 = 1  # zlib's, 32 bits
+    XXH3_64 = 2  # xxHash's XXH3, 64 bits, seed 0: the default, several times faster than CRC32
+
+    @classmethod
+    def known(cls, value: int) -> bool:
+        return value in cls._value2member_map_
+
+
 @dataclass(frozen=True, slots=True)
 class AuxRow:
     """The aux row of one block, returned by value so that a cached total can never alias the pool (#17)."""
 
     total_tokens: int
     mrope_delta: int
-    checksum: int | None = None  # the sender's CRC32 of the payload, when it wrote one (aux slots 2-3)
+    checksum: int | None = None  # the sender's digest of the payload, when it wrote one (aux slots 3-4)
+    # aux slot 2 as written: a ChecksumAlgorithm's id when a checksum follows, though possibly one unknown here
+    checksum_algorithm: int = ChecksumAlgorithm.XXH3_64
 
 
 class BlockBuffers(Protocol[PayloadT]):
@@ -49,8 +63,8 @@ class BlockBuffers(Protocol[PayloadT]):
         """Allocate the output a whole payload is assembled into, once per request."""
         ...
 
-    def checksum(self, payload: PayloadT) -> int:
-        """CRC32 of an assembled payload, over the bytes the sender's checksum covers."""
+    def checksum(self, payload: PayloadT, algorithm: ChecksumAlgorithm) -> int:
+        """The digest of an assembled payload with ``algorithm``, over the bytes the sender's checksum covers."""
         ...
 
     def gather(self, blocks: Sequence[int], tokens: int, into: PayloadT, at: int) -> None:

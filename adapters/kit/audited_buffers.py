@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from epd_receiver.adapters.ports.buffers import TorchBlockBuffers
 from epd_receiver.adapters.ports.payload import EmbeddingPayload
-from epd_receiver.fsm import AuxRow
+from epd_receiver.fsm import AuxRow, ChecksumAlgorithm
 
 if TYPE_CHECKING:
     from epd_receiver.adapters.kit.judge import Judge
@@ -44,8 +44,8 @@ class AuditedBuffers:
     def new_payload(self, total_tokens: int, mrope_delta: int) -> EmbeddingPayload:
         return self.inner.new_payload(total_tokens, mrope_delta)
 
-    def checksum(self, payload: EmbeddingPayload) -> int:
-        return self.inner.checksum(payload)
+    def checksum(self, payload: EmbeddingPayload, algorithm: ChecksumAlgorithm) -> int:
+        return self.inner.checksum(payload, algorithm)
 
     def gather(self, blocks: Sequence[int], tokens: int, into: EmbeddingPayload, at: int) -> None:
         self._world.judge.gathered(tuple(blocks))

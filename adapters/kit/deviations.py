@@ -9,8 +9,8 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
-from epd_receiver.adapters.ports.payload import EmbeddingPayload, crc32
-from epd_receiver.fsm import IntegrityError, KVPoll, ReceiverQueue, ReceiverRequest
+from epd_receiver.adapters.ports.payload import EmbeddingPayload, digest
+from epd_receiver.fsm import ChecksumAlgorithm, IntegrityError, KVPoll, ReceiverQueue, ReceiverRequest
 
 # ---- replaced actions --------------------------------------------------------------------------------
 
@@ -122,7 +122,7 @@ class ChecksumOverEmbeddingsOnly(ReceiverRequest[EmbeddingPayload]):
         if self.checksum is None:
             return
         assert self.payload is not None
-        if crc32([self.payload.embeddings]) != self.checksum:
+        if digest([self.payload.embeddings], ChecksumAlgorithm(self.checksum_algorithm)) != self.checksum:
             raise IntegrityError(self.room, "the embeddings do not match the sender's checksum")
 
 

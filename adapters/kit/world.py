@@ -106,7 +106,7 @@ class World(Faults, FairSchedule, Reporting):
     ) -> ReceiverRequest[EmbeddingPayload]:
         """A request arrives; with ``progress`` its sender reports tokens landed, so it may resume in rounds;
         a ``warmup`` request is a health check whose stand-in sender writes nothing (I11); with ``checksum``
-        the sender writes a CRC32 of the payload into A0[0]'s spare aux slots."""
+        the sender writes an xxh3-64 digest of the payload into A0[0]'s spare aux slots."""
         if warmup:
             request = self.queue.add(room, WarmupLink(), warmup=True)
         else:

@@ -3,8 +3,8 @@
 One row is one block of B tokens. Per-token buffers hold a block's n tokens at the start of the row;
 M-RoPE packs the three position runs of those n tokens back to back (``[p0, p1, p2]``, 3n values), so a
 partial last block is *not* laid out at offsets 0, B, 2B. The aux row carries T and the M-RoPE delta,
-and, from our senders, a CRC32 of the payload; only the first block of the receiver's first allocation
-ever has a meaningful one. Token rows are never cleared: stale aux rows of earlier requests are a real
+and, from our senders, a digest of the payload (xxh3-64 or CRC32); only the first block of the receiver's
+first allocation ever has a meaningful one. Token rows are never cleared: stale aux rows of earlier requests are a real
 hazard here, as in the original, so the receiver clears A0[0]'s checksum slots before its init names it.
 """
 
@@ -16,10 +16,12 @@ from dataclasses import dataclass
 import torch
 
 from epd_receiver.adapters.ports.payload import EmbeddingPayload, PayloadArena
-from epd_receiver.fsm import AuxRow
+from epd_receiver.fsm import AuxRow, ChecksumAlgorithm
 
-AUX_INTS = 16  # [0] = T, [1] = M-RoPE delta, [2..3] checksum, [4..15] unused: RDMA moves at least 64 bytes
-CHECKSUM_FLAG, CHECKSUM = 2, 3  # [2] = 1 when [3] holds a CRC32 of the payload (SGLang's sender writes neither)
+AUX_INTS = 16  # [0] = T, [1] = M-RoPE delta, [2..4] checksum, [5..15] unused: RDMA moves at least 64 bytes
+# [2] = the algorithm's id (ChecksumAlgorithm) when [3] and [4] hold the low and high 32 bits of the payload's
+# digest, 0 when no checksum follows (SGLang's sender writes none of them)
+CHECKSUM_FLAG, CHECKSUM, CHECKSUM_HIGH = 2, 3, 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,16 +87,18 @@ class TorchBlockBuffers:
 
     def read_aux(self, block: int) -> AuxRow:
         row = self.aux[block].tolist()
-        checksum = row[CHECKSUM] & 0xFFFFFFFF if row[CHECKSUM_FLAG] == 1 else None
-        return AuxRow(total_tokens=row[0], mrope_delta=row[1], checksum=checksum)
+        if row[CHECKSUM_FLAG] == 0:
+            return AuxRow(total_tokens=row[0], mrope_delta=row[1])
+        checksum = (row[CHECKSUM] & 0xFFFFFFFF) | (row[CHECKSUM_HIGH] & 0xFFFFFFFF) << 32
+        return AuxRow(row[0], row[1], checksum=checksum, checksum_algorithm=row[CHECKSUM_FLAG])
 
     def clear_checksum(self, block: int) -> None:
         """Zero every slot past T and the delta (the checksum and the unused rest), which a sender that
         writes no checksum leaves as it found them; T and the delta are the sender's to write."""
         self.aux[block, CHECKSUM_FLAG:].zero_()
 
-    def checksum(self, payload: EmbeddingPayload) -> int:
-        return payload.crc32()
+    def checksum(self, payload: EmbeddingPayload, algorithm: ChecksumAlgorithm) -> int:
+        return payload.digest(algorithm)
 
     def new_payload(self, total_tokens: int, mrope_delta: int) -> EmbeddingPayload:
         """From the arena when there is one (warm memory, valid until recycled), else freshly allocated."""
@@ -167,9 +171,19 @@ class TorchBlockBuffers:
         if view.deepstack is not None:
             view.deepstack.copy_(deepstack) if deepstack is not None else view.deepstack.zero_()
 
-    def write_aux(self, block: int, total_tokens: int, mrope_delta: int, checksum: int | None = None) -> None:
-        """The sender's aux row; a checksum goes into slots 2-3 (as int32 bits), else they are cleared."""
+    def write_aux(
+        self,
+        block: int,
+        total_tokens: int,
+        mrope_delta: int,
+        checksum: int | None = None,
+        algorithm: int = ChecksumAlgorithm.XXH3_64,
+    ) -> None:
+        """The sender's aux row; a checksum goes into slots 2-4 (its algorithm, then its low and high 32 bits
+        as int32 bits), else they are cleared."""
+        low, high = (0, 0) if checksum is None else (checksum & 0xFFFFFFFF, checksum >> 32 & 0xFFFFFFFF)
         self.aux[block, 0] = total_tokens
         self.aux[block, 1] = mrope_delta
-        self.aux[block, CHECKSUM_FLAG] = 0 if checksum is None else 1
-        self.aux[block, CHECKSUM] = 0 if checksum is None else checksum - (1 << 32) * (checksum >= 1 << 31)
+        self.aux[block, CHECKSUM_FLAG] = 0 if checksum is None else algorithm
+        self.aux[block, CHECKSUM] = low - (1 << 32) * (low >= 1 << 31)
+        self.aux[block, CHECKSUM_HIGH] = high - (1 << 32) * (high >= 1 << 31)

@@ -7,13 +7,39 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+import xxhash
+
+from epd_receiver.fsm import ChecksumAlgorithm
 
 
-def crc32(parts: Iterable[torch.Tensor], value: int = 0) -> int:
-    """CRC32 over the raw bytes of ``parts`` in order, as one stream (chunks of one tensor may follow)."""
-    for part in parts:
-        value = zlib.crc32(part.contiguous().view(torch.uint8).numpy(), value)
-    return value
+def _bytes(part: torch.Tensor) -> memoryview:
+    """The raw bytes of a tensor, without a copy when it is contiguous (as every payload part is)."""
+    return memoryview(part.contiguous().view(torch.uint8).numpy())
+
+
+class Digest:
+    """A checksum streamed over tensors' raw bytes in order (chunks of one tensor may follow each other)."""
+
+    def __init__(self, algorithm: ChecksumAlgorithm) -> None:
+        self.algorithm = algorithm
+        self._crc = 0
+        self._xxh3 = xxhash.xxh3_64() if algorithm is ChecksumAlgorithm.XXH3_64 else None
+
+    def update(self, parts: Iterable[torch.Tensor]) -> Digest:
+        for part in parts:
+            if self._xxh3 is not None:
+                self._xxh3.update(_bytes(part))
+            else:
+                self._crc = zlib.crc32(_bytes(part), self._crc)
+        return self
+
+    def value(self) -> int:
+        return self._crc if self._xxh3 is None else self._xxh3.intdigest()
+
+
+def digest(parts: Iterable[torch.Tensor], algorithm: ChecksumAlgorithm) -> int:
+    """``algorithm``'s digest of the raw bytes of ``parts`` in order, as one stream."""
+    return Digest(algorithm).update(parts).value()
 
 
 @dataclass(slots=True)
@@ -44,10 +70,10 @@ class EmbeddingPayload:
             mrope_delta=mrope_delta,
         )
 
-    def crc32(self) -> int:
+    def digest(self, algorithm: ChecksumAlgorithm = ChecksumAlgorithm.XXH3_64) -> int:
         """The integrity checksum: embeddings, ids, positions (three runs of T), then deepstack."""
         parts = [self.embeddings, self.fill_ids, self.mrope_positions]
-        return crc32(parts + ([self.deepstack] if self.deepstack is not None else []))
+        return digest(parts + ([self.deepstack] if self.deepstack is not None else []), algorithm)
 
     def input_embeds(self) -> torch.Tensor:
         """What the model's forward takes: deepstack features joined on the last dimension."""

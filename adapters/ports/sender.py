@@ -19,7 +19,7 @@ import torch
 from epd_receiver.adapters.ports.buffers import TorchBlockBuffers
 from epd_receiver.adapters.ports.sender_links import ProgressSenderLink, SenderLink
 from epd_receiver.adapters.ports.source import EmbeddingBank, SourcePayload
-from epd_receiver.fsm import KVPoll, Room
+from epd_receiver.fsm import ChecksumAlgorithm, KVPoll, Room
 
 # What the sender writes (source.py) and its links (sender_links.py) are still importable from here.
 VOCAB = 151_936
@@ -100,6 +100,7 @@ class InProcessSender:
         handshake_done: bool = True,
         progress: bool = False,
         checksum: bool = False,
+        checksum_algorithm: ChecksumAlgorithm = ChecksumAlgorithm.XXH3_64,
     ) -> SenderLink:
         """Encode a request of ``total_tokens`` tokens; the source is seeded by the sender's seed and the room."""
         if room in self._rooms:
@@ -113,7 +114,7 @@ class InProcessSender:
             mrope_delta = int(torch.randint(-4096, 4096, (1,), generator=generator))
         source = SourcePayload(self.bank, fill_ids, mrope, mrope_delta)
         if checksum:
-            source.checksum = source.crc32()
+            source.checksum, source.checksum_algorithm = source.digest(checksum_algorithm), checksum_algorithm
         status = KVPoll.WaitingForInput if handshake_done else KVPoll.Bootstrapping
         self._rooms[room] = _Room(source, status, handshake_pending=not handshake_done, progress=progress)
         return self.link(room)
@@ -292,7 +293,9 @@ class InProcessSender:
             source.write_tokens(lo, hi, self.buffers.block_views(block, hi - lo))
             self.writes.append((room, block))
         if chunk.with_aux:
-            self.buffers.write_aux(chunk.blocks[0], source.total_tokens, source.mrope_delta, source.checksum)
+            self.buffers.write_aux(
+                chunk.blocks[0], source.total_tokens, source.mrope_delta, source.checksum, source.checksum_algorithm
+            )
         if landing < needed:
             return True
         state.pending = None

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from epd_receiver.adapters.ports.buffers import BlockView
-from epd_receiver.adapters.ports.payload import EmbeddingPayload, crc32
+from epd_receiver.adapters.ports.payload import Digest, EmbeddingPayload
+from epd_receiver.fsm import ChecksumAlgorithm
 
 
 class EmbeddingBank:
@@ -37,19 +38,20 @@ class SourcePayload:
     mrope_positions: torch.Tensor
     mrope_delta: int
     checksum: int | None = None
+    checksum_algorithm: ChecksumAlgorithm = ChecksumAlgorithm.XXH3_64
 
     @property
     def total_tokens(self) -> int:
         return int(self.fill_ids.shape[0])
 
-    def crc32(self, chunk: int = 4096) -> int:
-        """The CRC32 the receiver will compute over the payload, streamed without materialising it."""
+    def digest(self, algorithm: ChecksumAlgorithm, chunk: int = 4096) -> int:
+        """The digest the receiver will compute over the payload, streamed without materialising it."""
         rows = [(start, min(start + chunk, self.total_tokens)) for start in range(0, self.total_tokens, chunk)]
-        value = crc32(self.bank.embeddings[self._rows(a, b)] for a, b in rows)
-        value = crc32([self.fill_ids, self.mrope_positions], value)
+        value = Digest(algorithm).update(self.bank.embeddings[self._rows(a, b)] for a, b in rows)
+        value.update([self.fill_ids, self.mrope_positions])
         if self.bank.deepstack is not None:
-            value = crc32((self.bank.deepstack[self._rows(a, b)] for a, b in rows), value)
-        return value
+            value.update(self.bank.deepstack[self._rows(a, b)] for a, b in rows)
+        return value.value()
 
     def write_tokens(self, start: int, stop: int, view: BlockView) -> None:
         """Produce tokens [start, stop) straight into a pool row, as an encoder writing its output would."""

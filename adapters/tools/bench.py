@@ -9,6 +9,8 @@ Every ratio is measured side by side in one process, interleaved, so that both s
   receives, allocation included) against a plain ``copy_`` of as many bytes into memory already
   allocated, and against the original's per-block ``get_buf`` and ``torch.cat`` merge;
 - the peak memory allocated while assembling, over the payload's bytes (torch's own allocation events);
+- the Success path of a checksummed payload on one rank of two (gather, the payload's digest once for
+  integrity and agreement) against a ``copy_`` of as many bytes, with xxh3-64 and with CRC32;
 - how often a resumed request reads the pool, and how fast the protocol fuzzer runs.
 """
 
@@ -25,6 +27,7 @@ import torch
 from epd_receiver.adapters.tools.bench_assembly import assembly
 from epd_receiver.adapters.tools.bench_config import FULL, BenchConfig
 from epd_receiver.adapters.tools.bench_polls import poll_overhead, transitions
+from epd_receiver.adapters.tools.bench_success import success_path
 from epd_receiver.adapters.tools.bench_timing import seconds
 
 # The measurements live in bench_polls.py and bench_assembly.py; these names are still importable from here.
@@ -35,6 +38,7 @@ GOALS: dict[str, tuple[str, float]] = {
     "assembly_vs_cat_baseline": (">=", 2.0),
     "peak_extra_memory_ratio": ("<=", 1.0),
     "reads_per_resumed_request": ("==", 2.0),
+    "success_path_vs_memcpy": ("<=", 1.3),
 }
 
 
@@ -107,6 +111,8 @@ def _run_bench(config: BenchConfig) -> dict[str, Any]:
     result["assembly_vs_memcpy"] = min(c["assembly_vs_memcpy"] for c in cases)
     result["assembly_vs_cat_baseline"] = min(c["assembly_vs_cat_baseline"] for c in cases)
     result["peak_extra_memory_ratio"] = max(c["peak_extra_memory_ratio"] for c in cases)
+    result["success_path"] = success_path(config)
+    result["success_path_vs_memcpy"] = result["success_path"]["success_path_vs_memcpy"]
     result["fuzz_steps_per_s"] = fuzz_rate(config.fuzz_steps, config.seed)
     # twenty times the fuzzer's steps: at the walk's rate, a span of the same order as the fuzzer's
     result["walk_steps_per_s"] = walk_rate(20 * config.fuzz_steps, config.seed)

@@ -238,7 +238,10 @@ def _bench_tables(result: dict[str, Any]) -> list[Table]:
     assembly = Table("assembly", *(f"B={case['block_size']}" for case in cases), title="resumed payload assembly")
     for key in [k for k in cases[0] if k != "block_size"]:
         assembly.add_row(key.replace("_", " "), *(str(case[key]) for case in cases))
-    return [goals, assembly]
+    success = Table("success path", "value", title="Success with a checksum, one rank of two")
+    for key, value in result["success_path"].items():
+        success.add_row(key.replace("_", " "), str(value))
+    return [goals, assembly, success]
 
 
 def _replay(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ from support.fakes import ExplainingLink, FakePayload
 
 from epd_receiver.fsm import (
     AuxRow,
+    ChecksumAlgorithm,
     CorruptAux,
     IntegrityError,
     KVPoll,
@@ -93,14 +94,17 @@ def test_sender_failure_mid_resume_frees_the_remainder_blocks() -> None:
 
 
 @pytest.mark.parametrize("resumed", [False, True])
-def test_a_payload_that_does_not_match_the_senders_checksum_fails_closed(resumed: bool) -> None:
+@pytest.mark.parametrize("algorithm", list(ChecksumAlgorithm))
+def test_a_payload_that_does_not_match_the_senders_checksum_fails_closed(
+    resumed: bool, algorithm: ChecksumAlgorithm
+) -> None:
     bench = Bench.make()
     subject = bench.add(SUBJECT)
     bystander = bench.add(BYSTANDER)
     bench.step()
     total = RESUMED_TOTAL if resumed else D
     first_block = bench.links[SUBJECT].inits[0][0][0]
-    bench.buffers.aux[first_block] = AuxRow(total, 7, checksum=0xDEADBEEF)  # not what will be assembled
+    bench.buffers.aux[first_block] = AuxRow(total, 7, checksum=0xDEADBEEF, checksum_algorithm=algorithm)
     bench.links[SUBJECT].status = KVPoll.Transferring if resumed else KVPoll.Success
     bench.land(BYSTANDER, D, KVPoll.Success)
     bench.step()
@@ -117,7 +121,8 @@ def test_a_payload_that_matches_the_senders_checksum_succeeds() -> None:
     bench = Bench.make()
     request = bench.add(1)
     bench.step()
-    expected = bench.buffers.checksum(FakePayload(D, 7, [0] * 4 + [1] * 4))  # what gathering A0 = (0, 1) yields
+    # what gathering A0 = (0, 1) yields
+    expected = bench.buffers.checksum(FakePayload(D, 7, [0] * 4 + [1] * 4), ChecksumAlgorithm.XXH3_64)
     bench.buffers.aux[0] = AuxRow(D, 7, checksum=expected)
     bench.links[1].status = KVPoll.Success
     bench.step()

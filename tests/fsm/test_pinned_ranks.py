@@ -20,6 +20,7 @@ from epd_receiver.fsm import (
     LINK_ERROR,
     UNKNOWN_STATUS,
     AuxRow,
+    ChecksumAlgorithm,
     KVPoll,
     RankDivergence,
     ReceiverConfig,
@@ -220,15 +221,18 @@ def test_a_value_outside_kvpoll_seen_only_on_another_rank_says_so() -> None:
 
 
 def test_the_ranks_compare_t_s_and_the_checksum_this_rank_read() -> None:
-    for checksum, expected in ((None, -1), (0xDEAD, 0xDEAD)):
+    crc32, xxh3 = ChecksumAlgorithm.CRC32, ChecksumAlgorithm.XXH3_64
+    cases = ((None, xxh3, [-1, 0, 0]), (0xDEAD, crc32, [1, 0xDEAD, 0]), (0xABCD_0000_DEAD, xxh3, [2, 0xDEAD, 0xABCD]))
+    for checksum, algorithm, expected in cases:
         peer = RecordingPeer()
         bench = Bench.make(ranks=peer)
         bench.add(1)
         bench.step()
-        bench.buffers.aux[0] = AuxRow(20, 7, checksum=checksum)
+        bench.buffers.aux[0] = AuxRow(20, 7, checksum=checksum, checksum_algorithm=algorithm)
         bench.links[1].status = int(KVPoll.Transferring)
         bench.step()
-        assert peer.compared[0] == [20, 8, expected]  # T, S = |A0|*B, the checksum (-1: none, never a CRC32)
+        # T, S = |A0|*B, then the algorithm and the digest's low and high 32 bits (-1: none, never an algorithm)
+        assert peer.compared[0] == [20, 8, *expected]
 
 
 def test_ranks_that_read_different_totals_fail_with_what_this_rank_read() -> None:
@@ -237,7 +241,7 @@ def test_ranks_that_read_different_totals_fail_with_what_this_rank_read() -> Non
     bench.land(1, 20, KVPoll.Transferring)
     bench.step()
     assert request.error is not None and request.error.room == 1
-    assert request.error.detail == "the ranks differ on (T, S, checksum); this rank read [20, 8, -1]"
+    assert request.error.detail == "the ranks differ on (T, S, checksum); this rank read [20, 8, -1, 0, 0]"
 
 
 def test_ranks_compare_the_payload_they_assembled_unless_told_not_to() -> None:
@@ -249,8 +253,9 @@ def test_ranks_compare_the_payload_they_assembled_unless_told_not_to() -> None:
         bench.land(1, 8, KVPoll.Success)
         bench.step()
         assert request.state is State.SUCCESS and request.payload is not None
-        checksum = bench.buffers.checksum(request.payload)
-        assert peer.compared == ([[8, 8, -1], [checksum]] if compare else [[8, 8, -1]])
+        checksum = bench.buffers.checksum(request.payload, ChecksumAlgorithm.XXH3_64)  # no sender's: the default
+        halves = [checksum & 0xFFFFFFFF, checksum >> 32]
+        assert peer.compared == ([[8, 8, -1, 0, 0], halves] if compare else [[8, 8, -1, 0, 0]])
 
 
 def test_ranks_that_assembled_different_payloads_fail_saying_so() -> None:

@@ -1,10 +1,11 @@
 """A checksum an earlier request left in a pool row is never read as the current request's.
 
-The aux row of A0[0] carries T and the M-RoPE delta in slots 0-1, and our senders add a CRC32 of the payload
-in slots 2-3 (a flag, then the value). The pool is never cleared between requests, and SGLang's Encode side
-writes slots 0-1 only: a block that was A0[0] of a checksummed request, reused as A0[0] by such a sender,
-would still carry the old flag and checksum, and a good payload would fail IntegrityError. The controller
-clears A0[0]'s checksum slots when it takes A0, before the init names the block to any sender.
+The aux row of A0[0] carries T and the M-RoPE delta in slots 0-1, and our senders add a digest of the
+payload in slots 2-4 (the algorithm's id, then the digest's low and high 32 bits). The pool is never
+cleared between requests, and SGLang's Encode side writes slots 0-1 only: a block that was A0[0] of a
+checksummed request, reused as A0[0] by such a sender, would still carry the old algorithm and checksum,
+and a good payload would fail IntegrityError. The controller clears A0[0]'s checksum slots when it takes
+A0, before the init names the block to any sender.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from collections.abc import Sequence
 import pytest
 
 from epd_receiver.adapters.ports.allocator import OwningBlockAllocator
-from epd_receiver.adapters.ports.buffers import CHECKSUM, CHECKSUM_FLAG, TorchBlockBuffers
+from epd_receiver.adapters.ports.buffers import CHECKSUM, CHECKSUM_FLAG, CHECKSUM_HIGH, TorchBlockBuffers
 from epd_receiver.adapters.ports.payload import EmbeddingPayload
 from epd_receiver.adapters.ports.sender import InProcessSender
 from epd_receiver.adapters.ports.sender_links import SenderLink
-from epd_receiver.fsm import ReceiverConfig, ReceiverQueue, State
+from epd_receiver.fsm import ChecksumAlgorithm, ReceiverConfig, ReceiverQueue, State
 
 B = 4
 D = 2 * B
@@ -30,9 +31,16 @@ class ForkAuxPool(TorchBlockBuffers):
 
     slots_zero_one_only = False
 
-    def write_aux(self, block: int, total_tokens: int, mrope_delta: int, checksum: int | None = None) -> None:
+    def write_aux(
+        self,
+        block: int,
+        total_tokens: int,
+        mrope_delta: int,
+        checksum: int | None = None,
+        algorithm: int = ChecksumAlgorithm.XXH3_64,
+    ) -> None:
         if not self.slots_zero_one_only:
-            super().write_aux(block, total_tokens, mrope_delta, checksum)
+            super().write_aux(block, total_tokens, mrope_delta, checksum, algorithm)
             return
         self.aux[block, 0] = total_tokens
         self.aux[block, 1] = mrope_delta
@@ -51,7 +59,9 @@ def test_a_block_reused_as_a0_by_a_sender_that_writes_no_checksum_is_not_judged_
     assert first.state is State.SUCCESS and first.checksum is not None  # checked, and it matched
     block = first.first_block
     queue.release(1)
-    assert block is not None and pool.aux[block, CHECKSUM_FLAG] == 1  # the pool keeps it: never cleared
+    assert (
+        block is not None and pool.aux[block, CHECKSUM_FLAG] == ChecksumAlgorithm.XXH3_64
+    )  # the pool keeps it: never cleared
 
     pool.slots_zero_one_only = True
     second = queue.add(2, sender.add_room(2, D))
@@ -79,7 +89,7 @@ class WritesAtOnce(SenderLink):
 def test_the_checksum_is_cleared_before_the_init_so_a_sender_that_writes_at_once_keeps_its_own(stale: bool) -> None:
     pool = TorchBlockBuffers(2, B, 8)
     if stale:
-        pool.aux[:, CHECKSUM_FLAG], pool.aux[:, CHECKSUM] = 1, 12345
+        pool.aux[:, CHECKSUM_FLAG], pool.aux[:, CHECKSUM], pool.aux[:, CHECKSUM_HIGH] = 2, 12345, 678
     sender = InProcessSender(pool, bank_rows=64)
     queue: ReceiverQueue[EmbeddingPayload] = ReceiverQueue(
         pool, OwningBlockAllocator(2, B), ReceiverConfig(default_alloc_tokens=D)

@@ -12,6 +12,7 @@ from typing import Any
 
 from epd_receiver.fsm import (
     AuxRow,
+    ChecksumAlgorithm,
     KVPoll,
     OwnershipError,
     Room,
@@ -42,6 +43,7 @@ class FakeBuffers:
         self.aux_reads: list[int] = []
         self.gathers: list[tuple[tuple[int, ...], int, int]] = []
         self.payloads: list[FakePayload] = []
+        self.digests: list[ChecksumAlgorithm] = []  # one entry per payload digest computed, by algorithm
 
     @property
     def block_size(self) -> int:
@@ -61,8 +63,10 @@ class FakeBuffers:
         self.payloads.append(payload)
         return payload
 
-    def checksum(self, payload: FakePayload) -> int:
-        return hash(tuple(payload.sources)) & 0xFFFFFFFF
+    def checksum(self, payload: FakePayload, algorithm: ChecksumAlgorithm) -> int:
+        self.digests.append(algorithm)
+        width = 0xFFFFFFFF if algorithm is ChecksumAlgorithm.CRC32 else 0xFFFFFFFFFFFFFFFF
+        return hash((algorithm, *payload.sources)) & width
 
     def gather(self, blocks: Sequence[int], tokens: int, into: FakePayload, at: int) -> None:
         self.gathers.append((tuple(blocks), tokens, at))

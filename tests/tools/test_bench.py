@@ -7,6 +7,7 @@ exactly twice, our assembly equals the original's), never how fast anything ran.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -18,6 +19,7 @@ from epd_receiver.adapters.ports.payload import EmbeddingPayload, PayloadArena
 from epd_receiver.adapters.tools.bench import GOALS, run_bench
 from epd_receiver.adapters.tools.bench_assembly import assembly
 from epd_receiver.adapters.tools.bench_config import TINY, BenchConfig
+from epd_receiver.adapters.tools.bench_success import success_path
 from epd_receiver.adapters.tools.cli import main
 
 TINY_ARGS = [
@@ -40,6 +42,7 @@ REQUIRED_KEYS = {
     "assembly_vs_cat_baseline",
     "peak_extra_memory_ratio",
     "reads_per_resumed_request",
+    "success_path_vs_memcpy",
     "fuzz_steps_per_s",
 }
 
@@ -87,6 +90,15 @@ def test_assembly_checks_itself_against_the_original_and_refuses_a_payload_that_
     assert figures["payload_mib"] >= 0 and figures["arena_idle_mib"] >= 0
     with pytest.raises(ValueError, match="nothing to resume"):
         assembly(BenchConfig(hidden_size=8, total_tokens=64, default_tokens=64, repeats=1), block_size=8)
+
+
+def test_the_success_path_is_the_controller_s_step_with_each_algorithm_over_memcpy() -> None:
+    figures = success_path(TINY)
+    assert figures["block_size"] == 4  # no B=128 in TINY: its first block size
+    for name in ("xxh3_64", "crc32"):
+        assert figures[f"success_{name}_ms"] > 0 and figures[f"{name}_ms"] >= 0
+    assert figures["success_path_vs_memcpy"] > 0 and figures["success_path_crc32_vs_memcpy"] > 0
+    assert success_path(dataclasses.replace(TINY, block_sizes=(8, 128)))["block_size"] == 128
 
 
 def test_run_bench_reports_the_worst_block_size_as_the_headline() -> None:

@@ -84,7 +84,7 @@ class Staging:
                 source.write_tokens(lo, lo + n, self.rows.block_views(row, n))
             self._staged = (source, start, tokens)
         if with_aux:
-            self.rows.write_aux(0, source.total_tokens, source.mrope_delta, source.checksum)
+            self.rows.write_aux(0, source.total_tokens, source.mrope_delta, source.checksum, source.checksum_algorithm)
 
     def plan(
         self, targets: Sequence[int], pairs: Sequence[tuple[int, int, int]], with_aux: bool
