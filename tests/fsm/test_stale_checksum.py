@@ -26,8 +26,13 @@ D = 2 * B
 
 
 class ForkAuxPool(TorchBlockBuffers):
-    """A pool whose sender writes the aux row as SGLang's Encode side does, slots 0-1 only, while
-    ``slots_zero_one_only`` is set; our own senders' full aux row (checksum included) otherwise."""
+    """A pool whose sender writes the aux row as SGLang's Encode side does while ``slots_zero_one_only`` is
+    set, and our own senders' full aux row (checksum included) otherwise.
+
+    The fork's ``MultimodalDataBuffers.set_buf`` (ZhengWG/sglang cca20b0,
+    python/sglang/srt/disaggregation/utils.py:760-770) writes, for the first block only, slot 0 = the
+    embedding length and slot 1 = the M-RoPE delta when the request has one (every request here does),
+    and nothing else of the row: slots 2-15 keep whatever an earlier request left there."""
 
     slots_zero_one_only = False
 

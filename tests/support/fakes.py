@@ -222,9 +222,12 @@ class BrokenLink(FakeLink):
 
 
 class ConcludingLink(FakeLink):
-    """A link that folds its own conclusions into poll(), as SGLang's receiver does: its abort() turns
-    poll() to Failed locally and tells the sender nothing, and a terminal status latches. ``status`` is
-    what the remote side reported; only that is evidence."""
+    """A link that folds its own conclusions into poll(), as SGLang's receiver does (ZhengWG/sglang
+    cca20b0, python/sglang/srt/disaggregation/mooncake/conn_multimodal.py): its abort() records Failed as
+    its own conclusion and sends the Encode side nothing (:1224-1230), and poll() latches the first Failed
+    or Success it reads, returning that conclusion ever after (:1197-1205). ``status`` is what the remote
+    side reported; only that is evidence. The kit's ``LocallyConcludingLink`` is the same behaviour over
+    the in-process sender."""
 
     def __init__(self, status: int = KVPoll.WaitingForInput) -> None:
         super().__init__(status)
@@ -288,7 +291,8 @@ class ProgressLink(FakeLink):
 
 
 class ExplainingLink(FakeLink):
-    """A link that, like SGLang's failure_exception(), can say why its sender failed."""
+    """A link that can say why its sender failed, as SGLang's receiver does through failure_exception(),
+    which raises with the manager's failure record for the room (conn_multimodal.py:1211-1222)."""
 
     def failure_reason(self) -> str | None:
         return "transfer engine returned -1" if self.status == KVPoll.Failed else None
