@@ -73,7 +73,7 @@ class PayloadAssembly(Generic[PayloadT]):
 
     def agree_across_ranks(self, event: Any) -> None:
         """Every rank must have read the same T and checksum into an allocation of the same size (#4)."""
-        checksum = [-1, 0, 0] if self.checksum is None else [self.checksum_algorithm, *_halves(self.checksum)]
+        checksum = [-1, 0, 0] if self.checksum is None else [self.checksum_algorithm, *digest_halves(self.checksum)]
         seen = [self._total(), self.capacity, *checksum]
         if not self._wiring.ranks.same(seen):
             self.total_tokens = None  # a T the ranks do not share is kept by none of them
@@ -86,7 +86,7 @@ class PayloadAssembly(Generic[PayloadT]):
         if ranks.size == 1 or not self._wiring.config.compare_payloads:
             return
         assert self.payload is not None
-        if not ranks.same(_halves(self._payload_digest())):
+        if not ranks.same(digest_halves(self._payload_digest())):
             self._wiring.metrics.rank_disagreement("payload")
             raise RankDisagreement(self.room, "the ranks assembled different payloads")
 
@@ -144,6 +144,6 @@ class PayloadAssembly(Generic[PayloadT]):
         return self.total_tokens
 
 
-def _halves(digest: int) -> list[int]:
+def digest_halves(digest: int) -> list[int]:
     """A 64-bit digest as two 32-bit values: a rank group compares values well inside int64."""
     return [digest & 0xFFFFFFFF, digest >> 32]

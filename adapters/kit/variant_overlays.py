@@ -29,6 +29,9 @@ def _merge(*overlays: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
+_PACKAGED_TRANSITIONS = tomllib.loads(default_spec_text())["transitions"]
+
+
 def _edited(
     trigger: str,
     source: str | Sequence[str],
@@ -47,7 +50,7 @@ def _edited(
     sources = [source] if isinstance(source, str) else list(source)
     matches = [
         t
-        for t in tomllib.loads(default_spec_text())["transitions"]
+        for t in _PACKAGED_TRANSITIONS
         if t["trigger"] == trigger
         and ([t["source"]] if isinstance(t["source"], str) else t["source"]) == sources
         and (conditions is None or t.get("conditions", []) == list(conditions))
@@ -73,6 +76,9 @@ RANKS_DECIDE_ALONE = {  # 4: no agreement across ranks, before judging or after 
     ]
 }
 
+# #3 and #22 restate the original system's whole Success-after-resume step, not one action of ours changed:
+# the original had none of the checks that follow the gather (the landed count, the ranks' agreement, the
+# checksum), and with them the wrong T would be caught for another reason than the one each bug shows.
 AUX_OF_RESUME_BLOCKS_AT_SUCCESS = _merge(  # 3
     _action("learn_total_from_current", "T from the current allocation's first aux row."),
     {

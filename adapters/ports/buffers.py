@@ -21,7 +21,7 @@ from epd_receiver.fsm import AuxRow, ChecksumAlgorithm
 AUX_INTS = 16  # [0] = T, [1] = M-RoPE delta, [2..4] checksum, [5..15] unused: RDMA moves at least 64 bytes
 # [2] = the algorithm's id (ChecksumAlgorithm) when [3] and [4] hold the low and high 32 bits of the payload's
 # digest, 0 when no checksum follows (SGLang's sender writes none of them)
-CHECKSUM_FLAG, CHECKSUM, CHECKSUM_HIGH = 2, 3, 4
+CHECKSUM_ALGORITHM, CHECKSUM, CHECKSUM_HIGH = 2, 3, 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,15 +87,15 @@ class TorchBlockBuffers:
 
     def read_aux(self, block: int) -> AuxRow:
         row = self.aux[block].tolist()
-        if row[CHECKSUM_FLAG] == 0:
+        if row[CHECKSUM_ALGORITHM] == 0:
             return AuxRow(total_tokens=row[0], mrope_delta=row[1])
         checksum = (row[CHECKSUM] & 0xFFFFFFFF) | (row[CHECKSUM_HIGH] & 0xFFFFFFFF) << 32
-        return AuxRow(row[0], row[1], checksum=checksum, checksum_algorithm=row[CHECKSUM_FLAG])
+        return AuxRow(row[0], row[1], checksum=checksum, checksum_algorithm=row[CHECKSUM_ALGORITHM])
 
     def clear_checksum(self, block: int) -> None:
         """Zero every slot past T and the delta (the checksum and the unused rest), which a sender that
         writes no checksum leaves as it found them; T and the delta are the sender's to write."""
-        self.aux[block, CHECKSUM_FLAG:].zero_()
+        self.aux[block, CHECKSUM_ALGORITHM:].zero_()
 
     def checksum(self, payload: EmbeddingPayload, algorithm: ChecksumAlgorithm) -> int:
         return payload.digest(algorithm)
@@ -184,6 +184,11 @@ class TorchBlockBuffers:
         low, high = (0, 0) if checksum is None else (checksum & 0xFFFFFFFF, checksum >> 32 & 0xFFFFFFFF)
         self.aux[block, 0] = total_tokens
         self.aux[block, 1] = mrope_delta
-        self.aux[block, CHECKSUM_FLAG] = 0 if checksum is None else algorithm
-        self.aux[block, CHECKSUM] = low - (1 << 32) * (low >= 1 << 31)
-        self.aux[block, CHECKSUM_HIGH] = high - (1 << 32) * (high >= 1 << 31)
+        self.aux[block, CHECKSUM_ALGORITHM] = 0 if checksum is None else algorithm
+        self.aux[block, CHECKSUM] = _int32_bits(low)
+        self.aux[block, CHECKSUM_HIGH] = _int32_bits(high)
+
+
+def _int32_bits(value: int) -> int:
+    """An unsigned 32-bit value as the int32 that holds the same bits in an aux slot."""
+    return value - (1 << 32) * (value >= 1 << 31)

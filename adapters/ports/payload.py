@@ -12,6 +12,12 @@ import xxhash
 from epd_receiver.fsm import ChecksumAlgorithm
 
 
+def token_bytes(hidden_size: int, deepstack_layers: int) -> int:
+    """What one token of a payload occupies: its bf16 rows (the embedding and each deepstack layer), its
+    int32 fill id and its three int32 M-RoPE positions."""
+    return hidden_size * 2 * (1 + deepstack_layers) + 4 + 12
+
+
 def _bytes(part: torch.Tensor) -> memoryview:
     """The raw bytes of a tensor, without a copy when it is contiguous (as every payload part is)."""
     return memoryview(part.contiguous().view(torch.uint8).numpy())
@@ -21,7 +27,6 @@ class Digest:
     """A checksum streamed over tensors' raw bytes in order (chunks of one tensor may follow each other)."""
 
     def __init__(self, algorithm: ChecksumAlgorithm) -> None:
-        self.algorithm = algorithm
         self._crc = 0
         self._xxh3 = xxhash.xxh3_64() if algorithm is ChecksumAlgorithm.XXH3_64 else None
 

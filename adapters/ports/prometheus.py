@@ -33,8 +33,8 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 
 class PrometheusMetrics:
-    """``ReceiverMetrics`` as Prometheus families; ``bytes_per_token`` turns tokens landed into bytes (the
-    pool's row size: hidden size times 2 bytes times the layers, plus the aux row's share)."""
+    """``ReceiverMetrics`` as Prometheus families; ``bytes_per_token`` turns tokens landed into bytes
+    (``payload.token_bytes``; 0 counts no bytes)."""
 
     def __init__(
         self,

@@ -74,7 +74,7 @@ SPEC_DIR_HELP = (
 
 def parser() -> argparse.ArgumentParser:
     """The whole command line; ``main`` dispatches on ``command`` (and ``spec_command``)."""
-    parser = argparse.ArgumentParser(prog="epd-receiver", description=DESCRIPTION, formatter_class=_Help)
+    parser = argparse.ArgumentParser(prog="epd-receiver", description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sim = commands.add_parser("simulate", help="run an end-to-end simulated EPD transfer workload")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from epd_receiver.adapters.ports.buffers import TorchBlockBuffers
-from epd_receiver.adapters.ports.payload import EmbeddingPayload, PayloadArena
+from epd_receiver.adapters.ports.payload import EmbeddingPayload, PayloadArena, token_bytes
 from epd_receiver.adapters.tools.bench_config import BenchConfig
 from epd_receiver.adapters.tools.bench_timing import interleaved
 
@@ -31,7 +31,7 @@ class _Resume:
     @property
     def payload_bytes(self) -> int:
         h, k = self.pool.hidden_size, self.pool.deepstack_layers
-        return self.total * (2 * h * (1 + k) + 4 + 12)
+        return self.total * token_bytes(h, k)
 
 
 def _resume_case(config: BenchConfig, block_size: int) -> _Resume:

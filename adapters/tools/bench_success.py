@@ -23,6 +23,7 @@ from epd_receiver.adapters.ports.payload import EmbeddingPayload, PayloadArena
 from epd_receiver.adapters.tools.bench_config import BenchConfig
 from epd_receiver.adapters.tools.bench_timing import seconds
 from epd_receiver.fsm import ChecksumAlgorithm, KVPoll, ReceiverConfig, ReceiverQueue, State
+from epd_receiver.fsm.assembly import digest_halves
 
 _BLOCK_SIZE = 128  # the block size of the headline, when the configuration measures it
 
@@ -56,7 +57,7 @@ class _OtherRank:
     size = 2
 
     def __init__(self, payload_digest: int) -> None:
-        self.payload = [payload_digest & 0xFFFFFFFF, payload_digest >> 32]
+        self.payload = digest_halves(payload_digest)
         self.aux: list[int] | None = None
 
     def min_reduce(self, rooms: Sequence[int], values: Sequence[int]) -> list[int]:

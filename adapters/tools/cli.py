@@ -22,11 +22,12 @@ from epd_receiver.adapters.kit.scenario import ScenarioError, load_scenario, rep
 from epd_receiver.adapters.kit.variant_records import record_catch, variants_markdown
 from epd_receiver.adapters.kit.variants import CATALOGUE, VARIANTS
 from epd_receiver.adapters.kit.world_config import WorldConfig
+from epd_receiver.adapters.ports.payload import token_bytes
 from epd_receiver.adapters.ports.prometheus import PrometheusMetrics
 from epd_receiver.adapters.tools import arguments
 from epd_receiver.adapters.tools.bench import GOALS, run_bench
 from epd_receiver.adapters.tools.bench_config import BenchConfig
-from epd_receiver.adapters.tools.simulate import Workload, bytes_per_token, simulate
+from epd_receiver.adapters.tools.simulate import Workload, simulate
 from epd_receiver.fsm import load_spec
 from epd_receiver.fsm.diagram import SYNCED_DOCUMENTS, mermaid, sync_documents
 
@@ -154,7 +155,7 @@ def _metrics(args: argparse.Namespace, config: WorldConfig) -> PrometheusMetrics
     a daemon thread: it goes with the process)."""
     if args.metrics_port is None and args.metrics_out is None:
         return None
-    metrics = PrometheusMetrics(bytes_per_token=bytes_per_token(config))
+    metrics = PrometheusMetrics(bytes_per_token=token_bytes(config.hidden_size, config.deepstack))
     if args.metrics_port is not None:
         start_http_server(args.metrics_port, addr="127.0.0.1", registry=metrics.registry)
     return metrics

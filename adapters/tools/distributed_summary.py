@@ -9,9 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from epd_receiver.adapters.kit.world_config import WorldConfig
+from epd_receiver.adapters.ports.payload import token_bytes
 from epd_receiver.adapters.tools.rank_job import Arrival
-
-BYTES_PER_POSITION = 4 + 12  # an int32 id and three int32 M-RoPE positions per token
 
 
 def summarize(
@@ -28,7 +27,7 @@ def summarize(
     leaked = sum(res["owned_blocks"] for res in results)
     seconds = max(res["seconds"] for res in results)
     tokens = results[0]["tokens"]
-    bytes_per_token = config.hidden_size * 2 * (1 + config.deepstack) + BYTES_PER_POSITION
+    bytes_per_token = token_bytes(config.hidden_size, config.deepstack)
     transfer = dict(results[0]["transfer"])
     if transfer.get("bytes") and seconds:
         transfer["end_to_end_gb_per_s"] = round(transfer["bytes"] / seconds / 1e9, 3)

@@ -16,6 +16,7 @@ from typing import Any
 
 from epd_receiver.adapters.kit.world import World
 from epd_receiver.adapters.kit.world_config import WorldConfig
+from epd_receiver.adapters.ports.payload import token_bytes
 from epd_receiver.fsm import ReceiverMetrics, State
 
 
@@ -40,12 +41,6 @@ def draw_length(rng: random.Random, config: WorldConfig, workload: Workload) -> 
     if rng.random() < workload.resume_share:
         return rng.randint(d + 1, d * workload.max_payload_factor)
     return min(d, max(1, round(math.exp(rng.uniform(math.log(16), math.log(d))))))
-
-
-def bytes_per_token(config: WorldConfig) -> int:
-    """What one token occupies in the pool: its bf16 rows (the embedding and each deepstack layer) and its
-    share of the aux row, as the sender writes it."""
-    return config.hidden_size * 2 * (1 + config.deepstack) + 4 + 12
 
 
 def simulate(
@@ -92,7 +87,7 @@ def summarize(world: World, iterations: int, tokens: int, elapsed: float) -> dic
     succeeded = [o for o in outcomes if o.states[-1] is State.SUCCESS]
     failed = [o for o in outcomes if o.states[-1] is State.FAILED]
     ended = succeeded + failed
-    row_bytes = bytes_per_token(world.config)
+    row_bytes = token_bytes(world.config.hidden_size, world.config.deepstack)
     violations = world.check()
     if world.allocator.owned_count or world.allocator.fenced_count:
         violations.append(

@@ -12,7 +12,7 @@ from support.controller_bench import Bench, D, assert_failed_cleanly
 from support.fakes import FakePayload, PeerRank
 
 from epd_receiver.adapters.ports.allocator import OwningBlockAllocator
-from epd_receiver.adapters.ports.buffers import CHECKSUM, CHECKSUM_FLAG, CHECKSUM_HIGH, TorchBlockBuffers
+from epd_receiver.adapters.ports.buffers import CHECKSUM, CHECKSUM_ALGORITHM, CHECKSUM_HIGH, TorchBlockBuffers
 from epd_receiver.adapters.ports.payload import EmbeddingPayload
 from epd_receiver.adapters.ports.sender import InProcessSender
 from epd_receiver.fsm import (
@@ -61,7 +61,7 @@ def one_request(
                 corrupt, block = False, sender.room_messages(1)[-1].blocks[0]
                 pool.embeddings[block, 0] = pool.embeddings[block, 0] + 1
             if aux_slot_2 is not None:
-                pool.aux[request.first_block, CHECKSUM_FLAG] = aux_slot_2
+                pool.aux[request.first_block, CHECKSUM_ALGORITHM] = aux_slot_2
         if request.state in (State.SUCCESS, State.FAILED):
             break
     return pool, request, sender
@@ -85,7 +85,7 @@ def test_the_aux_row_carries_the_algorithm_and_all_64_bits() -> None:
     assert pool.aux[1, :5].tolist() == [9, -3, 2, 0x76543210, 0xFEDCBA98 - (1 << 32)]
     assert pool.read_aux(1) == AuxRow(9, -3, checksum=0xFEDC_BA98_7654_3210, checksum_algorithm=XXH3)
     pool.write_aux(1, 9, -3, 0xDEADBEEF, CRC32)
-    assert pool.aux[1, CHECKSUM_FLAG] == 1 and pool.aux[1, CHECKSUM_HIGH] == 0
+    assert pool.aux[1, CHECKSUM_ALGORITHM] == 1 and pool.aux[1, CHECKSUM_HIGH] == 0
     assert pool.read_aux(1) == AuxRow(9, -3, checksum=0xDEADBEEF, checksum_algorithm=CRC32)
     pool.write_aux(1, 9, -3)
     assert pool.aux[1, 2:5].tolist() == [0, 0, 0] and pool.read_aux(1).checksum is None
@@ -144,6 +144,6 @@ def test_two_ranks_and_a_checksum_share_one_digest_per_success(algorithm: Checks
 
 def test_the_stale_slots_cleared_include_the_digest_high_bits() -> None:
     pool = TorchBlockBuffers(2, B, 8)
-    pool.aux[1, CHECKSUM_FLAG], pool.aux[1, CHECKSUM], pool.aux[1, CHECKSUM_HIGH] = 2, 5, 6
+    pool.aux[1, CHECKSUM_ALGORITHM], pool.aux[1, CHECKSUM], pool.aux[1, CHECKSUM_HIGH] = 2, 5, 6
     pool.clear_checksum(1)
     assert pool.aux[1, 2:].tolist() == [0] * 14 and pool.read_aux(1).checksum is None

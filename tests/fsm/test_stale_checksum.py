@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import pytest
 
 from epd_receiver.adapters.ports.allocator import OwningBlockAllocator
-from epd_receiver.adapters.ports.buffers import CHECKSUM, CHECKSUM_FLAG, CHECKSUM_HIGH, TorchBlockBuffers
+from epd_receiver.adapters.ports.buffers import CHECKSUM, CHECKSUM_ALGORITHM, CHECKSUM_HIGH, TorchBlockBuffers
 from epd_receiver.adapters.ports.payload import EmbeddingPayload
 from epd_receiver.adapters.ports.sender import InProcessSender
 from epd_receiver.adapters.ports.sender_links import SenderLink
@@ -65,7 +65,7 @@ def test_a_block_reused_as_a0_by_a_sender_that_writes_no_checksum_is_not_judged_
     block = first.first_block
     queue.release(1)
     assert (
-        block is not None and pool.aux[block, CHECKSUM_FLAG] == ChecksumAlgorithm.XXH3_64
+        block is not None and pool.aux[block, CHECKSUM_ALGORITHM] == ChecksumAlgorithm.XXH3_64
     )  # the pool keeps it: never cleared
 
     pool.slots_zero_one_only = True
@@ -94,7 +94,7 @@ class WritesAtOnce(SenderLink):
 def test_the_checksum_is_cleared_before_the_init_so_a_sender_that_writes_at_once_keeps_its_own(stale: bool) -> None:
     pool = TorchBlockBuffers(2, B, 8)
     if stale:
-        pool.aux[:, CHECKSUM_FLAG], pool.aux[:, CHECKSUM], pool.aux[:, CHECKSUM_HIGH] = 2, 12345, 678
+        pool.aux[:, CHECKSUM_ALGORITHM], pool.aux[:, CHECKSUM], pool.aux[:, CHECKSUM_HIGH] = 2, 12345, 678
     sender = InProcessSender(pool, bank_rows=64)
     queue: ReceiverQueue[EmbeddingPayload] = ReceiverQueue(
         pool, OwningBlockAllocator(2, B), ReceiverConfig(default_alloc_tokens=D)
