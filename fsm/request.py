@@ -21,8 +21,6 @@ from .ports import PayloadT, TransportLink
 from .states import State
 from .window import ReadWindow
 
-# Where they were first defined; the queue, the kit and the tests still import them from here.
-
 
 class ReceiverRequest(PayloadAssembly[PayloadT]):
     # Set by the Machine on add_model; declared for the type checker.
@@ -47,15 +45,13 @@ class ReceiverRequest(PayloadAssembly[PayloadT]):
         self._start_assembly()
         self.resumes = 0
         self.error: ReceiverError | None = None
-        self.deadline_at = self._deadline_from_now(wiring.spec.initial)
+        self.arrived_at = self.entered_at = wiring.clock.now()
+        self.deadline_at = self._deadline_from(self.entered_at, wiring.spec.initial)
         # Seconds spent in each state it has left, by state name, summed over visits (a resume round may
         # visit WAITING_FOR_BLOCKS and RESUMING several times); on the queue's clock.
         self.stage_seconds: dict[str, float] = {}
-        self.arrived_at = self.entered_at = wiring.clock.now()
         self.failed_in: State | None = None  # the state it failed from, for timeouts by state
-        self._stage: State = wiring.spec.initial
-        self._fenced_at: float | None = None  # when the fence it holds was set, to report how long it lasted
-        self._fence_blocks = 0
+        self._fenced_at = 0.0  # when the fence it holds was set, to report how long it lasted
         self._landed_tokens: Callable[[], int] | None = getattr(link, "landed_tokens", None)
 
     def __repr__(self) -> str:
@@ -123,10 +119,10 @@ class ReceiverRequest(PayloadAssembly[PayloadT]):
         except ReceiverError as error:
             self.trigger(self._wiring.spec.on_error, error=error)
 
-    def _deadline_from_now(self, state: State) -> float:
+    def _deadline_from(self, now: float, state: State) -> float:
         """Kept absolute, so that the poll loop only compares it with the time."""
         limit = self._wiring.deadlines.get(state)
-        return math.inf if limit is None else self._wiring.clock.now() + limit
+        return math.inf if limit is None else now + limit
 
     def deadline_passed(self, *, everywhere: bool) -> None:
         """The current state's deadline passed on some rank's clock (``everywhere``: on every rank's).
@@ -146,27 +142,19 @@ class ReceiverRequest(PayloadAssembly[PayloadT]):
         self.fire(timeout.event, error=error_type(self.room, f"{self.state.name} for more than {limit:g} s"))
 
     def stamp_entry(self, event: Any) -> None:
-        """After every state change (internal ones included): deadlines count from here, the stage left is
-        timed, and a fence set or lifted is reported. The only place the metrics hear of a transition, so
-        that the poll loop, which changes nothing most iterations, never reaches them."""
-        state, left = self.state, self._stage
+        """After every state change (internal ones included): deadlines count from here, and the stage left
+        is timed. With the fence's actions, the only places the metrics hear of a transition, so that the
+        poll loop, which changes nothing most iterations, never reaches them."""
+        state, left = self.state, type(self.state)[event.transition.source]
         now = self._wiring.clock.now()
-        limit = self._wiring.deadlines.get(state)
-        self.deadline_at = math.inf if limit is None else now + limit
+        self.deadline_at = self._deadline_from(now, state)
         if state is not left:
             spent = now - self.entered_at
             self.stage_seconds[left.name] = self.stage_seconds.get(left.name, 0.0) + spent
-            self.entered_at, self._stage = now, state
+            self.entered_at = now
             if self.error is not None and self.failed_in is None:
                 self.failed_in = left
             self._wiring.metrics.entered(state, left, spent)
-        if self._fenced_at is None:
-            if self.fenced:
-                self._fenced_at, self._fence_blocks = now, len(self.fenced)
-                self._wiring.metrics.fenced(len(self.fenced))
-        elif not self.fenced:
-            self._wiring.metrics.fence_lifted(self._fence_blocks, now - self._fenced_at)
-            self._fenced_at = None
 
     @property
     def receive_seconds(self) -> float:
@@ -240,10 +228,13 @@ class ReceiverRequest(PayloadAssembly[PayloadT]):
         blocks, self.blocks = self.blocks, ()
         self._wiring.allocator.fence(self.room, blocks)
         self.fenced = blocks
+        self._fenced_at = self._wiring.clock.now()
+        self._wiring.metrics.fenced(len(blocks))
 
     def lift_fence(self, event: Any) -> None:
         fenced, self.fenced = self.fenced, ()
         self._wiring.allocator.unfence(self.room, fenced)
+        self._wiring.metrics.fence_lifted(len(fenced), self._wiring.clock.now() - self._fenced_at)
 
     def send_resume(self, event: Any) -> None:
         with self._transport("resume"):

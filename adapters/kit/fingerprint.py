@@ -48,10 +48,10 @@ def parts_of(world: World, now: float) -> tuple[object, ...]:
     )
 
 
-# What a request keeps only to report it (when it arrived and entered its state, when its fence was set and
-# how large it was, the state it failed from): no guard or action reads them, so two states that differ
+# What a request keeps only to report it (when it arrived and entered its state, when its fence was set, the
+# state it failed from): no guard or action reads them, so two states that differ
 # only there have the same future and must merge.
-_REPORTED_ONLY = frozenset({"arrived_at", "entered_at", "failed_in", "_fenced_at", "_fence_blocks"})
+_REPORTED_ONLY = frozenset({"arrived_at", "entered_at", "failed_in", "_fenced_at"})
 
 
 def _request(request: ReceiverRequest[EmbeddingPayload], now: float) -> tuple[object, ...]:
