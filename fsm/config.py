@@ -5,13 +5,13 @@ and the ports; and the checks that refuse a configuration that cannot work befor
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Generic
 
 from .errors import ConfigError, SpecError
 from .kvpoll import LINK_ERROR, UNKNOWN_STATUS
 from .ports import BlockAllocator, BlockBuffers, Clock, NoMetrics, PayloadT, RankGroup, ReceiverMetrics
-from .spec import Guards, PollOutcome, ReceiverSpec, load_spec
+from .spec import Guards, PollOutcome, ReceiverSpec
 from .states import State
 
 
@@ -38,10 +38,14 @@ class ReceiverConfig:
     compare_payloads: bool = True
 
     def __post_init__(self) -> None:
-        """The deadlines checked are those the packaged spec names; a queue checks its own spec's again."""
+        """Every deadline field must be positive or None; which of them bound which state is the spec's, and
+        the queue checks that against the spec it runs."""
         if self.default_alloc_tokens <= 0 or self.max_total_tokens <= 0 or self.lockstep_every <= 0:
             raise ConfigError("default_alloc_tokens, max_total_tokens and lockstep_every must be positive")
-        deadlines(load_spec(), self)
+        for name in (f.name for f in fields(self) if f.name.endswith("_timeout_s")):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name} must be positive or None")
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,11 +118,11 @@ def check_pool(config: ReceiverConfig, buffers: BlockBuffers[Any], allocator: Bl
         )
 
 
-def poll_table(spec: ReceiverSpec, model: type | None = None) -> PollTable:
+def poll_table(spec: ReceiverSpec, model: type) -> PollTable:
     """Index the spec's poll table by plain int, the special values included, so that the per-poll fast
-    path is one dict lookup and, for a guarded cell, one call. With the request class (``model``), a cell
-    guarded by one condition calls that guard's function directly, the cheapest call Python has: the
-    repeated Transferring of every resumed request takes this path every iteration."""
+    path is one dict lookup and, for a guarded cell, one call: the guards are looked up on the request
+    class (``model``) once, here. The repeated Transferring of every resumed request, and every poll of a
+    fenced one, take this path every iteration."""
     table: dict[State, dict[int, PollCell]] = {}
     for state, outcomes in spec.polls.items():
         row = {int(value): _cell(outcome, model) for value, outcome in outcomes.items()}
@@ -128,24 +132,27 @@ def poll_table(spec: ReceiverSpec, model: type | None = None) -> PollTable:
     return table
 
 
-def _cell(outcome: PollOutcome, model: type | None) -> PollCell:
+def _cell(outcome: PollOutcome, model: type) -> PollCell:
     return PollCell(outcome.event, outcome.cause, _enabled(outcome.enabled_if, model))
 
 
-def _enabled(alternatives: tuple[Guards, ...], model: type | None) -> Callable[[Any], bool] | None:
-    """One call that says whether some alternative holds; None when one always does."""
+def _enabled(alternatives: tuple[Guards, ...], model: type) -> Callable[[Any], bool] | None:
+    """One call that says whether some alternative holds; None when one always does. A single condition
+    is the guard's own function."""
     if not alternatives:
         return None
-    only = alternatives[0]
-    if model is not None and len(alternatives) == 1 and len(only.conditions) == 1 and not only.unless:
-        guard: Callable[[Any], bool] = getattr(model, only.conditions[0])
-        return guard
+    compiled = [
+        ([getattr(model, name) for name in a.conditions], [getattr(model, name) for name in a.unless])
+        for a in alternatives
+    ]
+    if len(compiled) == 1 and len(compiled[0][0]) == 1 and not compiled[0][1]:
+        only: Callable[[Any], bool] = compiled[0][0][0]
+        return only
 
     def enabled(request: Any) -> bool:
         return any(
-            all(getattr(request, name)() for name in a.conditions)
-            and not any(getattr(request, name)() for name in a.unless)
-            for a in alternatives
+            all(guard(request) for guard in conditions) and not any(guard(request) for guard in unless)
+            for conditions, unless in compiled
         )
 
     return enabled

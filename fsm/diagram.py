@@ -80,9 +80,9 @@ def _poll_cell(outcome: PollOutcome) -> str:
 
 def _by_source(spec: ReceiverSpec) -> list[tuple[State, TransitionSpec]]:
     """Every (source, transition) pair, grouped by source in the spec's state order, then in file order."""
-    order = {state: i for i, state in enumerate(spec.states or tuple(State))}
+    order = {state: i for i, state in enumerate(spec.states)}
     pairs = [(source, t) for t in spec.transitions for source in t.sources]
-    return sorted(pairs, key=lambda pair: order.get(pair[0], len(order)))
+    return sorted(pairs, key=lambda pair: order[pair[0]])
 
 
 def transitions_markdown(spec: ReceiverSpec) -> str:

@@ -25,7 +25,14 @@ def test_a_request_is_not_a_warm_up_unless_it_is_said_to_be() -> None:
     spec, config = load_spec(), ReceiverConfig()
     buffers, allocator = FakeBuffers(B), FakeAllocator(8, B)
     wiring = Wiring(
-        spec, poll_table(spec), buffers, allocator, config, FakeClock(), deadlines(spec, config), SingleRank()
+        spec,
+        poll_table(spec, ReceiverRequest),
+        buffers,
+        allocator,
+        config,
+        FakeClock(),
+        deadlines(spec, config),
+        SingleRank(),
     )
     assert ReceiverRequest(1, FakeLink(), wiring).warmup is False
 
