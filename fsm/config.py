@@ -103,13 +103,18 @@ def deadlines(spec: ReceiverSpec, config: ReceiverConfig) -> dict[State, float]:
     return found
 
 
+def first_allocation(default_alloc_tokens: int, block_size: int) -> int:
+    """Blocks in A0, the first allocation every request takes: D rounded up to whole blocks."""
+    return -(-default_alloc_tokens // block_size)
+
+
 def check_pool(config: ReceiverConfig, buffers: BlockBuffers[Any], allocator: BlockAllocator) -> None:
     """Refuse a pool no request could use: every request would otherwise fail PoolTooSmall, or its rows
     would be read with another block size than the one they were allocated with."""
     b = allocator.block_size
     if buffers.block_size != b:
         raise ConfigError(f"buffers.block_size={buffers.block_size} differs from allocator.block_size={b}")
-    first = -(-config.default_alloc_tokens // b)
+    first = first_allocation(config.default_alloc_tokens, b)
     if first > allocator.num_blocks:
         raise ConfigError(
             f"ReceiverConfig.default_alloc_tokens={config.default_alloc_tokens} needs {first} blocks of "

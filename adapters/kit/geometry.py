@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from epd_receiver.adapters.kit.world_config import WorldConfig
+from epd_receiver.fsm.config import first_allocation
 
 MAX_TOTAL = 1 << 20
 BLOCK_SIZES = (1, 2, 4, 8, 16)
@@ -53,14 +54,9 @@ class RandomDraw:
         return self.rng.random() < 0.5
 
 
-def first_blocks(block_size: int, default_alloc_tokens: int) -> int:
-    """Blocks in A0, the first allocation: D rounded up to whole blocks."""
-    return -(-default_alloc_tokens // block_size)
-
-
 def first_allocation_problem(block_size: int, num_blocks: int, default_alloc_tokens: int) -> str | None:
     """Why no request could ever be admitted, in the options' words; None when A0 fits the pool."""
-    needed = first_blocks(block_size, default_alloc_tokens)
+    needed = first_allocation(default_alloc_tokens, block_size)
     if needed <= num_blocks:
         return None
     return (

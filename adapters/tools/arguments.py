@@ -8,10 +8,11 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from epd_receiver.adapters.kit.geometry import first_allocation_problem, first_blocks
+from epd_receiver.adapters.kit.geometry import first_allocation_problem
 from epd_receiver.adapters.kit.quint import SIMULATION_SAMPLES, SIMULATION_STEPS
 from epd_receiver.adapters.kit.variants import VARIANTS
 from epd_receiver.adapters.tools.bench_config import BenchConfig
+from epd_receiver.fsm.config import first_allocation
 
 DESCRIPTION = (
     "epd-receiver: simulate a workload, measure, replay a scenario, hunt bug variants, explore and walk small "
@@ -197,7 +198,7 @@ def impossible(args: argparse.Namespace) -> str | None:
             )
         return first_allocation_problem(args.block_size, args.num_blocks, args.default_alloc)
     if args.command == "bench":
-        fits = [b for b in args.block_sizes if first_blocks(b, args.default_alloc) * b >= args.total_tokens]
+        fits = [b for b in args.block_sizes if first_allocation(args.default_alloc, b) * b >= args.total_tokens]
         if fits:
             return f"--total-tokens {args.total_tokens} fits in A0 at block size {fits[0]}: nothing would resume"
     if args.command == "variants":

@@ -43,12 +43,13 @@ from epd_receiver.adapters.kit.explore import (
     worlds_for,
 )
 from epd_receiver.adapters.kit.explore_world import Bench, enabled, fingerprint
-from epd_receiver.adapters.kit.geometry import first_blocks, small_config
+from epd_receiver.adapters.kit.geometry import small_config
 from epd_receiver.adapters.kit.judge import label
 from epd_receiver.adapters.kit.scenario import replay
 from epd_receiver.adapters.kit.variant_records import scenario_path
 from epd_receiver.adapters.kit.variants import CATALOGUE, Variant
 from epd_receiver.adapters.tools.cli import main
+from epd_receiver.fsm.config import first_allocation
 
 BUGS = Path(__file__).parents[2] / "spec" / "scenarios" / "bugs"
 REPORT: list[str] = []
@@ -211,7 +212,7 @@ def test_every_world_fits_its_first_allocation_and_a_world_that_cannot_is_refuse
     """A queue refuses a pool smaller than A0: no standard world is one, and none can be built by mistake."""
     for small in WORLDS:
         config = small.config
-        assert first_blocks(config.block_size, config.default_alloc_tokens) <= config.num_blocks, small.name
+        assert first_allocation(config.default_alloc_tokens, config.block_size) <= config.num_blocks, small.name
 
     with pytest.raises(ValueError, match="num_blocks=2"):
         small_config(4, 2, 3)

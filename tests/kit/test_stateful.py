@@ -10,9 +10,10 @@ from hypothesis import settings
 from hypothesis.stateful import run_state_machine_as_test
 
 from epd_receiver.adapters.kit.fuzz import MultiRankProtocol, ReceiverProtocol, protocol_for
-from epd_receiver.adapters.kit.geometry import BLOCK_SIZES, first_blocks
+from epd_receiver.adapters.kit.geometry import BLOCK_SIZES
 from epd_receiver.adapters.kit.world import World
 from epd_receiver.adapters.kit.world_config import WorldConfig
+from epd_receiver.fsm.config import first_allocation
 
 ThreeRanks = protocol_for(None, ranks=3)
 TestReceiverProtocol = ReceiverProtocol.TestCase
@@ -54,7 +55,7 @@ def test_the_fuzzer_never_draws_a_first_allocation_larger_than_the_pool() -> Non
     run_state_machine_as_test(_RecordsItsPools, settings=budget)
 
     drawn = _RecordsItsPools.drawn
-    too_big = [c for c in drawn if first_blocks(c.block_size, c.default_alloc_tokens) > c.num_blocks]
+    too_big = [c for c in drawn if first_allocation(c.default_alloc_tokens, c.block_size) > c.num_blocks]
     assert not too_big, too_big[:3]
-    assert any(first_blocks(c.block_size, c.default_alloc_tokens) == c.num_blocks for c in drawn)
+    assert any(first_allocation(c.default_alloc_tokens, c.block_size) == c.num_blocks for c in drawn)
     assert {c.num_blocks for c in drawn} >= {2, 24} and {c.block_size for c in drawn} == set(BLOCK_SIZES)

@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 
-from epd_receiver.adapters.kit.geometry import first_blocks
 from epd_receiver.adapters.kit.judge import label
 from epd_receiver.adapters.kit.scenario import replay
 from epd_receiver.adapters.kit.variants import CATALOGUE, VARIANTS, Variant
 from epd_receiver.adapters.kit.walk import VOCABULARY, draw_run, walk
 from epd_receiver.adapters.tools.cli import main
+from epd_receiver.fsm.config import first_allocation
 
 BUDGET = 5_000
 REPORT: list[str] = []
@@ -118,7 +118,7 @@ def test_no_run_draws_a_first_allocation_larger_than_the_pool() -> None:
     rng = random.Random(0)
     configs = [draw_run(rng).config for _ in range(3_000)]
 
-    needed = [(first_blocks(c.block_size, c.default_alloc_tokens), c.num_blocks) for c in configs]
+    needed = [(first_allocation(c.default_alloc_tokens, c.block_size), c.num_blocks) for c in configs]
     assert all(a0 <= pool for a0, pool in needed), [n for n in needed if n[0] > n[1]][:3]
     assert any(a0 == pool for a0, pool in needed)
     assert {pool for _, pool in needed} == set(range(2, 25)) and {a0 for a0, _ in needed} == set(range(1, 7))
