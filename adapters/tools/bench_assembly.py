@@ -34,17 +34,24 @@ class _Resume:
         return self.total * token_bytes(h, k)
 
 
+def random_pool(num_blocks: int, block_size: int, config: BenchConfig) -> TorchBlockBuffers:
+    """A pool whose rows hold seeded random data, as if every block had been written."""
+    h = config.hidden_size
+    pool = TorchBlockBuffers(num_blocks, block_size, h, arena=PayloadArena(h))
+    pool.embeddings.view(torch.int16).random_(0, 1 << 14, generator=torch.Generator().manual_seed(config.seed))
+    pool.fill_ids.random_(0, 1 << 16)
+    pool.mrope_positions.random_(0, 1 << 16)
+    return pool
+
+
 def _resume_case(config: BenchConfig, block_size: int) -> _Resume:
-    h, b = config.hidden_size, block_size
+    b = block_size
     a0 = -(-config.default_tokens // b)
     sent = a0 * b
     if sent >= config.total_tokens:
         raise ValueError(f"T={config.total_tokens} fits in A0 ({sent} tokens at B={b}): nothing to resume")
     a1 = -(-(config.total_tokens - sent) // b)
-    pool = TorchBlockBuffers(a0 + a1 + 2, b, h, arena=PayloadArena(h))
-    pool.embeddings.view(torch.int16).random_(0, 1 << 14, generator=torch.Generator().manual_seed(config.seed))
-    pool.fill_ids.random_(0, 1 << 16)
-    pool.mrope_positions.random_(0, 1 << 16)
+    pool = random_pool(a0 + a1 + 2, b, config)
     order = torch.randperm(pool.num_blocks, generator=torch.Generator().manual_seed(config.seed)).tolist()
     return _Resume(pool, order[:a0], order[a0 : a0 + a1], config.total_tokens, sent)
 

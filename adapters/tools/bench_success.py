@@ -12,16 +12,17 @@ best: the figure is what integrity and agreement add to a copy the payload needs
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from epd_receiver.adapters.ports.allocator import OwningBlockAllocator
 from epd_receiver.adapters.ports.buffers import TorchBlockBuffers
-from epd_receiver.adapters.ports.payload import EmbeddingPayload, PayloadArena
+from epd_receiver.adapters.ports.payload import EmbeddingPayload
+from epd_receiver.adapters.tools.bench_assembly import random_pool
 from epd_receiver.adapters.tools.bench_config import BenchConfig
-from epd_receiver.adapters.tools.bench_timing import seconds
+from epd_receiver.adapters.tools.bench_timing import interleaved
 from epd_receiver.fsm import ChecksumAlgorithm, KVPoll, ReceiverConfig, ReceiverQueue, State
 from epd_receiver.fsm.assembly import digest_halves
 
@@ -71,24 +72,12 @@ class _OtherRank:
         return list(values) == self.payload
 
 
-def _best(action: Any, repeats: int, before: Any = None) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        if before is not None:
-            before()
-        best = min(best, seconds(action))
-    return best
-
-
 def success_path(config: BenchConfig) -> dict[str, Any]:
     """The controller's Success transition for one payload of T tokens, xxh3-64 and CRC32, over memcpy."""
     b = _BLOCK_SIZE if _BLOCK_SIZE in config.block_sizes else config.block_sizes[0]
-    h, total = config.hidden_size, config.total_tokens
+    total = config.total_tokens
     blocks = -(-total // b)
-    pool = TorchBlockBuffers(blocks, b, h, arena=PayloadArena(h))
-    pool.embeddings.view(torch.int16).random_(0, 1 << 14, generator=torch.Generator().manual_seed(config.seed))
-    pool.fill_ids.random_(0, 1 << 16)
-    pool.mrope_positions.random_(0, 1 << 16)
+    pool = random_pool(blocks, b, config)
     order = list(range(blocks))  # what a pool of exactly A0 grants, every time: all of it, in order
     reference = pool.new_payload(total, 0)
     pool.gather(order, total, reference, 0)  # also faults the arena's storage in
@@ -96,20 +85,20 @@ def success_path(config: BenchConfig) -> dict[str, Any]:
     src = torch.empty(nbytes, dtype=torch.uint8).fill_(7)
     dst = torch.empty_like(src).copy_(src)
 
-    figures: dict[str, float] = {}
-    for algorithm in ChecksumAlgorithm:
-        expected = reference.digest(algorithm)
-        figures[f"{algorithm.name.lower()}_ms"] = 1e3 * _best(lambda a=algorithm: reference.digest(a), config.repeats)
-        figures[f"success_{algorithm.name.lower()}_ms"] = 1e3 * _controller(pool, total, algorithm, expected, config)
-    pool.recycle(reference)
-
     def gather() -> None:
         payload = pool.new_payload(total, 0)
         pool.gather(order, total, payload, 0)
         pool.recycle(payload)
 
-    figures["gather_ms"] = 1e3 * _best(gather, config.repeats)
-    figures["memcpy_ms"] = 1e3 * _best(lambda: dst.copy_(src), config.repeats)
+    actions: dict[str, Callable[[], object]] = {
+        f"{a.name.lower()}_ms": (lambda a=a: reference.digest(a)) for a in ChecksumAlgorithm
+    }
+    actions |= {"gather_ms": gather, "memcpy_ms": lambda: dst.copy_(src)}
+    figures = {name: 1e3 * best for name, best in interleaved(actions, config.repeats).items()}
+    for algorithm in ChecksumAlgorithm:
+        expected = reference.digest(algorithm)
+        figures[f"success_{algorithm.name.lower()}_ms"] = 1e3 * _controller(pool, total, algorithm, expected, config)
+    pool.recycle(reference)
     memcpy = figures["memcpy_ms"]
     return {
         "block_size": b,
