@@ -62,8 +62,7 @@ def _table(header: Iterable[str], rows: Iterable[Iterable[str]]) -> str:
 
 def guard_text(guards: Guards) -> str:
     """One transition's guards as a reader says them: ``a and not b``; ``-`` for none."""
-    terms = [*guards.conditions, *(f"not {name}" for name in guards.unless)]
-    return " and ".join(terms) or NONE
+    return " and ".join(guards.terms) or NONE
 
 
 def _poll_cell(outcome: PollOutcome) -> str:

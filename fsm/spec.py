@@ -41,6 +41,11 @@ class Guards:
     conditions: tuple[str, ...] = ()
     unless: tuple[str, ...] = ()
 
+    @property
+    def terms(self) -> list[str]:
+        """As a reader says them: each condition, then ``not`` each unless."""
+        return [*self.conditions, *(f"not {name}" for name in self.unless)]
+
 
 @dataclass(frozen=True, slots=True)
 class TransitionSpec:
@@ -60,7 +65,7 @@ class TransitionSpec:
     def __str__(self) -> str:
         """How an error names it: trigger, sources, destination and guards, as the file writes them."""
         sources = "/".join(s.name for s in self.sources)
-        guards = [*self.conditions, *(f"not {g}" for g in self.unless)]
+        guards = self.guards.terms
         return f"{self.trigger} {sources} -> {self.dest.name}" + (f" [{', '.join(guards)}]" if guards else "")
 
 
