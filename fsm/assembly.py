@@ -69,7 +69,7 @@ class PayloadAssembly(Generic[PayloadT]):
                 self.room,
                 f"aux[2] of block {self.first_block} names checksum algorithm {self.checksum_algorithm}, unknown",
             )
-        self.payload = self._wiring.buffers.new_payload(total, self._mrope_delta)
+        self.payload = self._wiring.buffers.new_payload(total, self._mrope_delta, self._digest_algorithm())
 
     def agree_across_ranks(self, event: Any) -> None:
         """Every rank must have read the same T and checksum into an allocation of the same size (#4)."""
@@ -129,15 +129,23 @@ class PayloadAssembly(Generic[PayloadT]):
             raise IntegrityError(self.room, f"payload {name} {computed:#x}, the sender wrote {self.checksum:#x}")
 
     def _payload_digest(self) -> int:
-        """The assembled payload's digest, with the sender's algorithm when it wrote a checksum (else the
-        default), computed once however many checks use it: only Success actions ask, after the last gather."""
+        """The assembled payload's digest, computed once however many checks use it: only Success actions
+        ask, after the last gather."""
         if self._digest is None:
-            assert self.payload is not None and self.landed == self._total(), "only a whole payload is hashed"
-            algorithm = (
-                ChecksumAlgorithm.XXH3_64 if self.checksum is None else ChecksumAlgorithm(self.checksum_algorithm)
-            )
+            algorithm = self._digest_algorithm()
+            assert algorithm is not None and self.payload is not None, "only a check that needs it asks"
+            assert self.landed == self._total(), "only a whole payload is hashed"
             self._digest = self._wiring.buffers.checksum(self.payload, algorithm)
         return self._digest
+
+    def _digest_algorithm(self) -> ChecksumAlgorithm | None:
+        """The digest Success will need, known once the aux row is read: the sender's algorithm when it wrote
+        a checksum, else the default when ranks compare their payloads; None when nothing will ask."""
+        if self.checksum is not None:
+            return ChecksumAlgorithm(self.checksum_algorithm)
+        if self._wiring.ranks.size > 1 and self._wiring.config.compare_payloads:
+            return ChecksumAlgorithm.XXH3_64
+        return None
 
     def _total(self) -> int:
         assert self.total_tokens is not None, "T is read before any action that needs it"

@@ -59,8 +59,12 @@ class BlockBuffers(Protocol[PayloadT]):
         """
         ...
 
-    def new_payload(self, total_tokens: int, mrope_delta: int) -> PayloadT:
-        """Allocate the output a whole payload is assembled into, once per request."""
+    def new_payload(self, total_tokens: int, mrope_delta: int, digest: ChecksumAlgorithm | None = None) -> PayloadT:
+        """Allocate the output a whole payload is assembled into, once per request.
+
+        ``digest`` names the algorithm ``checksum`` will be asked for once the payload is whole (None: it
+        will not be): buffers may then hash each piece as they gather it, while it is in the cache.
+        """
         ...
 
     def checksum(self, payload: PayloadT, algorithm: ChecksumAlgorithm) -> int:

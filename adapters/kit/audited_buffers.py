@@ -41,8 +41,10 @@ class AuditedBuffers:
     def clear_checksum(self, block: int) -> None:
         self.inner.clear_checksum(block)
 
-    def new_payload(self, total_tokens: int, mrope_delta: int) -> EmbeddingPayload:
-        return self.inner.new_payload(total_tokens, mrope_delta)
+    def new_payload(
+        self, total_tokens: int, mrope_delta: int, digest: ChecksumAlgorithm | None = None
+    ) -> EmbeddingPayload:
+        return self.inner.new_payload(total_tokens, mrope_delta, digest)
 
     def checksum(self, payload: EmbeddingPayload, algorithm: ChecksumAlgorithm) -> int:
         return self.inner.checksum(payload, algorithm)

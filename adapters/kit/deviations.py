@@ -9,7 +9,8 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
-from epd_receiver.adapters.ports.payload import EmbeddingPayload, digest
+from epd_receiver.adapters.ports.digest import digest
+from epd_receiver.adapters.ports.payload import EmbeddingPayload
 from epd_receiver.fsm import ChecksumAlgorithm, IntegrityError, KVPoll, ReceiverQueue, ReceiverRequest
 
 # ---- replaced actions --------------------------------------------------------------------------------

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import zlib
-from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-import xxhash
 
+from epd_receiver.adapters.ports.digest import AssemblyDigest, digest
 from epd_receiver.fsm import ChecksumAlgorithm
 
 
@@ -16,35 +14,6 @@ def token_bytes(hidden_size: int, deepstack_layers: int) -> int:
     """What one token of a payload occupies: its bf16 rows (the embedding and each deepstack layer), its
     int32 fill id and its three int32 M-RoPE positions."""
     return hidden_size * 2 * (1 + deepstack_layers) + 4 + 12
-
-
-def _bytes(part: torch.Tensor) -> memoryview:
-    """The raw bytes of a tensor, without a copy when it is contiguous (as every payload part is)."""
-    return memoryview(part.contiguous().view(torch.uint8).numpy())
-
-
-class Digest:
-    """A checksum streamed over tensors' raw bytes in order (chunks of one tensor may follow each other)."""
-
-    def __init__(self, algorithm: ChecksumAlgorithm) -> None:
-        self._crc = 0
-        self._xxh3 = xxhash.xxh3_64() if algorithm is ChecksumAlgorithm.XXH3_64 else None
-
-    def update(self, parts: Iterable[torch.Tensor]) -> Digest:
-        for part in parts:
-            if self._xxh3 is not None:
-                self._xxh3.update(_bytes(part))
-            else:
-                self._crc = zlib.crc32(_bytes(part), self._crc)
-        return self
-
-    def value(self) -> int:
-        return self._crc if self._xxh3 is None else self._xxh3.intdigest()
-
-
-def digest(parts: Iterable[torch.Tensor], algorithm: ChecksumAlgorithm) -> int:
-    """``algorithm``'s digest of the raw bytes of ``parts`` in order, as one stream."""
-    return Digest(algorithm).update(parts).value()
 
 
 @dataclass(slots=True)
@@ -57,6 +26,9 @@ class EmbeddingPayload:
     deepstack: torch.Tensor | None  # (T, H*K) bfloat16 when the model has deepstack layers
     total_tokens: int
     mrope_delta: int
+    # The digest the buffers compute while assembling, when the controller said at its start that one would
+    # be asked for (a sender's checksum, or ranks comparing payloads); None otherwise.
+    assembly_digest: AssemblyDigest | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def empty(
@@ -75,10 +47,15 @@ class EmbeddingPayload:
             mrope_delta=mrope_delta,
         )
 
-    def digest(self, algorithm: ChecksumAlgorithm = ChecksumAlgorithm.XXH3_64) -> int:
-        """The integrity checksum: embeddings, ids, positions (three runs of T), then deepstack."""
+    def digest_parts(self) -> list[torch.Tensor]:
+        """What the integrity checksum covers, in order: embeddings, ids, positions (three runs of T), then
+        deepstack."""
         parts = [self.embeddings, self.fill_ids, self.mrope_positions]
-        return digest(parts + ([self.deepstack] if self.deepstack is not None else []), algorithm)
+        return parts + ([self.deepstack] if self.deepstack is not None else [])
+
+    def digest(self, algorithm: ChecksumAlgorithm = ChecksumAlgorithm.XXH3_64) -> int:
+        """The integrity checksum of the payload as it is now."""
+        return digest(self.digest_parts(), algorithm)
 
     def input_embeds(self) -> torch.Tensor:
         """What the model's forward takes: deepstack features joined on the last dimension."""

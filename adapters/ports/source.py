@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from epd_receiver.adapters.ports.buffers import BlockView
-from epd_receiver.adapters.ports.payload import Digest, EmbeddingPayload
+from epd_receiver.adapters.ports.digest import Digest
+from epd_receiver.adapters.ports.payload import EmbeddingPayload
 from epd_receiver.fsm import ChecksumAlgorithm
 
 

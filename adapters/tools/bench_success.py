@@ -2,7 +2,8 @@
 
 The controller itself runs it: a request whose payload fits its first allocation reports Success with a
 checksum in A0[0]'s aux row, on one rank of two, and the timed step is the whole transition (aux read,
-agreements, gather into warm arena memory, the payload's digest once for both checks). The other rank
+agreements, gather into warm arena memory, the payload's digest once for both checks, computed piece by
+piece as the gather copies, while each piece is in the cache: ``TorchBlockBuffers._copy_hashed``). The other rank
 runs in its own process in the real deployment, hashing its own payload at the same time; here it is
 simulated by its answer, the digest of the same bytes computed once beforehand. The baseline is a
 ``copy_`` of as many bytes into memory already allocated and touched, which the gather alone equals at

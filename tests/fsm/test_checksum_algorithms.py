@@ -147,3 +147,29 @@ def test_the_stale_slots_cleared_include_the_digest_high_bits() -> None:
     pool.aux[1, CHECKSUM_ALGORITHM], pool.aux[1, CHECKSUM], pool.aux[1, CHECKSUM_HIGH] = 2, 5, 6
     pool.clear_checksum(1)
     assert pool.aux[1, 2:].tolist() == [0] * 14 and pool.read_aux(1).checksum is None
+
+
+@pytest.mark.parametrize(
+    ("ranks", "compare_payloads", "algorithm", "announced"),
+    [
+        (1, True, None, None),  # nothing will ask: the gathers need not hash
+        (1, True, CRC32, CRC32),  # the sender's algorithm, for integrity
+        (2, True, None, XXH3),  # the default, for the ranks' comparison
+        (2, True, CRC32, CRC32),  # one digest serves both
+        (2, False, None, None),
+    ],
+)
+def test_the_payload_is_told_at_its_start_which_digest_success_will_ask_for(
+    ranks: int, compare_payloads: bool, algorithm: ChecksumAlgorithm | None, announced: ChecksumAlgorithm | None
+) -> None:
+    bench = Bench.make(ranks=PeerRank() if ranks == 2 else None, compare_payloads=compare_payloads)
+    request = bench.add(1)
+    bench.step()
+    checksum = None if algorithm is None else 0x1234
+    bench.buffers.aux[0] = AuxRow(D, 7, checksum=checksum, checksum_algorithm=algorithm or XXH3)
+    bench.links[1].status = KVPoll.Success
+    bench.step()
+
+    assert bench.buffers.digests_announced == [announced]
+    assert bench.buffers.digests == ([] if announced is None else [announced])  # what was announced is asked
+    assert request.state is (State.FAILED if checksum else State.SUCCESS)  # 0x1234 is no payload's digest

@@ -44,6 +44,7 @@ class FakeBuffers:
         self.gathers: list[tuple[tuple[int, ...], int, int]] = []
         self.payloads: list[FakePayload] = []
         self.digests: list[ChecksumAlgorithm] = []  # one entry per payload digest computed, by algorithm
+        self.digests_announced: list[ChecksumAlgorithm | None] = []  # per payload: the digest it will need
 
     @property
     def block_size(self) -> int:
@@ -58,9 +59,10 @@ class FakeBuffers:
         if row is not None:
             self.aux[block] = AuxRow(row.total_tokens, row.mrope_delta)
 
-    def new_payload(self, total_tokens: int, mrope_delta: int) -> FakePayload:
+    def new_payload(self, total_tokens: int, mrope_delta: int, digest: ChecksumAlgorithm | None = None) -> FakePayload:
         payload = FakePayload(total_tokens, mrope_delta, [None] * total_tokens)
         self.payloads.append(payload)
+        self.digests_announced.append(digest)
         return payload
 
     def checksum(self, payload: FakePayload, algorithm: ChecksumAlgorithm) -> int:
