@@ -6,12 +6,16 @@ ARGS ?=
 
 .PHONY: simulate test lint model fuzz-nightly mutation docs clean
 
-$(READY): pyproject.toml constraints.txt
+$(READY): pyproject.toml constraints.txt requirements-vllm.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and pinned: an unpinned resolution pulls a multi-GB CUDA build.
 	$(PY) -m pip install --quiet -c constraints.txt "torch==2.13.0"
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
+	# vLLM for the encoder-cache connector: without its pins (it asks for torch 2.14), then what its EC
+	# modules, config, Request and SchedulerOutput import.
+	$(PY) -m pip install --quiet --no-deps -c constraints.txt "vllm==0.33.0"
+	$(PY) -m pip install --quiet -c constraints.txt -r requirements-vllm.txt
 	touch $(READY)
 
 simulate: $(READY)

@@ -1,0 +1,1 @@
+"""The receiver controller as a vLLM encoder-cache connector: ``EPDReceiverConnector`` (``connector.py``)."""
