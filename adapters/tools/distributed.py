@@ -19,11 +19,11 @@ from typing import Any
 
 from epd_receiver.adapters.kit.world_config import WorldConfig
 from epd_receiver.adapters.ports.mooncake.bootstrap import BootstrapServer
+from epd_receiver.adapters.ports.mooncake.desk import FAIL_ON_RESUME, RoomPlan
 from epd_receiver.adapters.ports.mooncake.link import Geometry
 from epd_receiver.adapters.ports.ranks import RankProcesses
 from epd_receiver.adapters.tools.distributed_summary import summarize
 from epd_receiver.adapters.tools.encode.control import EncodeProcess
-from epd_receiver.adapters.tools.encode.desk import FAIL_ON_RESUME, RoomPlan
 from epd_receiver.adapters.tools.rank_job import Arrival, RankRun, run_rank
 from epd_receiver.adapters.tools.simulate import Workload, draw_length
 

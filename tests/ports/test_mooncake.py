@@ -100,7 +100,7 @@ def test_a_pool_smaller_than_the_payload_fills_in_rounds(cluster) -> None:  # ty
 
 
 def test_a_transfer_error_fails_that_request_with_the_engine_s_answer(cluster) -> None:  # type: ignore[no-untyped-def]
-    from epd_receiver.adapters.tools.encode.desk import TRANSFER_ERROR_ON_RESUME
+    from epd_receiver.adapters.ports.mooncake.desk import TRANSFER_ERROR_ON_RESUME
     from epd_receiver.adapters.tools.rank_job import Arrival
 
     arrivals = [Arrival(0, 400, fault=TRANSFER_ERROR_ON_RESUME), Arrival(1, 300), Arrival(2, 50)]
@@ -140,8 +140,8 @@ def test_our_encode_process_serves_the_fork_s_language_side(cluster) -> None:  #
     from support.fork_wire_fakes import ForkLanguage
 
     from epd_receiver.adapters.ports.buffers import TorchBlockBuffers
+    from epd_receiver.adapters.ports.mooncake.desk import RoomPlan
     from epd_receiver.adapters.ports.mooncake.link import Engine, Geometry
-    from epd_receiver.adapters.tools.encode.desk import RoomPlan
     from epd_receiver.adapters.tools.encode.write import regenerate, source_generator
 
     geometry, seed = Geometry(16, B, H, 0), 21

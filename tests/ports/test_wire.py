@@ -16,9 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from epd_receiver.adapters.ports.mooncake import wire
+from epd_receiver.adapters.ports.mooncake.desk import EncodeDesk, RoomPlan
 from epd_receiver.adapters.ports.mooncake.inbox import LanguageInbox, RoomView
 from epd_receiver.adapters.tools.encode.control import decode_json
-from epd_receiver.adapters.tools.encode.desk import EncodeDesk, RoomPlan
 
 B = 4
 ENCODE = "127.0.0.1:7000"

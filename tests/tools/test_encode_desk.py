@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from epd_receiver.adapters.ports.mooncake import wire
-from epd_receiver.adapters.tools.encode.desk import FAIL_ON_RESUME, EncodeDesk, RoomPlan
+from epd_receiver.adapters.ports.mooncake.desk import FAIL_ON_RESUME, EncodeDesk, RoomPlan
 
 B = 4
 EXT, FORK = "127.0.0.1:9001", "127.0.0.1:9002"  # engine sessions

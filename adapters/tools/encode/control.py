@@ -19,9 +19,9 @@ from typing import Any
 import torch.multiprocessing as mp
 import zmq
 
+from epd_receiver.adapters.ports.mooncake.desk import RoomPlan
 from epd_receiver.adapters.ports.mooncake.link import HOST, Geometry, SenderUnreachable
 from epd_receiver.adapters.ports.ranks import free_port
-from epd_receiver.adapters.tools.encode.desk import RoomPlan
 
 
 def send_json(socket: zmq.Socket[bytes], message: dict[str, Any], identity: bytes | None = None) -> None:

@@ -25,12 +25,12 @@ import torch
 import zmq
 
 from epd_receiver.adapters.ports.mooncake.bootstrap import BootstrapUnavailable, register_encode
+from epd_receiver.adapters.ports.mooncake.desk import TRANSFER_ERROR_ON_RESUME, EncodeDesk, RoomPlan, Write
 from epd_receiver.adapters.ports.mooncake.link import HOST, Engine, Geometry, peer_address
 from epd_receiver.adapters.ports.mooncake.wire import MALFORMED, DropLog
 from epd_receiver.adapters.ports.sender import InProcessSender
 from epd_receiver.adapters.ports.source import SourcePayload
 from epd_receiver.adapters.tools.encode.control import decode_json, send_json
-from epd_receiver.adapters.tools.encode.desk import TRANSFER_ERROR_ON_RESUME, EncodeDesk, RoomPlan, Write
 from epd_receiver.adapters.tools.encode.write import Staging, regenerate, source_generator
 
 logger = logging.getLogger(__name__)
