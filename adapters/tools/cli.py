@@ -196,7 +196,7 @@ def _summary_table(summary: dict[str, Any]) -> Table:
         if key in summary:
             table.add_row(key.replace("_", " "), str(summary[key]))
     transfer = summary.get("transfer", {})
-    for key in ("bytes", "gb_per_s", "raw_gb_per_s"):
+    for key in ("bytes", "gb_per_s", "raw_gb_per_s", "write_vs_raw"):
         if key in transfer:
             table.add_row(f"transfer {key.replace('_', ' ')}", str(transfer[key]))
     table.add_row("config", ", ".join(f"{k}={v}" for k, v in summary["config"].items()))
@@ -242,7 +242,10 @@ def _bench_tables(result: dict[str, Any]) -> list[Table]:
     success = Table("success path", "value", title="Success with a checksum, one rank of two")
     for key, value in result["success_path"].items():
         success.add_row(key.replace("_", " "), str(value))
-    return [goals, assembly, success]
+    mooncake = Table("mooncake writes", "value", title="the Encode side's writes into two ranks, over raw writes")
+    for key, value in result["mooncake_write"].items():
+        mooncake.add_row(key.replace("_", " "), str(value))
+    return [goals, assembly, success, mooncake]
 
 
 def _replay(args: argparse.Namespace) -> int:

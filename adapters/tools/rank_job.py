@@ -201,4 +201,6 @@ def _transfer_report(control: EncodeControl, session: str, before: dict[str, Any
             "raw_gb_per_s": round(raw["bytes"] / raw["seconds"] / 1e9, 3) if raw["seconds"] else 0.0,
             "raw_rc": raw["rc"],
         }
+        if raw["seconds"] and busy:  # ours over raw, both in bytes per second of engine calls
+            report["write_vs_raw"] = round((moved / busy) / (raw["bytes"] / raw["seconds"]), 3)
     return report

@@ -108,8 +108,10 @@ def test_a_transfer_error_fails_that_request_with_the_engine_s_answer(cluster) -
     assert summary["violations"] == []
     assert summary["succeeded"] == summary["verified"] == 2
     assert summary["causes"] == {"sender_failed": 1}
-    assert any("batch_transfer_sync_write returned -1" in error for error in summary["errors"][0])
-    assert summary["transfer"]["failed_writes"] == 1  # the room stops at its first failed write, as the fork's does
+    assert any("the transfer engine returned -1" in error for error in summary["errors"][0])
+    # Both ranks' shares of the chunk go out together and each is refused; the room stops there, as the fork's
+    # does at its first failed write: no later chunk of it is written.
+    assert summary["transfer"]["failed_writes"] == 2
 
 
 def test_encode_process_killed_mid_resume_times_out_everywhere(cluster) -> None:  # type: ignore[no-untyped-def]

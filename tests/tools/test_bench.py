@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Any
 
 import pytest
@@ -19,8 +20,10 @@ from epd_receiver.adapters.ports.payload import EmbeddingPayload, PayloadArena
 from epd_receiver.adapters.tools.bench import GOALS, run_bench
 from epd_receiver.adapters.tools.bench_assembly import assembly
 from epd_receiver.adapters.tools.bench_config import TINY, BenchConfig
+from epd_receiver.adapters.tools.bench_mooncake import mooncake_writes
 from epd_receiver.adapters.tools.bench_success import success_path
 from epd_receiver.adapters.tools.cli import main
+from epd_receiver.adapters.ports.mooncake.desk import Write, same_rows
 
 TINY_ARGS = [
     "--in-flight=20",
@@ -166,3 +169,28 @@ def test_buffers_assemble_into_arena_storage_and_recycle_it() -> None:
     assert arena.lent == 0
     with pytest.raises(ValueError, match="must match"):
         TorchBlockBuffers(4, 2, 8, arena=arena)
+
+
+# ---- the Encode side's writes over Mooncake ------------------------------------------------------
+
+
+def test_the_mooncake_writes_are_ours_and_raw_of_the_same_bytes_or_say_why_not() -> None:
+    figures = mooncake_writes(TINY)
+    if figures["mooncake_write_vs_raw"] is None:  # no transfer engine here: the reason is given
+        assert "mooncake" in figures["mooncake_write"]["unavailable"]
+        assert not os.environ.get("EPD_REQUIRE_MOONCAKE"), "CI requires the transfer engine"
+        return
+    write = figures["mooncake_write"]
+    assert write["ranks"] == 2 and write["chunks"] > 0 and write["bytes"] > 0
+    assert write["entries_per_chunk"] >= 3  # ids, positions, embeddings at least
+    assert figures["mooncake_write_vs_raw"] > 0 and write["raw_gb_per_s"] > 0
+
+
+def test_a_chunk_is_staged_once_and_written_to_every_rank_of_the_same_rows() -> None:
+    def write(session: str, start: int, tokens: int, with_aux: bool) -> Write:
+        return Write(session, (0,), start, tokens, ((0, 0, tokens),), with_aux, partial=False)
+
+    a, b, c = write("r0", 0, 4, True), write("r1", 0, 4, True), write("r2", 4, 4, False)
+    assert same_rows([a, b]) == [[a, b]]
+    assert same_rows([a, c, b]) == [[a], [c], [b]]  # only neighbours: the order of writes is kept
+    assert same_rows([]) == []

@@ -23,7 +23,7 @@ reasons, and an acknowledgement when they abort.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from epd_receiver.adapters.ports.mooncake import wire
@@ -86,6 +86,19 @@ class Write:
     pairs: tuple[tuple[int, int, int], ...]  # (staged row, destination block, tokens it holds)
     with_aux: bool
     partial: bool
+
+
+def same_rows(writes: Sequence[Write]) -> list[list[Write]]:
+    """Consecutive writes of the same source rows, grouped: each group is staged once and written to all its
+    targets at once. Ranks in lockstep ask for the same tokens, so a chunk is one group."""
+    groups: list[list[Write]] = []
+    for write in writes:
+        key = (write.start, write.tokens, write.with_aux)
+        if groups and (groups[-1][0].start, groups[-1][0].tokens, groups[-1][0].with_aux) == key:
+            groups[-1].append(write)
+        else:
+            groups.append([write])
+    return groups
 
 
 class EncodeDesk:

@@ -97,6 +97,14 @@ class Engine:
         """One synchronous batch of writes into ``session``'s memory: 0 when all landed, -1 otherwise."""
         return int(self._engine.batch_transfer_sync_write(session, sources, targets, lengths))
 
+    def write_together(self, batches: Sequence[tuple[str, list[int], list[int], list[int]]]) -> list[int]:
+        """Batches of writes into several peers' memory, all submitted before any is waited for, so that the
+        peers receive at the same time instead of one after the other; a return code per batch, as ``write``."""
+        if len(batches) == 1:
+            return [self.write(*batches[0])]
+        ids = [int(self._engine.batch_transfer_async_write(*batch)) for batch in batches]
+        return [-1 if id_ == 0 else int(self._engine.get_batch_transfer_status([id_])) for id_ in ids]
+
 
 @dataclass(frozen=True, slots=True)
 class Geometry:

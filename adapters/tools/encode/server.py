@@ -25,7 +25,7 @@ import torch
 import zmq
 
 from epd_receiver.adapters.ports.mooncake.bootstrap import BootstrapUnavailable, register_encode
-from epd_receiver.adapters.ports.mooncake.desk import TRANSFER_ERROR_ON_RESUME, EncodeDesk, RoomPlan, Write
+from epd_receiver.adapters.ports.mooncake.desk import TRANSFER_ERROR_ON_RESUME, EncodeDesk, RoomPlan, Write, same_rows
 from epd_receiver.adapters.ports.mooncake.link import HOST, Engine, Geometry, peer_address
 from epd_receiver.adapters.ports.mooncake.wire import MALFORMED, DropLog
 from epd_receiver.adapters.ports.sender import InProcessSender
@@ -137,12 +137,14 @@ class EncodeServer:
         resuming = not writes[0].with_aux
         if resuming:
             self._maybe_die(staging, source, writes[0])
-        for write in writes:
-            staging.stage(source, write.start, write.tokens, with_aux=write.with_aux)
-            rc = self._write(staging, write, broken=resuming and plan.fault == TRANSFER_ERROR_ON_RESUME)
-            if rc != 0:
-                return self.desk.fail(room, f"transfer failed: batch_transfer_sync_write returned {rc}")
-            self.desk.landed(room, write.session, write.tokens)
+        for group in same_rows(writes):
+            first = group[0]
+            staging.stage(source, first.start, first.tokens, with_aux=first.with_aux)
+            codes = self._write(staging, group, broken=resuming and plan.fault == TRANSFER_ERROR_ON_RESUME)
+            for write, rc in zip(group, codes, strict=True):
+                if rc != 0:
+                    return self.desk.fail(room, f"transfer failed: the transfer engine returned {rc}")
+                self.desk.landed(room, write.session, write.tokens)
         self.desk.finish_chunk(room, any(write.partial for write in writes))
 
     def _maybe_die(self, staging: Staging, source: SourcePayload, write: Write) -> None:
@@ -152,23 +154,28 @@ class EncodeServer:
         if self._kill_on_resume <= 0:
             staging.stage(source, write.start, write.tokens, with_aux=False)
             half = dataclasses.replace(write, pairs=write.pairs[: max(1, len(write.pairs) // 2)])
-            self._write(staging, half)
+            self._write(staging, [half])
             os.kill(os.getpid(), signal.SIGKILL)  # die in the middle of the resume, as a crash would
 
-    def _write(self, staging: Staging, write: Write, *, broken: bool = False) -> int:
-        sources, targets, lengths = staging.plan(write.pointers, write.pairs, write.with_aux)
-        if broken:  # a destination address outside the registered pool: the engine itself refuses it
-            targets = [t + (1 << 40) for t in targets]
+    def _write(self, staging: Staging, writes: list[Write], *, broken: bool = False) -> list[int]:
+        """The staged chunk into every target of ``writes`` at once (one batch each); a return code per write."""
+        batches = []
+        for write in writes:
+            sources, targets, lengths = staging.plan(write.pointers, write.pairs, write.with_aux)
+            if broken:  # a destination address outside the registered pool: the engine itself refuses it
+                targets = [t + (1 << 40) for t in targets]
+            batches.append((write.session, sources, targets, lengths))
         began = time.perf_counter()
-        rc = self.engine.write(write.session, sources, targets, lengths)
+        codes = self.engine.write_together(batches)
         self.stats.seconds += time.perf_counter() - began
-        self.stats.chunks += 1
-        self.stats.entries += len(lengths)
-        if rc == 0:
-            self.stats.bytes += sum(lengths)
-        else:
-            self.stats.failed_writes += 1
-        return rc
+        for (_, _, _, lengths), rc in zip(batches, codes, strict=True):
+            self.stats.chunks += 1
+            self.stats.entries += len(lengths)
+            if rc == 0:
+                self.stats.bytes += sum(lengths)
+            else:
+                self.stats.failed_writes += 1
+        return codes
 
     def _source(self, plan: RoomPlan, geometry: Geometry) -> SourcePayload:
         """One source per room, shared by every Language rank it is written to."""
