@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from epd_receiver.adapters.ports.buffers import TorchBlockBuffers
+from epd_receiver.adapters.ports.mooncake.desk import Write, same_rows
 from epd_receiver.adapters.ports.payload import EmbeddingPayload, PayloadArena
 from epd_receiver.adapters.tools.bench import GOALS, run_bench
 from epd_receiver.adapters.tools.bench_assembly import assembly
@@ -23,7 +24,6 @@ from epd_receiver.adapters.tools.bench_config import TINY, BenchConfig
 from epd_receiver.adapters.tools.bench_mooncake import mooncake_writes
 from epd_receiver.adapters.tools.bench_success import success_path
 from epd_receiver.adapters.tools.cli import main
-from epd_receiver.adapters.ports.mooncake.desk import Write, same_rows
 
 TINY_ARGS = [
     "--in-flight=20",
