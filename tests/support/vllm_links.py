@@ -31,4 +31,7 @@ def sender_for(buffers: TorchBlockBuffers) -> InProcessSender:
 def in_process_link(request: LinkRequest) -> SenderLink:
     ROOMS[request.mm_hash] = request.room
     total = SIZES.get(request.mm_hash, request.num_embeds)
-    return sender_for(request.buffers).add_room(request.room, total, progress=True, checksum=True)
+    sender = sender_for(request.buffers)
+    if request.room in sender.rooms():
+        sender.forget(request.room)  # an earlier fetch of the same item, over and done with
+    return sender.add_room(request.room, total, progress=True, checksum=True)

@@ -45,6 +45,7 @@ class ConsumerConfig:
     link_factory: str | None = None
     clock: str | None = None
     workers: int = 1  # tensor-parallel workers that must each load every item
+    extra: Mapping[str, Any] = field(default_factory=dict)  # the whole extra config, for the link factory
 
     @classmethod
     def from_vllm_config(cls, vllm_config: Any) -> ConsumerConfig:
@@ -66,6 +67,7 @@ class ConsumerConfig:
             link_factory=extra.get("link_factory"),
             clock=extra.get("clock"),
             workers=int(vllm_config.parallel_config.tensor_parallel_size),
+            extra=dict(extra),
         )
 
     def make_clock(self) -> Any:

@@ -24,7 +24,7 @@ from vllm.distributed.ec_transfer.ec_connector.base import (
     ECConnectorWorkerMetadata,
 )
 
-from epd_receiver.adapters.integrations.vllm.config import ConsumerConfig, import_named
+from epd_receiver.adapters.integrations.vllm.config import ConsumerConfig
 from epd_receiver.adapters.integrations.vllm.metadata import LoadedMetadata, LoadMetadata
 from epd_receiver.adapters.integrations.vllm.scheduler import ReceiveScheduler
 from epd_receiver.adapters.integrations.vllm.stats import PrometheusReplay, ReceiveStats, RecordingMetrics
@@ -56,8 +56,10 @@ class EPDReceiverConnector(ECConnectorBase):
         elif self.is_consumer:
             model = vllm_config.model_config
             self.loader = LoadingWorker(worker_device(vllm_config), None if model is None else model.dtype)
-        elif role is ECConnectorRole.WORKER and "producer_factory" in extra:
-            self.sender = import_named(extra["producer_factory"])(vllm_config)
+        elif role is ECConnectorRole.WORKER and self.is_producer and "bootstrap" in extra:
+            from epd_receiver.adapters.integrations.vllm.producer import ItemProducer
+
+            self.sender = ItemProducer(extra)
 
     # ---- worker side -----------------------------------------------------------------------------
 

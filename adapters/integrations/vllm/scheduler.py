@@ -27,8 +27,9 @@ back at once), handed to the workers in the step's metadata; it is dropped once 
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,20 +51,27 @@ from epd_receiver.fsm import (
 )
 from epd_receiver.fsm.ports import Clock, ReceiverMetrics
 
-__all__ = ["Item", "LinkRequest", "ReceiveScheduler"]
+__all__ = ["Item", "LinkRequest", "ReceiveScheduler", "room_of"]
 
 logger = logging.getLogger(__name__)
+
+
+def room_of(mm_hash: str) -> Room:
+    """The item's room on both sides: the fork's wire names a transfer by an integer room only, so producer
+    and consumer derive it from vLLM's mm_hash alike (63 bits of its BLAKE2b digest)."""
+    return int.from_bytes(hashlib.blake2b(mm_hash.encode(), digest_size=8).digest(), "big") >> 1
 
 
 @dataclass(frozen=True, slots=True)
 class LinkRequest:
     """What a link factory is told about an item it must fetch: the controller's room, vLLM's hash and size,
-    and the pool the producer writes into."""
+    the pool the producer writes into, and the connector's extra config (where the producer is)."""
 
     room: Room
     mm_hash: str
     num_embeds: int
     buffers: TorchBlockBuffers
+    extra: Mapping[str, Any]
 
 
 LinkFactory = Callable[[LinkRequest], Any]  # -> a TransportLink (a ProgressLink to receive in rounds)
@@ -111,7 +119,6 @@ class ReceiveScheduler:
         self._by_room: dict[Room, Item] = {}  # items the controller has not ended yet, orphans included
         self._loads: dict[str, torch.Tensor] = {}
         self._unavailable: set[str] = set()
-        self._next_room = 1
 
     # ---- vLLM's scheduler-side calls -------------------------------------------------------------
 
@@ -127,6 +134,9 @@ class ReceiveScheduler:
             if position.offset + position.length <= num_computed_tokens:
                 continue  # already in the KV cache: its embeddings are not needed again
             item = self._items.get(feature.identifier) or self._start(feature.identifier, position.get_num_embeds())
+            if item is None:  # its room still fences blocks of an earlier fetch of the same item
+                available = False
+                continue
             item.requests.add(request.request_id)
             if item.error is not None:
                 self._unavailable.add(request.request_id)
@@ -189,10 +199,13 @@ class ReceiveScheduler:
     def item(self, mm_hash: str) -> Item | None:
         return self._items.get(mm_hash)
 
-    def _start(self, mm_hash: str, num_embeds: int) -> Item:
-        room, self._next_room = self._next_room, self._next_room + 1
+    def _start(self, mm_hash: str, num_embeds: int) -> Item | None:
+        """A new room for the item; None while its room is still in the controller (an earlier fetch fences)."""
+        room = room_of(mm_hash)
+        if self.queue.get(room) is not None:
+            return None
         item = Item(mm_hash, room, num_embeds)
-        link = self._link_factory(LinkRequest(room, mm_hash, num_embeds, self.buffers))
+        link = self._link_factory(LinkRequest(room, mm_hash, num_embeds, self.buffers, self.config.extra))
         self.queue.add(room, link)
         self._items[mm_hash] = item
         self._by_room[room] = item

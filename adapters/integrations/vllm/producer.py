@@ -1,0 +1,158 @@
+"""The producer: a vLLM encoder's worker writes each item it encoded into the consumer's blocks, chunk by chunk.
+
+``save_caches(encoder_cache, mm_hash)`` (called by the model runner's EC mixin after the encoder,
+vllm/v1/worker/ec_connector_model_runner_mixin.py:23-33) offers the item: its (T, H) embeddings, copied to
+CPU memory registered with this worker's Mooncake transfer engine. A consumer asks for it by its room
+(``room_of(mm_hash)``, the same on both sides) over the SGLang fork's wire, and a thread of this worker
+writes what each grant allows: the embeddings of the tokens a block holds straight from the item's memory,
+and with the first chunk the aux row (T; no M-RoPE delta, no checksum). The wire's bookkeeping is the
+Encode side's own (``adapters/ports/mooncake/desk.py``): progress after every chunk, an abort acknowledged
+and its room ended before the next chunk, a write the engine refuses (a consumer that died) ending the room.
+Only embeddings and the aux row are written: a vLLM item has no token ids or M-RoPE rows to send.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import zmq
+
+from epd_receiver.adapters.integrations.vllm.scheduler import room_of
+from epd_receiver.adapters.ports.buffers import AUX_INTS
+from epd_receiver.adapters.ports.mooncake.bootstrap import register_encode
+from epd_receiver.adapters.ports.mooncake.desk import KV_BOOTSTRAPPING, KV_WAITING, EncodeDesk, RoomPlan, Write
+from epd_receiver.adapters.ports.mooncake.link import HOST, Engine, peer_address
+
+__all__ = ["ItemProducer"]
+
+logger = logging.getLogger(__name__)
+
+EMBEDDINGS, AUX, BUFFERS = 0, 3, 4  # the consumer pool's buffers, in get_buf_infos order (no deepstack)
+
+
+class ItemProducer:
+    """One producer worker's end: offered items, the wire, and the thread that writes."""
+
+    def __init__(self, extra: Mapping[str, Any]) -> None:
+        self.block_size = int(extra.get("block_size", 1024))
+        self.hidden_size = int(extra["hidden_size"])
+        self.engine = Engine()
+        self._context = zmq.Context.instance()
+        self._pull: zmq.Socket[bytes] = self._context.socket(zmq.PULL)
+        self._pull.setsockopt(zmq.LINGER, 0)
+        port = self._pull.bind_to_random_port(f"tcp://{HOST}")
+        self._pushes: dict[str, zmq.Socket[bytes]] = {}
+        self.desk = EncodeDesk(f"{HOST}:{port}")
+        self.desk.begin(self.block_size, BUFFERS, [])
+        self._aux = torch.zeros(AUX_INTS, dtype=torch.int32)
+        self.engine.register([self._aux])
+        self._items: dict[int, torch.Tensor] = {}
+        self._lock = threading.Lock()
+        self.bytes_written = 0
+        self.write_seconds = 0.0
+        self._running = True
+        register_encode(str(extra["bootstrap"]), rank_ip=HOST, rank_port=port)
+        self._thread = threading.Thread(target=self._serve, name="epd-producer", daemon=True)
+        self._thread.start()
+
+    def offer(self, mm_hash: str, embeddings: torch.Tensor) -> int:
+        """The item may be written to whoever asks for its room (returned); asks that came first are served now."""
+        item = embeddings.detach().to(device="cpu", dtype=torch.bfloat16).contiguous()
+        room = room_of(mm_hash)
+        self.engine.register([item])
+        with self._lock:
+            old = self._items.pop(room, None)
+            self._items[room] = item
+            self.desk.plans[room] = RoomPlan(room, int(item.shape[0]), seed=0)
+            self.desk.ended.pop(room, None)  # offered again: a new fetch of it is not a stale frame
+            state = self.desk.rooms.get(room)
+            if state is not None and state.status == KV_BOOTSTRAPPING and len(state.targets) >= state.required:
+                state.status = KV_WAITING
+                self.desk.ready.append(room)
+        if old is not None:
+            self.engine.unregister([old])
+        return room
+
+    def close(self) -> None:
+        self._running = False
+        self._thread.join(timeout=5)
+        for socket in [self._pull, *self._pushes.values()]:
+            socket.close(linger=0)
+
+    # ---- the thread ------------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        while self._running:
+            if self._pull.poll(0 if self.desk.ready else 20):
+                self._drain()
+            with self._lock:
+                self._flush()
+                room = self.desk.next_room()
+                if room is not None:
+                    self._write_chunk(room)
+                    self._flush()
+                    self._drop_ended()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                frames = self._pull.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            with self._lock:
+                self.desk.receive([frame.bytes for frame in frames], peer_address(frames[0]))
+
+    def _flush(self) -> None:
+        outbox, self.desk.outbox = self.desk.outbox, []
+        for endpoint, frames in outbox:
+            socket = self._pushes.get(endpoint)
+            if socket is None:
+                socket = self._pushes[endpoint] = self._context.socket(zmq.PUSH)
+                socket.setsockopt(zmq.LINGER, 0)
+                socket.connect(f"tcp://{endpoint}")
+            try:
+                socket.send_multipart(frames, flags=zmq.NOBLOCK)
+            except zmq.ZMQError as error:
+                logger.warning("producer: cannot report to %s: %s", endpoint, error)
+
+    def _drop_ended(self) -> None:
+        """Items whose room ended (delivered, failed or aborted) are let go; an offer again brings one back."""
+        for room in [room for room in self._items if room in self.desk.ended]:
+            self.engine.unregister([self._items.pop(room)])
+
+    def _write_chunk(self, room: int) -> None:
+        writes = self.desk.writes(room)
+        if isinstance(writes, str):
+            return self.desk.fail(room, writes)
+        item = self._items[room]
+        for write in writes:
+            rc = self._write(item, write)
+            if rc != 0:
+                return self.desk.fail(room, f"transfer failed: batch_transfer_sync_write returned {rc}")
+            self.desk.landed(room, write.session, write.tokens)
+        self.desk.finish_chunk(room, any(write.partial for write in writes))
+
+    def _write(self, item: torch.Tensor, write: Write) -> int:
+        """One batch: the embeddings of each granted block from the item's own memory, the aux row first."""
+        b, row = self.block_size, self.hidden_size * item.element_size()
+        sources, targets, lengths = [], [], []
+        if write.with_aux:
+            self._aux[0] = int(item.shape[0])
+            sources.append(self._aux.data_ptr())
+            targets.append(write.pointers[AUX] + write.pairs[0][1] * self._aux.nbytes)
+            lengths.append(self._aux.nbytes)
+        for index, block, tokens in write.pairs:
+            sources.append(item.data_ptr() + (write.start + index * b) * row)
+            targets.append(write.pointers[EMBEDDINGS] + block * b * row)
+            lengths.append(tokens * row)
+        began = time.perf_counter()
+        rc = self.engine.write(write.session, sources, targets, lengths)
+        self.write_seconds += time.perf_counter() - began
+        if rc == 0:
+            self.bytes_written += sum(lengths)
+        return rc

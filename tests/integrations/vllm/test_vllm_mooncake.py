@@ -1,0 +1,140 @@
+"""Producer and consumer in two processes over Mooncake tcp on loopback, each built by vLLM's own factory.
+
+The producer process (``support/vllm_producer_process.py``) offers its items through vLLM's EC mixin; this process
+is the consumer, stepped as vLLM's scheduler and workers step it (``support/vllm_engine.py``). Every loaded
+tensor is compared bit for bit with what the producer encoded. Without the transfer engine these tests skip,
+naming why; CI requires them (``EPD_REQUIRE_MOONCAKE``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm.v1.request", reason="vLLM is not installed (make installs it)")
+
+import torch
+from support.vllm_engine import Engine, request, vllm_config
+from support.vllm_producer_process import encoded
+
+from epd_receiver.adapters.integrations.vllm.scheduler import room_of
+from epd_receiver.adapters.ports.mooncake.bootstrap import BootstrapServer
+from epd_receiver.adapters.ports.mooncake.link import mooncake_missing
+
+MISSING = mooncake_missing()
+if MISSING and os.environ.get("EPD_REQUIRE_MOONCAKE"):
+    raise RuntimeError(f"EPD_REQUIRE_MOONCAKE is set but {MISSING}")
+
+B, H, BLOCKS = 64, 256, 8  # a pool of 512 tokens
+SCRIPT = Path(__file__).resolve().parents[2] / "support" / "vllm_producer_process.py"
+ITEMS = {"mc-fits": 200, "mc-ten-pools": 10 * B * BLOCKS, "mc-a": 300, "mc-b": 90, "mc-aborted": 4 * B * BLOCKS}
+FAST = {"bootstrap_timeout_s": 5.0, "transfer_timeout_s": 3.0, "resume_timeout_s": 3.0, "drain_timeout_s": 3.0}
+
+
+class Producer:
+    def __init__(self, bootstrap: str, items: dict[str, int]) -> None:
+        args = [sys.executable, str(SCRIPT), bootstrap, str(H), str(B), *(f"{h}:{t}" for h, t in items.items())]
+        self.process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        assert line.strip() == "ready", f"the producer process did not start: {line!r}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            assert self.process.stdin is not None
+            self.process.stdin.close()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+@pytest.fixture(scope="module")
+def bootstrap() -> Iterator[str]:
+    if MISSING:
+        pytest.skip(MISSING)
+    server = BootstrapServer()
+    yield server.address
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def producer(bootstrap: str) -> Iterator[Producer]:
+    started = Producer(bootstrap, ITEMS)
+    yield started
+    started.stop()
+
+
+def consumer(bootstrap: str) -> Engine:
+    link = "epd_receiver.adapters.integrations.vllm.mooncake:mooncake_link"
+    extra = {"hidden_size": H, "num_blocks": BLOCKS, "block_size": B, "link_factory": link, "bootstrap": bootstrap}
+    return Engine(vllm_config(extra | FAST))
+
+
+def run(eng: Engine, until: float = 60.0) -> None:
+    deadline = time.monotonic() + until
+    while eng.pending():
+        assert time.monotonic() < deadline, "the consumer did not settle"
+        eng.step()
+        time.sleep(0.001)
+
+
+def test_items_that_fit_and_ten_times_the_pool_arrive_bit_for_bit_over_mooncake(
+    producer: Producer, bootstrap: str
+) -> None:
+    eng = consumer(bootstrap)
+    eng.add(request("one", [("mc-fits", ITEMS["mc-fits"])]))
+    eng.add(request("big", [("mc-ten-pools", ITEMS["mc-ten-pools"])]))
+    eng.add(request("two", [("mc-a", ITEMS["mc-a"]), ("mc-b", ITEMS["mc-b"])]))
+    run(eng)
+    assert eng.finished == {"one": "prefilled", "big": "prefilled", "two": "prefilled"} and not eng.encoded_locally
+    for mm_hash in ("mc-fits", "mc-ten-pools", "mc-a", "mc-b"):
+        assert torch.equal(eng.caches[0][mm_hash], encoded(mm_hash, ITEMS[mm_hash], H)), mm_hash
+    receiver = eng.scheduler.receiver  # type: ignore[attr-defined]
+    assert receiver.allocator.free_count == BLOCKS
+
+
+def test_an_abort_mid_transfer_is_acknowledged_by_the_producer_before_its_blocks_return(
+    producer: Producer, bootstrap: str
+) -> None:
+    eng = consumer(bootstrap)
+    receiver = eng.scheduler.receiver  # type: ignore[attr-defined]
+    eng.add(request("gone", [("mc-aborted", ITEMS["mc-aborted"])]))
+    deadline = time.monotonic() + 30
+    while (r := receiver.queue.get(room_of("mc-aborted"))) is None or r.resumes == 0:
+        assert time.monotonic() < deadline
+        eng.step()
+    eng.abort("gone")
+    began = time.monotonic()
+    run(eng)
+    assert time.monotonic() - began < FAST["drain_timeout_s"]  # the producer said it stopped: no drain wait
+    assert "mc-aborted" not in eng.caches[0] and receiver.allocator.free_count == BLOCKS
+
+
+def test_a_producer_that_dies_mid_transfer_fails_the_request_and_fences_until_the_drain_deadline(
+    bootstrap: str,
+) -> None:
+    own = BootstrapServer()  # the module's producer stays registered with the shared one
+    victim = Producer(own.address, {"mc-victim": 20 * B * BLOCKS})
+    try:
+        eng = consumer(own.address)
+        receiver = eng.scheduler.receiver  # type: ignore[attr-defined]
+        eng.add(request("orphan", [("mc-victim", 20 * B * BLOCKS)]))
+        deadline = time.monotonic() + 30
+        while (r := receiver.queue.get(room_of("mc-victim"))) is None or r.resumes < 2:
+            assert time.monotonic() < deadline
+            eng.step()
+        victim.process.kill()
+        victim.process.wait()
+        run(eng)
+        assert eng.finished == {"orphan": "failed"} and "mc-victim" not in eng.caches[0]
+        assert receiver.allocator.free_count == BLOCKS and not receiver.queue.fenced_rooms
+    finally:
+        victim.stop()
+        own.close()
