@@ -45,6 +45,13 @@ class Digest:
     def value(self) -> int:
         return self._crc if self._xxh3 is None else self._xxh3.intdigest()
 
+    def __deepcopy__(self, memo: dict[int, object]) -> Digest:
+        """A copy that goes on from the same state: xxhash's state copies, but does not pickle."""
+        twin = Digest.__new__(Digest)
+        twin.algorithm, twin._crc = self.algorithm, self._crc
+        twin._xxh3 = None if self._xxh3 is None else self._xxh3.copy()
+        return twin
+
 
 def digest(parts: Iterable[torch.Tensor], algorithm: ChecksumAlgorithm) -> int:
     """``algorithm``'s digest of the raw bytes of ``parts`` in order, as one stream."""

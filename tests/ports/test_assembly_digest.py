@@ -9,6 +9,8 @@ answer must be the digest of what was assembled, and a gather that skips ahead m
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from support.block_tokens import NUM_BLOCKS, B, H, make_tokens, write_tokens
@@ -116,3 +118,18 @@ def test_the_copy_that_hashes_copies_what_the_plain_gather_does(deepstack_layers
     hashed = assemble(TorchBlockBuffers(NUM_BLOCKS, B, H, deepstack_layers), [8, 8, 3], ChecksumAlgorithm.CRC32, seed=4)
     for a, b in zip(plain.digest_parts(), hashed.digest_parts(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_copy_of_a_payload_mid_assembly_goes_on_alone() -> None:
+    """The explorer copies whole worlds (deepcopy), payloads mid-assembly included: each copy's digest goes on
+    from where the original stood, and neither disturbs the other."""
+    buffers = Recomputing(NUM_BLOCKS, B, H)
+    tokens = make_tokens(8, 0)
+    write_tokens(buffers, [0, 1], tokens)
+    payload = buffers.new_payload(8, 0, ChecksumAlgorithm.XXH3_64)
+    buffers.gather([0], 4, payload, 0)
+    twin = copy.deepcopy(payload)
+    for each in (payload, twin):
+        buffers.gather([1], 4, each, 4)
+        assert buffers.checksum(each, ChecksumAlgorithm.XXH3_64) == each.digest()
+    assert buffers.recomputed == 0
