@@ -70,8 +70,6 @@ class TorchBlockBuffers:
         self.mrope_positions = zeros(n, 3 * b, dtype=torch.int32)
         self.aux = zeros(n, AUX_INTS, dtype=torch.int32)
         self.deepstack = zeros(n, b * h * deepstack_layers, dtype=torch.bfloat16) if deepstack_layers else None
-        # The embedding rows as raw bytes (a view, no copy), for the copies that hash as they go.
-        self._embedding_bytes = self.embeddings.view(torch.uint8).numpy()
 
     @property
     def block_size(self) -> int:
@@ -166,7 +164,7 @@ class TorchBlockBuffers:
     ) -> None:
         """Copy ``tokens`` embedding rows in pieces that fit the cache, hashing each piece just copied."""
         row_bytes = self.hidden_size * 2
-        source = self._embedding_bytes
+        source = self.embeddings.view(torch.uint8).numpy()  # a view, taken anew: a copy of the pool has its own
         target = into.embeddings.view(-1).view(torch.uint8).numpy()
         step = max(1, _HASHED_PIECE_BYTES // row_bytes) * row_bytes
         offset = at * row_bytes

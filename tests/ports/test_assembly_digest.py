@@ -133,3 +133,15 @@ def test_a_copy_of_a_payload_mid_assembly_goes_on_alone() -> None:
         buffers.gather([1], 4, each, 4)
         assert buffers.checksum(each, ChecksumAlgorithm.XXH3_64) == each.digest()
     assert buffers.recomputed == 0
+
+
+def test_a_copy_of_the_pool_gathers_and_hashes_its_own_rows() -> None:
+    """A deepcopy of the pool (the explorer's fork of a world) hashes what its own rows hold, never the rows of
+    the pool it was copied from."""
+    original = TorchBlockBuffers(NUM_BLOCKS, B, H)
+    twin = copy.deepcopy(original)
+    write_tokens(twin, [0], make_tokens(3, 0, seed=5))
+    payload = twin.new_payload(3, 0, ChecksumAlgorithm.XXH3_64)
+    twin.gather([0], 3, payload, 0)
+    assert twin.checksum(payload, ChecksumAlgorithm.XXH3_64) == payload.digest()
+    assert torch.equal(payload.embeddings, twin.embeddings[0, : 3 * H].view(3, H))
