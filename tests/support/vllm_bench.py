@@ -1,6 +1,8 @@
 """Items per second and GB/s through the vLLM connector with a pool smaller than every item, beside a raw copy.
 
-Run: ``.venv/bin/python tests/support/vllm_bench.py [--items 16] [--tokens 4096] [--hidden 3584]``. The engine
+Run: ``.venv/bin/python tests/support/vllm_bench.py [--items 16] [--tokens 4096] [--hidden 3584]`` (add
+``--transport mooncake`` for a producer process writing over Mooncake tcp on loopback, beside a raw
+``batch_transfer_sync_write`` of the same bytes between two engines of this process). The engine
 is ``support.vllm_engine.Engine`` (vLLM's factory, Request, SchedulerOutput, EC mixin and aggregator); the
 producer is the in-process sender writing each chunk into the pool's rows as its transfer would. Each item
 is one request; the pool holds half an item, so every item comes in rounds. The raw figure copies the same
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,6 +48,53 @@ def through_connector(items: int, tokens: int, hidden: int, block: int, blocks: 
     return seconds, stepping
 
 
+def over_mooncake(items: int, tokens: int, hidden: int, block: int, blocks: int) -> float:
+    """Seconds for ``items`` requests of one item each, from a producer process over Mooncake tcp."""
+    from epd_receiver.adapters.ports.mooncake.bootstrap import BootstrapServer
+
+    server = BootstrapServer()
+    script = Path(__file__).resolve().parent / "vllm_producer_process.py"
+    specs = [f"bench-mc-{i}:{tokens}" for i in range(items)]
+    args = [sys.executable, str(script), server.address, str(hidden), str(block), *specs]
+    producer = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert producer.stdout is not None and producer.stdout.readline().strip() == "ready"
+        link = "epd_receiver.adapters.integrations.vllm.mooncake:mooncake_link"
+        extra = {"hidden_size": hidden, "num_blocks": blocks, "block_size": block, "link_factory": link}
+        eng = Engine(vllm_config(extra | {"bootstrap": server.address}))
+        eng.step()  # the first item connects to the producer (bootstrap, registration, hello): not timed
+        began = time.perf_counter()
+        for i in range(items):
+            eng.add(request(f"r{i}", [(f"bench-mc-{i}", tokens)]))
+        while eng.pending():
+            eng.step()
+        seconds = time.perf_counter() - began
+        assert len(eng.caches[0]) == items
+        return seconds
+    finally:
+        assert producer.stdin is not None
+        producer.stdin.close()
+        producer.wait(timeout=30)
+        server.close()
+
+
+def raw_mooncake(items: int, tokens: int, hidden: int, span: int) -> float:
+    """The same bytes in writes of ``span`` bytes (what one pool holds) between two engines on loopback."""
+    from epd_receiver.adapters.ports.mooncake.link import Engine as TransferEngine
+
+    writer, reader = TransferEngine(), TransferEngine()
+    source = torch.randn(tokens, hidden).to(torch.bfloat16)
+    target = torch.empty(span // 2, dtype=torch.bfloat16)
+    writer.register([source])
+    reader.register([target])
+    began = time.perf_counter()
+    for _ in range(items):
+        for offset in range(0, source.nbytes, span):
+            length = min(span, source.nbytes - offset)
+            assert writer.write(reader.session, [source.data_ptr() + offset], [target.data_ptr()], [length]) == 0
+    return time.perf_counter() - began
+
+
 def raw_copy(items: int, tokens: int, hidden: int) -> float:
     source = torch.randn(tokens, hidden).to(torch.bfloat16)
     target = torch.empty_like(source)
@@ -63,9 +113,18 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--transport", choices=["in-process", "mooncake"], default="in-process")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     size = args.tokens * args.hidden * 2
+    if args.transport == "mooncake":
+        gb, span = args.items * size / 1e9, args.block * args.blocks * args.hidden * 2
+        seconds = min(over_mooncake(args.items, args.tokens, args.hidden, args.block, args.blocks) for _ in range(2))
+        raw = min(raw_mooncake(args.items, args.tokens, args.hidden, span) for _ in range(args.repeats))
+        figures = {"item_mb": size / 1e6, "pool_mb": span / 1e6, "items": args.items}
+        figures |= {"connector_items_per_s": args.items / seconds, "connector_gb_per_s": gb / seconds}
+        print(json.dumps(figures | {"raw_transfer_gb_per_s": gb / raw, "threads": args.threads}, indent=1))
+        return
     runs = [
         through_connector(args.items, args.tokens, args.hidden, args.block, args.blocks) for _ in range(args.repeats)
     ]
