@@ -6,13 +6,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Generic
+from typing import TYPE_CHECKING, Any, Generic
 
 from .errors import ConfigError, SpecError
 from .kvpoll import LINK_ERROR, UNKNOWN_STATUS
 from .ports import BlockAllocator, BlockBuffers, Clock, NoMetrics, PayloadT, RankGroup, ReceiverMetrics
 from .spec import Guards, PollOutcome, ReceiverSpec
 from .states import State
+
+if TYPE_CHECKING:
+    from .machine import SpecMachine
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +89,9 @@ class Wiring(Generic[PayloadT]):
     ranks: RankGroup
     metrics: ReceiverMetrics = field(default_factory=NoMetrics)
     changes: Changes = field(default_factory=Changes)
+    # The queue's Machine, which fires the requests' events (``ReceiverRequest.trigger``); None for
+    # requests no Machine drives.
+    machine: SpecMachine | None = None
 
 
 def deadlines(spec: ReceiverSpec, config: ReceiverConfig) -> dict[State, float]:

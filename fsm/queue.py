@@ -15,10 +15,7 @@ before it is judged, and a fingerprint of their allocator operations is compared
 from __future__ import annotations
 
 from collections.abc import Iterator
-from functools import partial
 from typing import Generic
-
-from transitions import Machine
 
 from .config import ReceiverConfig, Wiring, check_pool, deadlines, poll_table
 from .errors import Aborted, DuplicateRoom, PoolTooSmall, RankDivergence, Room, UnknownRoom
@@ -59,6 +56,7 @@ class ReceiverQueue(Generic[PayloadT]):
         self._clock: Clock = clock or MonotonicClock()
         self._ranks: RankGroup = ranks or SingleRank()
         self._lockstep = LockstepAllocator(allocator) if self._ranks.size > 1 else None
+        self._machine = build_machine(spec, request_class)
         self._wiring = Wiring(
             spec,
             poll_table(spec, request_class),
@@ -69,16 +67,19 @@ class ReceiverQueue(Generic[PayloadT]):
             deadlines(spec, config),
             self._ranks,
             metrics or NoMetrics(),
+            machine=self._machine,
         )
         # Counting the gauges walks every request; the default would drop them, so it is spared the walk.
         self._gauged = not isinstance(self._wiring.metrics, NoMetrics)
-        self._machine: Machine = build_machine(spec, request_class)
-        # What can change which requests step() polls, allocates for or collects is counted (Changes): a
-        # quiet iteration, in which the count stays put, reuses the previous iteration's list of polled
-        # requests and skips the allocation and collection passes, which would find nothing.
+        # What can change which requests step() allocates for or collects is counted (Changes): a quiet
+        # iteration, in which the count stays put, skips the allocation and collection passes, which would
+        # find nothing. Those passes ask the Machine's index for the requests that wait or that settled.
         self._changes = self._wiring.changes
+        # The polled requests, rebuilt only when the membership changed (an admission, a collection) or a
+        # request settled between iterations (an abort): a quiet iteration costs its polls alone.
+        self._members = 0  # how often the membership changed
         self._polled: list[ReceiverRequest[PayloadT]] = []
-        self._polled_at = -1  # the count the list of polled requests was built at
+        self._polled_at = -1  # the membership count the list of polled requests was built at
         self._none_waiting_at = -1  # the count at which an allocation pass last found nobody waiting
         self._collected_at = -1  # the count at which the last collection pass ended
         self._request_class = request_class
@@ -95,8 +96,13 @@ class ReceiverQueue(Generic[PayloadT]):
             raise DuplicateRoom(f"room {room} is already in the queue")
         request = self._request_class(room, link, self._wiring, warmup=warmup)
         self._machine.add_model(request)
+        current = self._polled_at == self._members and not self._fenced and not self._machine.has_settled
         self._live[room] = request
         self._changes.count += 1
+        self._members += 1
+        if current:  # the list holds every live request and nothing after them: the newcomer goes last
+            self._polled.append(request)
+            self._polled_at = self._members
         return request
 
     def abort(self, room: Room) -> bool:
@@ -120,8 +126,8 @@ class ReceiverQueue(Generic[PayloadT]):
 
     def step(self) -> list[ReceiverRequest[PayloadT]]:
         """One iteration; returns the requests that ended in it (SUCCESS ones are held until released)."""
-        if self._polled_at != self._changes.count:
-            self._polled_at = self._changes.count
+        if self._polled_at != self._members or self._machine.has_settled:
+            self._polled_at = self._members
             self._polled = self._to_poll()
         if self._ranks.size == 1:
             self._dispatch_local(self._polled)
@@ -138,9 +144,13 @@ class ReceiverQueue(Generic[PayloadT]):
     def _to_poll(self) -> list[ReceiverRequest[PayloadT]]:
         """The live requests, then the fences: those of earlier iterations, then those of requests aborted
         since the last one."""
-        terminal = self._wiring.spec.terminal
-        aborted = (r for r in self._live.values() if r.state in terminal and r.fenced)
-        return [*(r for r in self._live.values() if r.state not in terminal), *self._fenced.values(), *aborted]
+        noted: list[ReceiverRequest[PayloadT]] = self._machine.settled()
+        settled = [r for r in noted if self._live.get(r.room) is r]
+        if not settled:
+            return [*self._live.values(), *self._fenced.values()]
+        ended = {id(r) for r in settled}
+        live = (r for r in self._live.values() if id(r) not in ended)
+        return [*live, *self._fenced.values(), *(r for r in settled if r.fenced)]
 
     def _dispatch_local(self, polled: list[ReceiverRequest[PayloadT]]) -> None:
         """One rank: what it observes is what a reduce over one rank would return, so no lists are built."""
@@ -214,14 +224,15 @@ class ReceiverQueue(Generic[PayloadT]):
             self._none_waiting_at = self._changes.count
 
     def _waiting(self) -> Iterator[ReceiverRequest[PayloadT]]:
-        """In the spec's allocation order, each state's requests in arrival order."""
+        """In the spec's allocation order, each state's requests in arrival order (the Machine's index)."""
         for state in self._wiring.spec.allocation_order:
-            yield from [r for r in self._live.values() if r.state is state]
+            yield from self._machine.in_state(state)
 
     def _collect(self) -> list[ReceiverRequest[PayloadT]]:
         if self._collected_at == self._changes.count:
             return []  # the last pass left no request terminal nor fence lifted, and nothing changed since
-        finished = [r for r in self._live.values() if r.state in self._wiring.spec.terminal]
+        settled: list[ReceiverRequest[PayloadT]] = self._machine.take_settled()
+        finished = [r for r in settled if self._live.get(r.room) is r]
         metrics = self._wiring.metrics
         for request in finished:
             del self._live[request.room]
@@ -236,9 +247,14 @@ class ReceiverQueue(Generic[PayloadT]):
                 self._fenced[request.room] = request
             else:
                 self._retire(request)
-        for request in [r for r in self._fenced.values() if not r.fenced]:
+        lifted = [r for r in self._fenced.values() if not r.fenced]  # the fences are polled anyway
+        for request in lifted:
             del self._fenced[request.room]
             self._retire(request)
+        if finished or lifted:
+            # The list of polled requests holds some of them: dropped now, so that it keeps none alive.
+            self._members += 1
+            self._polled = []
         self._collected_at = self._changes.count
         return finished
 
@@ -254,14 +270,9 @@ class ReceiverQueue(Generic[PayloadT]):
         self._wiring.metrics.iteration(counts, free, allocator.num_blocks - free - fenced, fenced)
 
     def _retire(self, request: ReceiverRequest[PayloadT]) -> None:
-        """Out of the Machine, and rid of the triggers it bound onto the request: those refer back to the
-        request, a cycle that only the garbage collector would break, keeping its payload's memory alive
-        until then (and a payload arena from reusing it). The list of polled requests may hold it too."""
-        self._polled, self._polled_at = [], -1
+        """Out of the Machine. Nothing else refers to the request then (the Machine bound nothing onto it,
+        and no list of polled requests holds a collected one), so its payload's memory is free to go."""
         self._machine.remove_model(request)
-        bound = vars(request)
-        for name in [n for n, value in bound.items() if isinstance(value, partial)]:
-            del bound[name]
 
     # ---- views -----------------------------------------------------------------------------------
 

@@ -57,7 +57,7 @@ _REPORTED_ONLY = frozenset({"arrived_at", "entered_at", "failed_in", "_fenced_at
 def _request(request: ReceiverRequest[EmbeddingPayload], now: float) -> tuple[object, ...]:
     """Every plain attribute of the request (a variant's own included), its link, window and payload."""
     found: list[tuple[str, object]] = []
-    for name, value in sorted(vars(request).items()):
+    for name, value in sorted(_attributes(request).items()):
         if name in _REPORTED_ONLY:
             continue
         if name == "deadline_at":
@@ -75,6 +75,14 @@ def _request(request: ReceiverRequest[EmbeddingPayload], now: float) -> tuple[ob
         elif isinstance(value, WarmupLink):
             found.append((name, tuple(value.inits)))
     return tuple(found)
+
+
+def _attributes(request: object) -> dict[str, object]:
+    """The request's slots that are set, and whatever its ``__dict__`` holds (a variant's own fields)."""
+    names = {n for c in type(request).__mro__ for n in getattr(c, "__slots__", ()) if not n.startswith("__")}
+    found = {name: getattr(request, name) for name in names if hasattr(request, name)}
+    found.update(getattr(request, "__dict__", {}))
+    return found
 
 
 def _payload(payload: EmbeddingPayload, landed: int) -> tuple[object, ...]:

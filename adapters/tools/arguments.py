@@ -140,6 +140,17 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=_positive, help="torch intra-op threads (default: torch's own choice)")
     bench.add_argument("--json", action="store_true", help="print every figure as JSON")
     bench.add_argument("--check", action="store_true", help="exit 1 when a goal is missed")
+    bench.add_argument(
+        "--scale-sizes",
+        type=_positive,
+        nargs="+",
+        metavar="N",
+        help="requests in flight for the scale section (default: --in-flight times 1, 10 and 50)",
+    )
+    bench.add_argument(
+        "--memory-requests", type=_positive, help="admissions traced for bytes_per_request (default: 10 x --in-flight)"
+    )
+    bench.add_argument("--plot", type=Path, metavar="FILE", help="draw the scale section as SVG")
 
     rep = commands.add_parser("replay", help="replay an exact event schedule and report as JSON")
     rep.add_argument("scenario", type=Path)

@@ -30,6 +30,7 @@ from epd_receiver.adapters.tools.bench_assembly import assembly
 from epd_receiver.adapters.tools.bench_config import FULL, BenchConfig
 from epd_receiver.adapters.tools.bench_mooncake import mooncake_writes
 from epd_receiver.adapters.tools.bench_polls import poll_overhead, transitions
+from epd_receiver.adapters.tools.bench_scale import scale
 from epd_receiver.adapters.tools.bench_success import success_path
 from epd_receiver.adapters.tools.bench_timing import seconds
 
@@ -43,6 +44,13 @@ GOALS: dict[str, tuple[str, float]] = {
     "reads_per_resumed_request": ("==", 2.0),
     "success_path_vs_memcpy": ("<=", 1.3),
     "mooncake_write_vs_raw": (">=", 0.9),
+    # bench_scale.py: at 1,000, 10,000 and 50,000 in flight (the worst size is the figure)
+    "scale_quiet_growth": ("<=", 1.2),  # a quiet iteration's cost per request, largest size over smallest
+    "scale_quiet_vs_baseline": ("<=", 1.2),  # over the hand-written loop at the same size
+    "add_us": ("<=", 20.0),
+    "release_us": ("<=", 20.0),
+    "state_change_us": ("<=", 25.0),  # a request's state-changing step, its payload's copy excluded
+    "bytes_per_request": ("<=", 4096),  # kept per admitted request, beyond its link and blocks
 }
 
 
@@ -110,6 +118,7 @@ def _run_bench(config: BenchConfig) -> dict[str, Any]:
     result: dict[str, Any] = {}
     result |= poll_overhead(config)
     result |= transitions(config)
+    result |= scale(config)
     cases = [assembly(config, b) for b in config.block_sizes]
     result["assembly_by_block_size"] = cases
     result["assembly_vs_memcpy"] = min(c["assembly_vs_memcpy"] for c in cases)

@@ -18,6 +18,17 @@ class BenchConfig:
     fuzz_steps: int = 1000
     seed: int = 0
     threads: int | None = None  # torch's intra-op threads for the bench; None keeps torch's default
+    # Requests in flight for the scale section; None: in_flight, ten times and fifty times as many.
+    scale_sizes: tuple[int, ...] | None = None
+    memory_requests: int | None = None  # admissions traced for bytes_per_request; None: ten times in_flight
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return self.scale_sizes or (self.in_flight, 10 * self.in_flight, 50 * self.in_flight)
+
+    @property
+    def memory_requests_resolved(self) -> int:
+        return self.memory_requests or 10 * self.in_flight
 
 
 FULL = BenchConfig()  # the bench as ``epd-receiver bench`` runs it by default

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +21,7 @@ from epd_receiver.adapters.tools.bench_timing import interleaved, seconds
 from epd_receiver.fsm import KVPoll, ReceiverConfig, ReceiverQueue, State
 
 
-class _ScriptedLink:
+class ScriptedLink:
     """A sender reduced to its status: init lands the first chunk (aux included), a resume stays in flight."""
 
     __slots__ = ("status",)
@@ -42,46 +43,50 @@ class _ScriptedLink:
 
 
 class _CountingBuffers(TorchBlockBuffers):
-    """The pool, counting the reads that reach it per payload (the judge of reads_per_resumed_request)."""
+    """The pool, counting the reads that reach it per payload (the judge of reads_per_resumed_request) and
+    the seconds they took (the payload's own copy, which the scale section leaves out of a state change)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.reads: dict[int, int] = {}
+        self.gather_seconds = 0.0
 
     def gather(self, blocks: Sequence[int], tokens: int, into: EmbeddingPayload, at: int) -> None:
         self.reads[id(into)] = self.reads.get(id(into), 0) + 1
+        started = time.perf_counter()
         super().gather(blocks, tokens, into, at)
+        self.gather_seconds += time.perf_counter() - started
 
 
 @dataclass(slots=True)
-class _Resumed:
+class Resumed:
     """Requests in flight after their resume: every poll says Transferring, which changes nothing."""
 
     queue: ReceiverQueue[EmbeddingPayload]
-    links: list[_ScriptedLink]
+    links: list[ScriptedLink]
     buffers: _CountingBuffers
     transition_seconds: float = 0.0
 
 
-def _resumed_queue(requests: int) -> _Resumed:
+def resumed_queue(requests: int) -> Resumed:
     """``requests`` requests of two one-token blocks each, driven (and timed) to RESUMING: 4 transitions each."""
     buffers = _CountingBuffers(2 * requests, 1, 1, arena=PayloadArena(1))
     buffers.aux[:, 0] = 2  # the sender's work, done before the clock starts: every row could be an A0[0]
     queue: ReceiverQueue[EmbeddingPayload] = ReceiverQueue(
         buffers, OwningBlockAllocator(2 * requests, 1), ReceiverConfig(default_alloc_tokens=1)
     )
-    links = [_ScriptedLink() for _ in range(requests)]
+    links = [ScriptedLink() for _ in range(requests)]
     for room, link in enumerate(links):
         queue.add(room, link)
     # handshake_done + blocks_granted, then first_chunk_landed + blocks_granted (A0 read, resume sent)
     elapsed = seconds(queue.step) + seconds(queue.step)
     if any(r.state is not State.RESUMING for r in queue):
         raise RuntimeError("the bench's requests did not reach RESUMING")
-    return _Resumed(queue, links, buffers, elapsed)
+    return Resumed(queue, links, buffers, elapsed)
 
 
 @dataclass(slots=True)
-class _OriginalEntry:
+class OriginalEntry:
     """What the original transfer queue keeps per request (the fields its Transferring branch looks at)."""
 
     receiver: Any
@@ -90,17 +95,17 @@ class _OriginalEntry:
     embedding_indices: list[int] = field(default_factory=list)
 
 
-class _OriginalTransferQueue:
+class OriginalTransferQueue:
     """The original's pop_transferred as a hand-written if/elif loop, single rank (no collective)."""
 
-    def __init__(self, entries: list[_OriginalEntry]) -> None:
+    def __init__(self, entries: list[OriginalEntry]) -> None:
         self.queue = entries
 
-    def pop_transferred(self) -> list[_OriginalEntry]:
+    def pop_transferred(self) -> list[OriginalEntry]:
         if not self.queue:
             return []
         polls = [int(entry.receiver.poll()) for entry in self.queue]
-        transferred: list[_OriginalEntry] = []
+        transferred: list[OriginalEntry] = []
         remove: set[int] = set()
         for i, (entry, poll) in enumerate(zip(self.queue, polls, strict=True)):
             if poll == KVPoll.Failed:
@@ -122,8 +127,8 @@ class _OriginalTransferQueue:
 
 def poll_overhead(config: BenchConfig) -> dict[str, float]:
     """Microseconds per scheduler iteration over ``in_flight`` quiet requests: ours, the original's, ratio."""
-    ours = _resumed_queue(config.in_flight)
-    original = _OriginalTransferQueue([_OriginalEntry(link, partial_input_embeds=True) for link in ours.links])
+    ours = resumed_queue(config.in_flight)
+    original = OriginalTransferQueue([OriginalEntry(link, partial_input_embeds=True) for link in ours.links])
 
     def ours_iterations() -> None:
         for _ in range(config.poll_iterations):
@@ -154,7 +159,7 @@ def transitions(config: BenchConfig) -> dict[str, float]:
     best = math.inf
     reads: list[int] = []
     for _ in range(config.repeats):
-        resumed = _resumed_queue(config.lifecycles)
+        resumed = resumed_queue(config.lifecycles)
         for link in resumed.links:
             link.status = int(KVPoll.Success)
         best = min(best, resumed.transition_seconds + seconds(resumed.queue.step))

@@ -27,6 +27,7 @@ from epd_receiver.adapters.ports.prometheus import PrometheusMetrics
 from epd_receiver.adapters.tools import arguments
 from epd_receiver.adapters.tools.bench import GOALS, run_bench
 from epd_receiver.adapters.tools.bench_config import BenchConfig
+from epd_receiver.adapters.tools.bench_plot import write_plot
 from epd_receiver.adapters.tools.simulate import Workload, simulate
 from epd_receiver.fsm import load_spec
 from epd_receiver.fsm.diagram import SYNCED_DOCUMENTS, mermaid, sync_documents
@@ -216,8 +217,12 @@ def _bench(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         fuzz_steps=args.fuzz_steps,
         threads=args.threads,
+        scale_sizes=tuple(args.scale_sizes) if args.scale_sizes else None,
+        memory_requests=args.memory_requests,
     )
     result = run_bench(config)
+    if args.plot is not None:
+        write_plot(args.plot, result)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -245,7 +250,11 @@ def _bench_tables(result: dict[str, Any]) -> list[Table]:
     mooncake = Table("mooncake writes", "value", title="the Encode side's writes into two ranks, over raw writes")
     for key, value in result["mooncake_write"].items():
         mooncake.add_row(key.replace("_", " "), str(value))
-    return [goals, assembly, success, mooncake]
+    rows = result["scale"]
+    scaled = Table("scale", *(f"{row['in_flight']:,} in flight" for row in rows), title="as the work grows")
+    for key in [k for k in rows[0] if k != "in_flight"]:
+        scaled.add_row(key.replace("_", " "), *(str(row[key]) for row in rows))
+    return [goals, assembly, success, mooncake, scaled]
 
 
 def _replay(args: argparse.Namespace) -> int:
