@@ -5,12 +5,14 @@
 connector through the factory, and each item goes through ``ECConnectorModelRunnerMixin.maybe_save_ec_to_connector``
 (vllm/v1/worker/ec_connector_model_runner_mixin.py:23-33), as after the encoder ran. The embeddings derive from
 the hash (``encoded``), so the consumer's test checks every loaded tensor bit for bit. The process prints
-``ready`` and serves until its standard input closes.
+``ready`` and serves until its standard input closes; a line ``stats`` on it is answered with the producer's
+``stats()`` as one JSON line.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 from pathlib import Path
 
@@ -43,7 +45,9 @@ def main(bootstrap: str, hidden: int, block: int, items: list[str]) -> None:
         encoder_cache[mm_hash] = encoded(mm_hash, int(tokens), hidden)
         ECConnectorModelRunnerMixin.maybe_save_ec_to_connector(encoder_cache, mm_hash)
     print("ready", flush=True)
-    sys.stdin.read()
+    for line in sys.stdin:
+        if line.strip() == "stats":
+            print(json.dumps(ec_state.get_ec_transfer().sender.stats()), flush=True)  # type: ignore[attr-defined]
     ec_state.ensure_ec_transfer_shutdown()
 
 

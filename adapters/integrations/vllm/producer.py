@@ -55,6 +55,7 @@ class ItemProducer:
         self._lock = threading.Lock()
         self.bytes_written = 0
         self.write_seconds = 0.0
+        self.failed_writes = 0
         self._running = True
         register_encode(str(extra["bootstrap"]), rank_ip=HOST, rank_port=port)
         self._thread = threading.Thread(target=self._serve, name="epd-producer", daemon=True)
@@ -155,4 +156,17 @@ class ItemProducer:
         self.write_seconds += time.perf_counter() - began
         if rc == 0:
             self.bytes_written += sum(lengths)
+        else:
+            self.failed_writes += 1
         return rc
+
+    def stats(self) -> dict[str, Any]:
+        """Bytes written, seconds in the engine's writes, writes refused, and frames dropped by cause."""
+        with self._lock:
+            dropped = dict(self.desk.dropped)
+        return {
+            "bytes": self.bytes_written,
+            "seconds": self.write_seconds,
+            "failed_writes": self.failed_writes,
+            "dropped": dropped,
+        }

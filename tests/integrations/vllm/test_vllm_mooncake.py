@@ -8,12 +8,14 @@ naming why; CI requires them (``EPD_REQUIRE_MOONCAKE``).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,6 +25,7 @@ import torch
 from support.vllm_engine import Engine, request, vllm_config
 from support.vllm_producer_process import encoded
 
+from epd_receiver.adapters.integrations.vllm.mooncake import receiver_for
 from epd_receiver.adapters.integrations.vllm.scheduler import room_of
 from epd_receiver.adapters.ports.mooncake.bootstrap import BootstrapServer
 from epd_receiver.adapters.ports.mooncake.link import mooncake_missing
@@ -33,7 +36,15 @@ if MISSING and os.environ.get("EPD_REQUIRE_MOONCAKE"):
 
 B, H, BLOCKS = 64, 256, 8  # a pool of 512 tokens
 SCRIPT = Path(__file__).resolve().parents[2] / "support" / "vllm_producer_process.py"
-ITEMS = {"mc-fits": 200, "mc-ten-pools": 10 * B * BLOCKS, "mc-a": 300, "mc-b": 90, "mc-aborted": 4 * B * BLOCKS}
+ITEMS = {
+    "mc-fits": 200,
+    "mc-ten-pools": 10 * B * BLOCKS,
+    "mc-a": 300,
+    "mc-b": 90,
+    "mc-aborted": 4 * B * BLOCKS,
+    "mc-orphaned": 20 * B * BLOCKS,
+    "mc-after": 100,
+}
 FAST = {"bootstrap_timeout_s": 5.0, "transfer_timeout_s": 3.0, "resume_timeout_s": 3.0, "drain_timeout_s": 3.0}
 
 
@@ -44,6 +55,12 @@ class Producer:
         assert self.process.stdout is not None
         line = self.process.stdout.readline()
         assert line.strip() == "ready", f"the producer process did not start: {line!r}"
+
+    def stats(self) -> dict[str, Any]:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write("stats\n")
+        self.process.stdin.flush()
+        return dict(json.loads(self.process.stdout.readline()))
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -115,6 +132,31 @@ def test_an_abort_mid_transfer_is_acknowledged_by_the_producer_before_its_blocks
     run(eng)
     assert time.monotonic() - began < FAST["drain_timeout_s"]  # the producer said it stopped: no drain wait
     assert "mc-aborted" not in eng.caches[0] and receiver.allocator.free_count == BLOCKS
+
+
+def test_a_write_the_consumer_refuses_stops_the_producer_which_serves_the_next_item(
+    producer: Producer, bootstrap: str
+) -> None:
+    """The consumer's pool is unregistered mid-transfer (what a consumer's death looks like to the producer's
+    engine): the next write is refused, the producer ends the room, and it goes on serving others."""
+    eng = consumer(bootstrap)
+    receiver = eng.scheduler.receiver  # type: ignore[attr-defined]
+    eng.add(request("left", [("mc-orphaned", ITEMS["mc-orphaned"])]))
+    deadline = time.monotonic() + 30
+    while (r := receiver.queue.get(room_of("mc-orphaned"))) is None or r.resumes == 0:
+        assert time.monotonic() < deadline
+        eng.step()
+    refused = producer.stats()["failed_writes"]
+    pool = receiver_for(receiver.buffers, {})
+    pool._engine.unregister(receiver.buffers.buffers())  # every later write into it is refused
+    run(eng)
+    assert eng.finished == {"left": "failed"} and not receiver.queue.fenced_rooms  # the producer's Failed lifts it
+    assert producer.stats()["failed_writes"] == refused + 1  # one write refused, then the producer stopped
+    other = consumer(bootstrap)
+    other.add(request("next", [("mc-after", ITEMS["mc-after"])]))
+    run(other)
+    assert other.finished == {"next": "prefilled"}
+    assert torch.equal(other.caches[0]["mc-after"], encoded("mc-after", ITEMS["mc-after"], H))
 
 
 def test_a_producer_that_dies_mid_transfer_fails_the_request_and_fences_until_the_drain_deadline(
