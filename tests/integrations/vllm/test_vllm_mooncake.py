@@ -22,12 +22,13 @@ import pytest
 pytest.importorskip("vllm.v1.request", reason="vLLM is not installed (make installs it)")
 
 import torch
+import zmq
 from support.vllm_engine import Engine, request, vllm_config
 from support.vllm_producer_process import encoded
 
 from epd_receiver.adapters.integrations.vllm.mooncake import receiver_for
 from epd_receiver.adapters.integrations.vllm.scheduler import room_of
-from epd_receiver.adapters.ports.mooncake.bootstrap import BootstrapServer
+from epd_receiver.adapters.ports.mooncake.bootstrap import BootstrapServer, encode_rank_endpoint
 from epd_receiver.adapters.ports.mooncake.link import mooncake_missing
 
 MISSING = mooncake_missing()
@@ -44,6 +45,7 @@ ITEMS = {
     "mc-aborted": 4 * B * BLOCKS,
     "mc-orphaned": 20 * B * BLOCKS,
     "mc-after": 100,
+    "mc-garbled": 3 * B * BLOCKS,
 }
 FAST = {"bootstrap_timeout_s": 5.0, "transfer_timeout_s": 3.0, "resume_timeout_s": 3.0, "drain_timeout_s": 3.0}
 
@@ -157,6 +159,29 @@ def test_a_write_the_consumer_refuses_stops_the_producer_which_serves_the_next_i
     run(other)
     assert other.finished == {"next": "prefilled"}
     assert torch.equal(other.caches[0]["mc-after"], encoded("mc-after", ITEMS["mc-after"], H))
+
+
+def test_garbled_frames_are_dropped_and_counted_on_both_sides_and_the_item_still_arrives(
+    producer: Producer, bootstrap: str
+) -> None:
+    eng = consumer(bootstrap)
+    receiver = eng.scheduler.receiver  # type: ignore[attr-defined]
+    eng.add(request("noisy", [("mc-garbled", ITEMS["mc-garbled"])]))
+    eng.step()
+    pool = receiver_for(receiver.buffers, {})
+    before = sum(producer.stats()["dropped"].values())
+    context = zmq.Context.instance()
+    for endpoint in (encode_rank_endpoint(bootstrap, 0, 0), f"127.0.0.1:{pool.port}"):
+        push = context.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 1000)
+        push.connect(f"tcp://{endpoint}")
+        push.send_multipart([str(room_of("mc-garbled")).encode(), b"\xff garbled", b"7"])
+        push.send_multipart([b"not a room"])
+        push.close()
+    run(eng)
+    assert eng.finished == {"noisy": "prefilled"}
+    assert torch.equal(eng.caches[0]["mc-garbled"], encoded("mc-garbled", ITEMS["mc-garbled"], H))
+    assert sum(pool.dropped.values()) >= 2 and sum(producer.stats()["dropped"].values()) >= before + 2
 
 
 def test_a_producer_that_dies_mid_transfer_fails_the_request_and_fences_until_the_drain_deadline(
