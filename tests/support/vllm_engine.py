@@ -4,9 +4,9 @@ Nothing of vLLM is imitated but the order of the calls: the connectors are built
 (``ECConnectorFactory.create_connector``, vllm/distributed/ec_transfer/ec_connector/factory.py:35-56) from a real
 ``VllmConfig``; requests are vLLM's ``Request`` with ``MultiModalFeatureSpec`` features; each step builds a real
 ``SchedulerOutput``; each worker runs vLLM's own EC mixin context (``ECConnectorModelRunnerMixin.
-_get_ec_connector_output``, vllm/v1/worker/ec_connector_model_runner_mixin.py:52-82) with its connector installed
+_get_ec_connector_output``, vllm/v1/worker/ec_connector_model_runner_mixin.py:53-83) with its connector installed
 as the process's EC agent, as each worker process has its own; and the workers' outputs are folded by vLLM's
-``ECOutputAggregator`` (vllm/distributed/ec_transfer/ec_connector/utils.py:95-140). What stands in for vLLM's
+``ECOutputAggregator`` (vllm/distributed/ec_transfer/ec_connector/utils.py:95-147). What stands in for vLLM's
 ``Scheduler.schedule``/``update_from_output`` is ``Engine.step``, which calls the connector where the
 scheduler does (vllm/v1/core/sched/scheduler.py, lines cited at each call).
 """
@@ -118,7 +118,7 @@ class Engine:
                 continue
             for index, feature in enumerate(req.mm_features):
                 if feature.identifier in self.cached:
-                    continue  # encoder_cache_manager.check_and_update_cache (scheduler.py:2146)
+                    continue  # encoder_cache_manager.check_and_update_cache (scheduler.py:2149)
                 if self.scheduler.has_cache_item(feature.identifier):  # scheduler.py:2190
                     self.cached.add(feature.identifier)  # encoder_cache_manager.allocate (scheduler.py:2011)
                     self.scheduler.update_state_after_alloc(req, index)  # scheduler.py:2012-2013

@@ -3,7 +3,7 @@
 ``python vllm_producer_process.py BOOTSTRAP HIDDEN BLOCK HASH:TOKENS ...``: vLLM's
 ``ensure_ec_transfer_initialized`` (vllm/distributed/ec_transfer/ec_transfer_state.py:26-40) builds the worker's
 connector through the factory, and each item goes through ``ECConnectorModelRunnerMixin.maybe_save_ec_to_connector``
-(vllm/v1/worker/ec_connector_model_runner_mixin.py:23-33), as after the encoder ran. The embeddings derive from
+(vllm/v1/worker/ec_connector_model_runner_mixin.py:24-33), as after the encoder ran. The embeddings derive from
 the hash (``encoded``), so the consumer's test checks every loaded tensor bit for bit. The process prints
 ``ready`` and serves until its standard input closes; a line ``stats`` on it is answered with the producer's
 ``stats()`` as one JSON line.

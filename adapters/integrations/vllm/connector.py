@@ -3,7 +3,7 @@
 ``ec_transfer_config = {"ec_connector": "EPDReceiverConnector", "ec_connector_module_path":
 "epd_receiver.adapters.integrations.vllm.connector", "ec_role": "ec_consumer" | "ec_producer",
 "ec_connector_extra_config": {...}}``: ``ECConnectorFactory.get_connector_class`` imports the module and takes
-the class by name (vllm/distributed/ec_transfer/ec_connector/factory.py:58-73); the scheduler builds it with
+the class by name (vllm/distributed/ec_transfer/ec_connector/factory.py:59-74); the scheduler builds it with
 ``ECConnectorRole.SCHEDULER`` (vllm/v1/core/sched/scheduler.py:209-213) and each worker with
 ``ECConnectorRole.WORKER`` (vllm/distributed/ec_transfer/ec_transfer_state.py:26-40).
 

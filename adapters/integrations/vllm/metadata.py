@@ -3,7 +3,7 @@
 The scheduler attaches ``LoadMetadata`` to every ``SchedulerOutput`` (vllm/v1/core/sched/scheduler.py:1768-1772),
 which reaches every tensor-parallel worker of the step alike; so every worker loads the same items in the same
 step by construction. Each worker answers with ``LoadedMetadata``; vLLM's ``ECOutputAggregator``
-(vllm/distributed/ec_transfer/ec_connector/utils.py:95-140) folds the workers' answers with ``aggregate``
+(vllm/distributed/ec_transfer/ec_connector/utils.py:95-147) folds the workers' answers with ``aggregate``
 before ``update_connector_output``, and the scheduler checks that every worker loaded every item.
 """
 

@@ -1,7 +1,7 @@
 """The producer: a vLLM encoder's worker writes each item it encoded into the consumer's blocks, chunk by chunk.
 
 ``save_caches(encoder_cache, mm_hash)`` (called by the model runner's EC mixin after the encoder,
-vllm/v1/worker/ec_connector_model_runner_mixin.py:23-33) offers the item: its (T, H) embeddings, copied to
+vllm/v1/worker/ec_connector_model_runner_mixin.py:24-33) offers the item: its (T, H) embeddings, copied to
 CPU memory registered with this worker's Mooncake transfer engine. A consumer asks for it by its room
 (``room_of(mm_hash)``, the same on both sides) over the SGLang fork's wire, and a thread of this worker
 writes what each grant allows: the embeddings of the tokens a block holds straight from the item's memory,

@@ -1,6 +1,6 @@
 """The worker side of the consumer: place each assembled item into vLLM's encoder cache on the worker's device.
 
-The model runner's EC mixin (vllm/v1/worker/ec_connector_model_runner_mixin.py:52-82) runs, per step:
+The model runner's EC mixin (vllm/v1/worker/ec_connector_model_runner_mixin.py:53-83) runs, per step:
 ``bind_connector_metadata`` → ``start_load_caches(encoder_cache)`` → the encoder and the gather of
 multimodal embeddings → ``get_finished`` → ``build_connector_worker_meta`` → ``clear_connector_metadata``.
 Nothing is received here: the controller runs in the scheduler process, which vLLM steps even when no token is
