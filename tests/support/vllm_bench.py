@@ -48,7 +48,7 @@ def through_connector(items: int, tokens: int, hidden: int, block: int, blocks: 
     return seconds, stepping
 
 
-def over_mooncake(items: int, tokens: int, hidden: int, block: int, blocks: int) -> float:
+def over_mooncake(items: int, tokens: int, hidden: int, block: int, blocks: int, a0: int) -> float:
     """Seconds for ``items`` requests of one item each, from a producer process over Mooncake tcp."""
     from epd_receiver.adapters.ports.mooncake.bootstrap import BootstrapServer
 
@@ -61,7 +61,7 @@ def over_mooncake(items: int, tokens: int, hidden: int, block: int, blocks: int)
         assert producer.stdout is not None and producer.stdout.readline().strip() == "ready"
         link = "epd_receiver.adapters.integrations.vllm.mooncake:mooncake_link"
         extra = {"hidden_size": hidden, "num_blocks": blocks, "block_size": block, "link_factory": link}
-        eng = Engine(vllm_config(extra | {"bootstrap": server.address}))
+        eng = Engine(vllm_config(extra | {"bootstrap": server.address, "default_alloc_tokens": a0 or block}))
         eng.step()  # the first item connects to the producer (bootstrap, registration, hello): not timed
         began = time.perf_counter()
         for i in range(items):
@@ -114,14 +114,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--transport", choices=["in-process", "mooncake"], default="in-process")
+    parser.add_argument("--a0-tokens", type=int, default=0, help="the first allocation (default: one block)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     size = args.tokens * args.hidden * 2
     if args.transport == "mooncake":
         gb, span = args.items * size / 1e9, args.block * args.blocks * args.hidden * 2
-        seconds = min(over_mooncake(args.items, args.tokens, args.hidden, args.block, args.blocks) for _ in range(2))
+        seconds = min(
+            over_mooncake(args.items, args.tokens, args.hidden, args.block, args.blocks, args.a0_tokens)
+            for _ in range(args.repeats)
+        )
         raw = min(raw_mooncake(args.items, args.tokens, args.hidden, span) for _ in range(args.repeats))
-        figures = {"item_mb": size / 1e6, "pool_mb": span / 1e6, "items": args.items}
+        figures = {"item_mb": size / 1e6, "pool_mb": span / 1e6, "items": args.items, "a0_tokens": args.a0_tokens}
         figures |= {"connector_items_per_s": args.items / seconds, "connector_gb_per_s": gb / seconds}
         print(json.dumps(figures | {"raw_transfer_gb_per_s": gb / raw, "threads": args.threads}, indent=1))
         return
