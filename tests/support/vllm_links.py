@@ -19,6 +19,7 @@ FACTORY = "support.vllm_links:in_process_link"
 _SENDERS: weakref.WeakKeyDictionary[TorchBlockBuffers, InProcessSender] = weakref.WeakKeyDictionary()
 SIZES: dict[str, int] = {}  # mm_hash -> the tokens the producer sends, when not vLLM's count
 ROOMS: dict[str, int] = {}  # mm_hash -> the room it was last fetched in
+UNREACHABLE: set[str] = set()  # items whose producer cannot be reached: building their link raises
 
 
 def sender_for(buffers: TorchBlockBuffers) -> InProcessSender:
@@ -30,6 +31,8 @@ def sender_for(buffers: TorchBlockBuffers) -> InProcessSender:
 
 def in_process_link(request: LinkRequest) -> SenderLink:
     ROOMS[request.mm_hash] = request.room
+    if request.mm_hash in UNREACHABLE:
+        raise ConnectionRefusedError(f"no producer answers for {request.mm_hash}")
     total = SIZES.get(request.mm_hash, request.num_embeds)
     sender = sender_for(request.buffers)
     if request.room in sender.rooms():

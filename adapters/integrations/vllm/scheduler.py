@@ -48,6 +48,7 @@ from epd_receiver.fsm import (
     Room,
     SizeMismatch,
     State,
+    TransportFailed,
 )
 from epd_receiver.fsm.ports import Clock, ReceiverMetrics
 
@@ -205,9 +206,14 @@ class ReceiveScheduler:
         if self.queue.get(room) is not None:
             return None
         item = Item(mm_hash, room, num_embeds)
-        link = self._link_factory(LinkRequest(room, mm_hash, num_embeds, self.buffers, self.config.extra))
-        self.queue.add(room, link)
         self._items[mm_hash] = item
+        try:
+            link = self._link_factory(LinkRequest(room, mm_hash, num_embeds, self.buffers, self.config.extra))
+        except Exception as error:  # no producer to ask (bootstrap, socket): the item fails, vLLM goes on
+            logger.error("no link for item %s: %r", mm_hash, error)
+            item.error = TransportFailed(room, f"building the link raised {error!r}")
+            return item
+        self.queue.add(room, link)
         self._by_room[room] = item
         return item
 

@@ -14,7 +14,7 @@ pytest.importorskip("vllm.v1.request", reason="vLLM is not installed (make insta
 
 import torch
 from support.vllm_engine import Engine, request, vllm_config
-from support.vllm_links import FACTORY, ROOMS, SIZES, sender_for
+from support.vllm_links import FACTORY, ROOMS, SIZES, UNREACHABLE, sender_for
 from vllm.distributed.ec_transfer.ec_connector.base import ECConnectorRole
 
 from epd_receiver.adapters.integrations.vllm.connector import EPDReceiverConnector
@@ -173,10 +173,12 @@ def test_bad_input_fails_only_its_own_request() -> None:
     eng.add(request("r-short", [("short", 60)]))
     eng.add(request("r-garbled", [("garbled", 20)]))
     eng.add(request("r-good", [("good", 20)]))
+    UNREACHABLE.add("nobody")
+    eng.add(request("r-nobody", [("nobody", 20)]))  # its link cannot even be built
     eng.step()
     sender(eng).misreport(ROOMS["garbled"], 77)  # a status no sender sends
     run(eng)
-    assert eng.finished == {"r-short": "failed", "r-garbled": "failed", "r-good": "prefilled"}
+    assert eng.finished == {"r-short": "failed", "r-garbled": "failed", "r-good": "prefilled", "r-nobody": "failed"}
     assert set(eng.caches[0]) == {"good"}
     assert_loaded(eng, "good")
 
