@@ -56,7 +56,7 @@ class EPDReceiverConnector(ECConnectorBase):
         elif self.is_consumer:
             model = vllm_config.model_config
             self.loader = LoadingWorker(worker_device(vllm_config), None if model is None else model.dtype)
-        elif role is ECConnectorRole.WORKER and self.is_producer and "bootstrap" in extra:
+        elif role is ECConnectorRole.WORKER and self.is_producer and "bootstrap" in extra and _first_tp_rank():
             from epd_receiver.adapters.integrations.vllm.producer import ItemProducer
 
             self.sender = ItemProducer(extra)
@@ -140,3 +140,11 @@ class EPDReceiverConnector(ECConnectorBase):
         return PrometheusReplay(
             vllm_config, metric_types, labelnames, per_engine_labelvalues, bytes_per_token=2 * int(hidden)
         )
+
+
+def _first_tp_rank() -> bool:
+    """Every tensor-parallel worker of an encoder holds the same outputs: the first one alone serves them, as
+    one Encode rank registered with the bootstrap server."""
+    from vllm.distributed import parallel_state
+
+    return not parallel_state.model_parallel_is_initialized() or parallel_state.get_tensor_model_parallel_rank() == 0
