@@ -179,9 +179,9 @@ def _tensors(world: World) -> Iterator[torch.Tensor]:
 
 @contextlib.contextmanager
 def _partials_copied_directly() -> Iterator[None]:
-    """deepcopy rebuilds a functools.partial through the generic reduce protocol; the Machine hangs some
-    thirty on every request, and copying them directly halves a fork. The same result, installed only
-    for the fork."""
+    """deepcopy rebuilds a functools.partial through the generic reduce protocol; copying one directly is
+    faster (the Machine binds none onto a request, but a port or a variant may hold some). The same result,
+    installed only for the fork."""
     dispatch = copy._deepcopy_dispatch  # type: ignore[attr-defined]
     previous = dispatch.get(functools.partial)
     dispatch[functools.partial] = _copy_partial
