@@ -13,8 +13,8 @@ from collections.abc import Iterator
 import pytest
 
 from epd_receiver.adapters.kit.world_config import WorldConfig
-from epd_receiver.adapters.ports.mooncake.link import Geometry, mooncake_missing
-from epd_receiver.adapters.tools.encode.write import coalesce, write_entries
+from epd_receiver.adapters.ports.mooncake.link import Geometry, coalesce, mooncake_missing
+from epd_receiver.adapters.tools.encode.write import write_entries
 from epd_receiver.adapters.tools.simulate import Workload
 
 MISSING = mooncake_missing()

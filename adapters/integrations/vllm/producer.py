@@ -26,7 +26,8 @@ from epd_receiver.adapters.integrations.vllm.scheduler import room_of
 from epd_receiver.adapters.ports.buffers import AUX_INTS
 from epd_receiver.adapters.ports.mooncake.bootstrap import register_encode
 from epd_receiver.adapters.ports.mooncake.desk import KV_BOOTSTRAPPING, KV_WAITING, EncodeDesk, RoomPlan, Write
-from epd_receiver.adapters.ports.mooncake.link import HOST, Engine, peer_address
+from epd_receiver.adapters.ports.mooncake.link import HOST, Engine, coalesce, peer_address
+from epd_receiver.adapters.ports.mooncake.pushes import Pushes, flush_outbox
 
 __all__ = ["ItemProducer"]
 
@@ -46,7 +47,7 @@ class ItemProducer:
         self._pull: zmq.Socket[bytes] = self._context.socket(zmq.PULL)
         self._pull.setsockopt(zmq.LINGER, 0)
         port = self._pull.bind_to_random_port(f"tcp://{HOST}")
-        self._pushes: dict[str, zmq.Socket[bytes]] = {}
+        self._pushes = Pushes(self._context)
         self.desk = EncodeDesk(f"{HOST}:{port}")
         self.desk.begin(self.block_size, BUFFERS, [])
         self._aux = torch.zeros(AUX_INTS, dtype=torch.int32)
@@ -82,8 +83,8 @@ class ItemProducer:
     def close(self) -> None:
         self._running = False
         self._thread.join(timeout=5)
-        for socket in [self._pull, *self._pushes.values()]:
-            socket.close(linger=0)
+        self._pull.close(linger=0)
+        self._pushes.close()
 
     # ---- the thread ------------------------------------------------------------------------------
 
@@ -109,17 +110,7 @@ class ItemProducer:
                 self.desk.receive([frame.bytes for frame in frames], peer_address(frames[0]))
 
     def _flush(self) -> None:
-        outbox, self.desk.outbox = self.desk.outbox, []
-        for endpoint, frames in outbox:
-            socket = self._pushes.get(endpoint)
-            if socket is None:
-                socket = self._pushes[endpoint] = self._context.socket(zmq.PUSH)
-                socket.setsockopt(zmq.LINGER, 0)
-                socket.connect(f"tcp://{endpoint}")
-            try:
-                socket.send_multipart(frames, flags=zmq.NOBLOCK)
-            except zmq.ZMQError as error:
-                logger.warning("producer: cannot report to %s: %s", endpoint, error)
+        flush_outbox(self.desk, self._pushes, "producer")
 
     def _drop_ended(self) -> None:
         """Items whose room ended (delivered, failed or aborted) are let go; an offer again brings one back."""
@@ -131,34 +122,32 @@ class ItemProducer:
         if isinstance(writes, str):
             return self.desk.fail(room, writes)
         item = self._items[room]
-        for write in writes:
-            rc = self._write(item, write)
+        batches = [self._batch(item, write) for write in writes]
+        began = time.perf_counter()
+        codes = self.engine.write_together(batches)  # every consumer rank's share at once
+        self.write_seconds += time.perf_counter() - began
+        self.failed_writes += sum(rc != 0 for rc in codes)
+        self.bytes_written += sum(sum(batch[3]) for batch, rc in zip(batches, codes, strict=True) if rc == 0)
+        for write, rc in zip(writes, codes, strict=True):
             if rc != 0:
-                return self.desk.fail(room, f"transfer failed: batch_transfer_sync_write returned {rc}")
+                return self.desk.fail(room, f"transfer failed: the transfer engine returned {rc}")
             self.desk.landed(room, write.session, write.tokens)
         self.desk.finish_chunk(room, any(write.partial for write in writes))
 
-    def _write(self, item: torch.Tensor, write: Write) -> int:
-        """One batch: the embeddings of each granted block from the item's own memory, the aux row first."""
+    def _batch(self, item: torch.Tensor, write: Write) -> tuple[str, list[int], list[int], list[int]]:
+        """One rank's share: the aux row first, then the embeddings of each granted block from the item's own
+        memory, blocks that follow each other on both sides in one entry."""
         b, row = self.block_size, self.hidden_size * item.element_size()
-        sources, targets, lengths = [], [], []
+        entries = []
         if write.with_aux:
             self._aux[0] = int(item.shape[0])
-            sources.append(self._aux.data_ptr())
-            targets.append(write.pointers[AUX] + write.pairs[0][1] * self._aux.nbytes)
-            lengths.append(self._aux.nbytes)
+            entries.append(
+                (self._aux.data_ptr(), write.pointers[AUX] + write.pairs[0][1] * self._aux.nbytes, self._aux.nbytes)
+            )
         for index, block, tokens in write.pairs:
-            sources.append(item.data_ptr() + (write.start + index * b) * row)
-            targets.append(write.pointers[EMBEDDINGS] + block * b * row)
-            lengths.append(tokens * row)
-        began = time.perf_counter()
-        rc = self.engine.write(write.session, sources, targets, lengths)
-        self.write_seconds += time.perf_counter() - began
-        if rc == 0:
-            self.bytes_written += sum(lengths)
-        else:
-            self.failed_writes += 1
-        return rc
+            source = item.data_ptr() + (write.start + index * b) * row
+            entries.append((source, write.pointers[EMBEDDINGS] + block * b * row, tokens * row))
+        return (write.session, *coalesce(entries))
 
     def stats(self) -> dict[str, Any]:
         """Bytes written, seconds in the engine's writes, writes refused, and frames dropped by cause."""

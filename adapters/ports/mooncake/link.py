@@ -23,7 +23,7 @@ import importlib
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -40,6 +40,7 @@ from epd_receiver.adapters.ports.mooncake.bootstrap import (
     wait_for_encode,
 )
 from epd_receiver.adapters.ports.mooncake.inbox import LanguageInbox, RoomView
+from epd_receiver.adapters.ports.mooncake.pushes import Pushes
 from epd_receiver.fsm import KVPoll, Room
 
 PROTOCOL, METADATA, HOST = "tcp", "P2PHANDSHAKE", "127.0.0.1"
@@ -104,6 +105,21 @@ class Engine:
             return [self.write(*batches[0])]
         ids = [int(self._engine.batch_transfer_async_write(*batch)) for batch in batches]
         return [-1 if id_ == 0 else int(self._engine.get_batch_transfer_status([id_])) for id_ in ids]
+
+
+def coalesce(entries: Iterable[tuple[int, int, int]]) -> tuple[list[int], list[int], list[int]]:
+    """Merge writes that continue each other on both sides: consecutive full rows become one entry."""
+    sources: list[int] = []
+    targets: list[int] = []
+    lengths: list[int] = []
+    for src, dst, length in entries:
+        if sources and sources[-1] + lengths[-1] == src and targets[-1] + lengths[-1] == dst:
+            lengths[-1] += length
+        else:
+            sources.append(src)
+            targets.append(dst)
+            lengths.append(length)
+    return sources, targets, lengths
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +187,7 @@ class MooncakeReceiver:
         self._pull: zmq.Socket[bytes] = self._context.socket(zmq.PULL)
         self._pull.setsockopt(zmq.LINGER, 0)
         self.port = self._pull.bind_to_random_port(f"tcp://{HOST}")
-        self._pushes: dict[str, zmq.Socket[bytes]] = {}
+        self._pushes = Pushes(self._context)
         self._endpoints: dict[tuple[int, int], str] = {}
         engine.register(buffers.buffers())
         try:
@@ -300,21 +316,15 @@ class MooncakeReceiver:
                     logger.warning("rank %d: the abort of room %d stays unsent: %s", self.rank, room, error)
 
     def _push(self, endpoint: str, frames: list[bytes]) -> None:
-        socket = self._pushes.get(endpoint)
-        if socket is None:
-            socket = self._pushes[endpoint] = self._context.socket(zmq.PUSH)
-            socket.setsockopt(zmq.LINGER, 0)
-            socket.connect(f"tcp://{endpoint}")
         try:
-            socket.send_multipart(frames, flags=zmq.NOBLOCK)
+            self._pushes.send(endpoint, frames)
         except zmq.ZMQError as error:
             raise SenderUnreachable(f"rank {self.rank} cannot queue a message for {endpoint}: {error}") from error
 
     def close(self) -> None:
         """Unregister the pool and close the sockets; the engine stays for the next pool."""
         self._engine.unregister(self.buffers.buffers())
-        for socket in self._pushes.values():
-            socket.close(linger=0)
+        self._pushes.close()
         self._pull.close(linger=0)
 
 

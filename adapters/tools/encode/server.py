@@ -27,6 +27,7 @@ import zmq
 from epd_receiver.adapters.ports.mooncake.bootstrap import BootstrapUnavailable, register_encode
 from epd_receiver.adapters.ports.mooncake.desk import TRANSFER_ERROR_ON_RESUME, EncodeDesk, RoomPlan, Write, same_rows
 from epd_receiver.adapters.ports.mooncake.link import HOST, Engine, Geometry, peer_address
+from epd_receiver.adapters.ports.mooncake.pushes import Pushes, flush_outbox
 from epd_receiver.adapters.ports.mooncake.wire import MALFORMED, DropLog
 from epd_receiver.adapters.ports.sender import InProcessSender
 from epd_receiver.adapters.ports.source import SourcePayload
@@ -57,7 +58,7 @@ class EncodeServer:
         self._control: zmq.Socket[bytes] = context.socket(zmq.ROUTER)
         self._control.setsockopt(zmq.LINGER, 0)
         self._control.bind(control)
-        self._pushes: dict[str, zmq.Socket[bytes]] = {}
+        self._pushes = Pushes(context)
         self.desk = EncodeDesk(f"{HOST}:{self.rank_port}")
         self.control_drops = DropLog("Encode control")
         self._staging: Staging | None = None
@@ -106,22 +107,12 @@ class EncodeServer:
             self.desk.receive([frame.bytes for frame in frames], peer_address(frames[0]))
 
     def _flush(self) -> None:
-        """Send what the desk has to say; a Language rank that is gone just misses it."""
-        outbox, self.desk.outbox = self.desk.outbox, []
-        for endpoint, frames in outbox:
-            socket = self._pushes.get(endpoint)
-            if socket is None:
-                socket = self._pushes[endpoint] = zmq.Context.instance().socket(zmq.PUSH)
-                socket.setsockopt(zmq.LINGER, 0)
-                socket.connect(f"tcp://{endpoint}")
-            try:
-                socket.send_multipart(frames, flags=zmq.NOBLOCK)
-            except zmq.ZMQError as error:
-                logger.warning("Encode: cannot report to %s: %s", endpoint, error)
+        flush_outbox(self.desk, self._pushes, "Encode")
 
     def close(self) -> None:
-        for socket in [self._wire, self._control, *self._pushes.values()]:
+        for socket in [self._wire, self._control]:
             socket.close(linger=0)
+        self._pushes.close()
 
     # ---- writing ---------------------------------------------------------------------------------
 
@@ -232,9 +223,7 @@ class EncodeServer:
             self._staging = Staging(self.engine, geometry)
         self.desk.begin(geometry.block_size, len(self._staging.pointers), plans)
         self._sources.clear()
-        for socket in self._pushes.values():  # the last workload's Language ranks are gone
-            socket.close(linger=0)
-        self._pushes.clear()
+        self._pushes.close()  # the last workload's Language ranks are gone
 
     def _bench(self, session: str, total: int) -> dict[str, Any]:
         """Raw engine throughput into ``session``'s pool: ``total`` bytes in writes as large as rows allow."""

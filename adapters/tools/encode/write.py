@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 from epd_receiver.adapters.ports.buffers import TorchBlockBuffers
-from epd_receiver.adapters.ports.mooncake.link import Engine, Geometry
+from epd_receiver.adapters.ports.mooncake.link import Engine, Geometry, coalesce
 from epd_receiver.adapters.ports.sender import InProcessSender
 from epd_receiver.adapters.ports.source import SourcePayload
 from epd_receiver.fsm import Room
@@ -42,21 +42,6 @@ def write_entries(
                 continue
             length = item_len if j == AUX else item_len * n // block_size
             yield sources[j] + src_row * item_len, targets[j] + dst_row * item_len, length
-
-
-def coalesce(entries: Iterator[tuple[int, int, int]]) -> tuple[list[int], list[int], list[int]]:
-    """Merge writes that continue each other on both sides: consecutive full rows become one entry."""
-    sources: list[int] = []
-    targets: list[int] = []
-    lengths: list[int] = []
-    for src, dst, length in entries:
-        if sources and sources[-1] + lengths[-1] == src and targets[-1] + lengths[-1] == dst:
-            lengths[-1] += length
-        else:
-            sources.append(src)
-            targets.append(dst)
-            lengths.append(length)
-    return sources, targets, lengths
 
 
 class Staging:
