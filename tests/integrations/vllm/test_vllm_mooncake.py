@@ -119,16 +119,21 @@ def test_items_that_fit_and_ten_times_the_pool_arrive_bit_for_bit_over_mooncake(
     assert receiver.allocator.free_count == BLOCKS
 
 
+def step_until_resumed(eng: Any, receiver: Any, mm_hash: str) -> None:
+    """Engine steps until the item has been resumed at least once: the producer is mid-transfer."""
+    deadline = time.monotonic() + 30
+    while (r := receiver.queue.get(room_of(mm_hash))) is None or r.resumes == 0:
+        assert time.monotonic() < deadline
+        eng.step()
+
+
 def test_an_abort_mid_transfer_is_acknowledged_by_the_producer_before_its_blocks_return(
     producer: Producer, bootstrap: str
 ) -> None:
     eng = consumer(bootstrap)
     receiver = eng.scheduler.receiver  # type: ignore[attr-defined]
     eng.add(request("gone", [("mc-aborted", ITEMS["mc-aborted"])]))
-    deadline = time.monotonic() + 30
-    while (r := receiver.queue.get(room_of("mc-aborted"))) is None or r.resumes == 0:
-        assert time.monotonic() < deadline
-        eng.step()
+    step_until_resumed(eng, receiver, "mc-aborted")
     eng.abort("gone")
     began = time.monotonic()
     run(eng)
@@ -144,10 +149,7 @@ def test_a_write_the_consumer_refuses_stops_the_producer_which_serves_the_next_i
     eng = consumer(bootstrap)
     receiver = eng.scheduler.receiver  # type: ignore[attr-defined]
     eng.add(request("left", [("mc-orphaned", ITEMS["mc-orphaned"])]))
-    deadline = time.monotonic() + 30
-    while (r := receiver.queue.get(room_of("mc-orphaned"))) is None or r.resumes == 0:
-        assert time.monotonic() < deadline
-        eng.step()
+    step_until_resumed(eng, receiver, "mc-orphaned")
     refused = producer.stats()["failed_writes"]
     pool = receiver_for(receiver.buffers, {})
     pool._engine.unregister(receiver.buffers.buffers())  # every later write into it is refused
