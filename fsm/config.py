@@ -64,17 +64,6 @@ class PollCell:
 PollTable = Mapping[State, Mapping[int, PollCell]]
 
 
-class Changes:
-    """How often a queue's membership or a request's state may have changed: every admission, and every
-    event a request fires (counted before the Machine is asked, so a refused event or an action that raises
-    midway counts too). While it stays put, what the queue derived from its requests' states still holds."""
-
-    __slots__ = ("count",)
-
-    def __init__(self) -> None:
-        self.count = 0
-
-
 @dataclass(frozen=True, slots=True)
 class Wiring(Generic[PayloadT]):
     """What every request of one queue shares: the spec's tables and the ports."""
@@ -88,7 +77,6 @@ class Wiring(Generic[PayloadT]):
     deadlines: Mapping[State, float]
     ranks: RankGroup
     metrics: ReceiverMetrics = field(default_factory=NoMetrics)
-    changes: Changes = field(default_factory=Changes)
     # The queue's Machine, which fires the requests' events (``ReceiverRequest.trigger``); None for
     # requests no Machine drives.
     machine: SpecMachine | None = None

@@ -71,17 +71,13 @@ class ReceiverQueue(Generic[PayloadT]):
         )
         # Counting the gauges walks every request; the default would drop them, so it is spared the walk.
         self._gauged = not isinstance(self._wiring.metrics, NoMetrics)
-        # What can change which requests step() allocates for or collects is counted (Changes): a quiet
-        # iteration, in which the count stays put, skips the allocation and collection passes, which would
-        # find nothing. Those passes ask the Machine's index for the requests that wait or that settled.
-        self._changes = self._wiring.changes
-        # The polled requests, rebuilt only when the membership changed (an admission, a collection) or a
-        # request settled between iterations (an abort): a quiet iteration costs its polls alone.
+        # The allocation and collection passes ask the Machine's index for the requests that wait or that
+        # settled, so a quiet iteration finds nothing there without looking at any request. The polled
+        # requests are rebuilt only when the membership changed (an admission, a collection) or a request
+        # settled between iterations (an abort): a quiet iteration costs its polls alone.
         self._members = 0  # how often the membership changed
         self._polled: list[ReceiverRequest[PayloadT]] = []
         self._polled_at = -1  # the membership count the list of polled requests was built at
-        self._none_waiting_at = -1  # the count at which an allocation pass last found nobody waiting
-        self._collected_at = -1  # the count at which the last collection pass ended
         self._request_class = request_class
         self._live: dict[Room, ReceiverRequest[PayloadT]] = {}
         self._held: dict[Room, ReceiverRequest[PayloadT]] = {}
@@ -98,7 +94,6 @@ class ReceiverQueue(Generic[PayloadT]):
         self._machine.add_model(request)
         current = self._polled_at == self._members and not self._fenced and not self._machine.has_settled
         self._live[room] = request
-        self._changes.count += 1
         self._members += 1
         if current:  # the list holds every live request and nothing after them: the newcomer goes last
             self._polled.append(request)
@@ -192,12 +187,8 @@ class ReceiverQueue(Generic[PayloadT]):
             )
 
     def _allocate(self) -> None:
-        if self._none_waiting_at == self._changes.count:
-            return  # nobody waited at the last pass, and no request has changed state since
         allocator = self._wiring.allocator
-        waited = False
         for request in self._waiting():
-            waited = True
             if request.is_warmup():
                 request.fire(WARMUP_ADMITTED)  # needs no blocks, so it never holds back those behind it
                 continue
@@ -220,8 +211,6 @@ class ReceiverQueue(Generic[PayloadT]):
             if blocks is None:
                 return
             request.fire(BLOCKS_GRANTED, blocks=blocks)
-        if not waited:
-            self._none_waiting_at = self._changes.count
 
     def _waiting(self) -> Iterator[ReceiverRequest[PayloadT]]:
         """In the spec's allocation order, each state's requests in arrival order (the Machine's index)."""
@@ -229,9 +218,7 @@ class ReceiverQueue(Generic[PayloadT]):
             yield from self._machine.in_state(state)
 
     def _collect(self) -> list[ReceiverRequest[PayloadT]]:
-        if self._collected_at == self._changes.count:
-            return []  # the last pass left no request terminal nor fence lifted, and nothing changed since
-        settled: list[ReceiverRequest[PayloadT]] = self._machine.take_settled()
+        settled: list[ReceiverRequest[PayloadT]] = self._machine.take_settled() if self._machine.has_settled else []
         finished = [r for r in settled if self._live.get(r.room) is r]
         metrics = self._wiring.metrics
         for request in finished:
@@ -255,7 +242,6 @@ class ReceiverQueue(Generic[PayloadT]):
             # The list of polled requests holds some of them: dropped now, so that it keeps none alive.
             self._members += 1
             self._polled = []
-        self._collected_at = self._changes.count
         return finished
 
     def _gauge(self) -> None:

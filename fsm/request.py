@@ -145,9 +145,7 @@ class ReceiverRequest(PayloadAssembly[PayloadT]):
             self.fire(cell.event)
 
     def fire(self, event: str, **kwargs: Any) -> None:
-        """Trigger an event; a typed error raised by an action fails this request and nothing else. Every
-        event goes through here (none is triggered directly), so that the queue's count of changes sees it."""
-        self._wiring.changes.count += 1
+        """Trigger an event; a typed error raised by an action fails this request and nothing else."""
         try:
             self.trigger(event, **kwargs)
         except ReceiverError as error:
