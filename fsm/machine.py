@@ -179,9 +179,6 @@ class SpecMachine(Machine):
         members = self._in_state[state]
         return [members[arrival] for arrival in sorted(members)]
 
-    def count_in(self, state: Enum) -> int:
-        return len(self._in_state[state])
-
     def settled(self) -> list[Any]:
         """The models that reached a terminal state since the last ``take_settled``, in arrival order, those
         still there; they stay noted."""
