@@ -17,8 +17,13 @@ def interleaved(actions: dict[str, Callable[[], object]], repeats: int) -> dict[
 
     The best of several runs, not the median: on a shared machine the slower runs measure the neighbours.
     """
-    samples: dict[str, list[float]] = {name: [] for name in actions}
+    return best_in_turns({name: (lambda a=action: seconds(a)) for name, action in actions.items()}, repeats)
+
+
+def best_in_turns(timed: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+    """Best of what each call reports, in turns: for actions that must set up before the part timed."""
+    samples: dict[str, list[float]] = {name: [] for name in timed}
     for _ in range(repeats):
-        for name, action in actions.items():
-            samples[name].append(seconds(action))
+        for name, measure in timed.items():
+            samples[name].append(measure())
     return {name: min(values) for name, values in samples.items()}
