@@ -197,7 +197,7 @@ def _summary_table(summary: dict[str, Any]) -> Table:
         if key in summary:
             table.add_row(key.replace("_", " "), str(summary[key]))
     transfer = summary.get("transfer", {})
-    for key in ("bytes", "gb_per_s", "raw_gb_per_s", "write_vs_raw"):
+    for key in ("bytes", "gb_per_s", "raw_gb_per_s", "write_vs_raw", "idle_raw_gb_per_s", "write_vs_idle_raw"):
         if key in transfer:
             table.add_row(f"transfer {key.replace('_', ' ')}", str(transfer[key]))
     table.add_row("config", ", ".join(f"{k}={v}" for k, v in summary["config"].items()))

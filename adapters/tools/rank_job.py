@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from epd_receiver.adapters.kit.world_config import WorldConfig
 from epd_receiver.adapters.ports.allocator import OwningBlockAllocator
 from epd_receiver.adapters.ports.buffers import TorchBlockBuffers
@@ -22,6 +24,8 @@ from epd_receiver.adapters.tools.encode.control import EncodeControl
 from epd_receiver.adapters.tools.encode.write import regenerate, source_generator
 from epd_receiver.fsm import ReceiverQueue, State
 from epd_receiver.fsm.request import ReceiverRequest
+
+RAW_SCRATCH_BYTES = 64 << 20  # where the raw writes that mirror each chunk land, in pieces of this size
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +64,7 @@ class _Tally:
 
 def run_rank(context: RankContext, run: RankRun) -> dict[str, Any]:
     """One rank's share of the workload: admit, step, verify, release; the outcome as plain data."""
-    engine: Engine = context.cache.setdefault("engine", Engine())
+    engine: Engine = context.cache.get("engine") or context.cache.setdefault("engine", Engine())
     c = run.config
     buffers = TorchBlockBuffers(c.num_blocks, c.block_size, c.hidden_size, c.deepstack)
     allocator = OwningBlockAllocator(c.num_blocks, c.block_size)
@@ -71,6 +75,8 @@ def run_rank(context: RankContext, run: RankRun) -> dict[str, Any]:
             buffers, allocator, c.receiver_config(), ranks=context.group
         )
         progress = _agree(context, receiver.connect())  # every rank makes the same kind of link
+        if context.rank == 0 and run.bench:
+            control.raw_target(engine.session, _raw_scratch(context, engine))
         before = control.stats(30.0) if context.rank == 0 else {}
         tally, seconds = _drive(context, run, receiver, queue, progress)
         _barrier(context)  # every rank has stopped stepping: no write is under way for this run any more
@@ -176,8 +182,19 @@ def _barrier(context: RankContext) -> None:
     context.group.min_reduce([], [])
 
 
+def _raw_scratch(context: RankContext, engine: Engine) -> torch.Tensor:
+    """Registered memory beside the pool for the raw writes that mirror each chunk; one per process and kept
+    for its life, so that no write still landing can meet memory given back."""
+    scratch = context.cache.get("raw_scratch")
+    if scratch is None:
+        scratch = context.cache["raw_scratch"] = torch.empty(RAW_SCRATCH_BYTES, dtype=torch.uint8)
+        engine.register([scratch])
+    return scratch
+
+
 def _transfer_report(control: EncodeControl, session: str, before: dict[str, Any], run: RankRun) -> dict[str, Any]:
-    """The Encode side's write time for this run, and a raw engine write of the same bytes (rank 0's pool)."""
+    """The Encode side's write time for this run, beside raw engine writes of the same bytes into rank 0: those
+    that mirrored each chunk during the run, and one more pass once the workload is over."""
     try:
         after = control.stats(5.0)
     except SenderUnreachable as gone:
@@ -190,17 +207,26 @@ def _transfer_report(control: EncodeControl, session: str, before: dict[str, Any
         "chunks": after["chunks"] - before["chunks"],
         "entries": after["entries"] - before["entries"],
         "failed_writes": after["failed_writes"] - before["failed_writes"],
-        "gb_per_s": round(moved / busy / 1e9, 3) if busy else 0.0,
+        "gb_per_s": _rate(moved, busy),
         "encode_dropped": after["dropped"],
     }
-    if run.bench and moved:
-        raw = control.bench(session, moved)
+    if run.bench and after["raw_seconds"] > before["raw_seconds"]:  # the same run, under the same load
+        raw_bytes = after["raw_bytes"] - before["raw_bytes"]
+        raw_seconds = after["raw_seconds"] - before["raw_seconds"]
         report |= {
-            "raw_bytes": raw["bytes"],
-            "raw_seconds": round(raw["seconds"], 4),
-            "raw_gb_per_s": round(raw["bytes"] / raw["seconds"] / 1e9, 3) if raw["seconds"] else 0.0,
-            "raw_rc": raw["rc"],
+            "raw_bytes": raw_bytes,
+            "raw_seconds": round(raw_seconds, 4),
+            "raw_gb_per_s": _rate(raw_bytes, raw_seconds),
         }
-        if raw["seconds"] and busy:  # ours over raw, both in bytes per second of engine calls
-            report["write_vs_raw"] = round((moved / busy) / (raw["bytes"] / raw["seconds"]), 3)
+        if busy:
+            report["write_vs_raw"] = round((moved / busy) / (raw_bytes / raw_seconds), 3)
+    if run.bench and moved:  # and on the machine left idle once the workload is over
+        idle = control.bench(session, moved)
+        report |= {"idle_raw_gb_per_s": _rate(idle["bytes"], idle["seconds"]), "idle_raw_rc": idle["rc"]}
+        if idle["seconds"] and busy:
+            report["write_vs_idle_raw"] = round((moved / busy) / (idle["bytes"] / idle["seconds"]), 3)
     return report
+
+
+def _rate(nbytes: int, seconds: float) -> float:
+    return round(nbytes / seconds / 1e9, 3) if seconds else 0.0

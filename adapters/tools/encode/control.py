@@ -4,6 +4,7 @@ A real Encode server learns of requests from its own scheduler and is configured
 one learns both here, over a DEALER/ROUTER socket of JSON messages that only tests and the driver use:
 ``begin`` (the pool geometry both sides share and the rooms to serve: T, seed, checksum, injected fault),
 ``stats`` (bytes written, write time, dropped frames), ``bench`` (a raw engine write of a given size),
+``raw_target`` (scratch memory where every chunk is mirrored by a raw write, for the same-run figure),
 ``arm_kill`` (die halfway through a resume chunk) and ``stop``.
 """
 
@@ -16,6 +17,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 import torch.multiprocessing as mp
 import zmq
 
@@ -71,6 +73,10 @@ class EncodeControl:
     def bench(self, session: str, total: int, timeout_s: float = 600.0) -> dict[str, Any]:
         """A raw engine write of ``total`` bytes into ``session``'s first buffer, as large as rows allow."""
         return self.call("bench", timeout_s, session=session, bytes=total)
+
+    def raw_target(self, session: str, scratch: torch.Tensor, timeout_s: float = 10.0) -> None:
+        """Mirror every chunk of this workload by a raw write into ``scratch``, registered in ``session``."""
+        self.call("raw_target", timeout_s, session=session, pointer=scratch.data_ptr(), bytes=scratch.nbytes)
 
     def close(self) -> None:
         self._socket.close(linger=0)

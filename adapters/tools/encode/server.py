@@ -9,6 +9,10 @@ each init named. Every rank is a destination of its own and receives a full copy
 Frames are handled between chunks, so an abort stops the writes of its room before the next chunk and
 is then acknowledged. No frame ends this process: what cannot be right is dropped and counted
 (``stats()["dropped"]``); a room whose request cannot be served fails alone.
+
+With a raw target named (``raw_target``: scratch memory a Language rank registered beside its pool),
+every chunk is followed by a raw write of as many bytes into that scratch, so that the write path and the
+engine's best are timed under the same load, in the same run.
 """
 
 from __future__ import annotations
@@ -44,6 +48,17 @@ class Stats:
     chunks: int = 0
     entries: int = 0
     failed_writes: int = 0
+    raw_bytes: int = 0  # raw writes that mirrored the chunks, into the raw target
+    raw_seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class RawTarget:
+    """Registered scratch memory of a Language rank: raw writes land there, never in its pool."""
+
+    session: str
+    pointer: int
+    nbytes: int
 
 
 class EncodeServer:
@@ -65,6 +80,7 @@ class EncodeServer:
         self._generators: dict[tuple[int, Geometry], InProcessSender] = {}
         self._sources: dict[int, SourcePayload] = {}
         self._kill_on_resume: int | None = None
+        self._raw: RawTarget | None = None
         self.stats = Stats()
         self.running = True
         self._register(bootstrap, register_timeout_s)
@@ -166,7 +182,32 @@ class EncodeServer:
                 self.stats.bytes += sum(lengths)
             else:
                 self.stats.failed_writes += 1
+        if self._raw is not None and not any(codes):
+            self._mirror(staging, self._raw, sum(sum(lengths) for *_, lengths in batches))
         return codes
+
+    def _mirror(self, staging: Staging, raw: RawTarget, total: int) -> None:
+        """A raw write of the chunk's bytes into the raw target, timed apart from the chunk's own."""
+        moved, seconds, rc = self._raw_writes(staging, raw.session, raw.pointer, raw.nbytes, total)
+        if rc != 0:
+            logger.warning("Encode: raw writes into %s returned %d; no more are made this run", raw.session, rc)
+            self._raw = None
+            return
+        self.stats.raw_bytes += moved
+        self.stats.raw_seconds += seconds
+
+    def _raw_writes(
+        self, staging: Staging, session: str, pointer: int, span: int, total: int
+    ) -> tuple[int, float, int]:
+        """``total`` bytes of staged rows into ``[pointer, pointer + span)``, in synchronous writes as large
+        as both allow: (bytes, seconds, the first nonzero return code or 0)."""
+        span = min(span, staging.rows.embeddings.nbytes)
+        moved, began, rc = 0, time.perf_counter(), 0
+        while moved < total and rc == 0:
+            length = min(span, total - moved)
+            rc = self.engine.write(session, [staging.pointers[0]], [pointer], [length])
+            moved += length
+        return moved, time.perf_counter() - began, rc
 
     def _source(self, plan: RoomPlan, geometry: Geometry) -> SourcePayload:
         """One source per room, shared by every Language rank it is written to."""
@@ -208,6 +249,8 @@ class EncodeServer:
             return dataclasses.asdict(self.stats) | {"dropped": dict(self.desk.dropped)}
         elif op == "bench":
             return self._bench(str(message["session"]), int(message["bytes"]))
+        elif op == "raw_target":
+            self._raw = RawTarget(str(message["session"]), int(message["pointer"]), int(message["bytes"]))
         elif op == "arm_kill":
             self._kill_on_resume = int(message["resumes"])
         elif op == "stop":
@@ -223,6 +266,7 @@ class EncodeServer:
             self._staging = Staging(self.engine, geometry)
         self.desk.begin(geometry.block_size, len(self._staging.pointers), plans)
         self._sources.clear()
+        self._raw = None  # named anew by a rank of this workload, if it wants the raw writes
         self._pushes.close()  # the last workload's Language ranks are gone
 
     def _bench(self, session: str, total: int) -> dict[str, Any]:
@@ -230,13 +274,8 @@ class EncodeServer:
         peer, staging = self.desk.peers.get(session), self._staging
         if peer is None or staging is None:
             raise ValueError(f"no pool registered by {session}")
-        span = staging.rows.embeddings.nbytes  # both pools have the same geometry
-        moved, began, rc = 0, time.perf_counter(), 0
-        while moved < total and rc == 0:
-            length = min(span, total - moved)
-            rc = self.engine.write(session, [staging.pointers[0]], [peer.pointers[0]], [length])
-            moved += length
-        return {"bytes": moved, "seconds": time.perf_counter() - began, "rc": rc}
+        moved, seconds, rc = self._raw_writes(staging, session, peer.pointers[0], staging.rows.embeddings.nbytes, total)
+        return {"bytes": moved, "seconds": seconds, "rc": rc}
 
 
 def serve(control: str, bootstrap: str, threads: int = 1) -> None:
