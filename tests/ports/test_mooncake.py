@@ -212,3 +212,50 @@ def test_several_ranks_need_the_real_transport(capsys: pytest.CaptureFixture[str
 
     assert main(["simulate", "--ranks", "2", "--requests", "1"]) == 2
     assert "--transport mooncake" in capsys.readouterr().err
+
+
+def test_a_raw_target_mirrors_each_chunk_and_a_refused_mirror_stops_only_the_mirrors(cluster) -> None:  # type: ignore[no-untyped-def]
+    """The same-run raw figure: each chunk is followed by a raw write of as many bytes into the scratch named,
+    never into the pool; a scratch the engine refuses ends the mirrors, not the room nor the process."""
+    import torch
+    from support.fork_wire_fakes import ForkLanguage
+
+    from epd_receiver.adapters.ports.buffers import TorchBlockBuffers
+    from epd_receiver.adapters.ports.mooncake.desk import RoomPlan
+    from epd_receiver.adapters.ports.mooncake.link import Engine
+    from epd_receiver.adapters.tools.encode.write import regenerate, source_generator
+
+    geometry, seed = Geometry(16, B, H, 0), 23
+    encode = cluster.ensure_encode()
+    encode.control.begin(geometry, [RoomPlan(1, 40, seed), RoomPlan(2, 2 * B + 7, seed)])
+    engine, pool = Engine(), TorchBlockBuffers(16, B, H)
+    scratch, unregistered = torch.zeros(B * H * 2, dtype=torch.uint8), torch.zeros(64, dtype=torch.uint8)
+    engine.register([*pool.buffers(), scratch])
+    fork = ForkLanguage(cluster.bootstrap.address, engine.session, pool.get_buf_infos()[0], B)
+    generator = source_generator(seed, geometry)
+    try:
+        before = encode.stats()
+        encode.control.raw_target(engine.session, scratch)
+        fork.init(1, [4, 5, 6])
+        assert fork.wait_for(1, {0, 4}) == 4
+        mirrored = encode.stats()
+        written = mirrored["bytes"] - before["bytes"]
+        assert written > scratch.nbytes  # in several raw writes, each as large as the scratch
+        assert mirrored["raw_bytes"] - before["raw_bytes"] == written and scratch.any()
+        payload = pool.new_payload(40, pool.read_aux(4).mrope_delta)
+        pool.gather([4, 5, 6], 40, payload, 0)
+        assert regenerate(generator, 1, 40).mismatches(payload) == []
+
+        scratch_pointer = unregistered.data_ptr() + (1 << 40)  # outside anything registered: refused
+        encode.control.call("raw_target", session=engine.session, pointer=scratch_pointer, bytes=64)
+        fork.init(2, [0, 1, 2])
+        assert fork.wait_for(2, {0, 4}) == 4
+        after = encode.stats()
+        assert after["raw_bytes"] == mirrored["raw_bytes"] and after["bytes"] > mirrored["bytes"]
+        assert after["failed_writes"] == before["failed_writes"] and encode.alive
+        payload = pool.new_payload(2 * B + 7, pool.read_aux(0).mrope_delta)
+        pool.gather([0, 1, 2], 2 * B + 7, payload, 0)
+        assert regenerate(generator, 2, 2 * B + 7).mismatches(payload) == []
+    finally:
+        fork.close()
+        engine.unregister([*pool.buffers(), scratch])
