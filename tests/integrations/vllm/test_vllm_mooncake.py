@@ -96,6 +96,13 @@ def consumer(bootstrap: str) -> Engine:
     return Engine(vllm_config(extra | FAST))
 
 
+def receiving(bootstrap: str, request_id: str, mm_hash: str, tokens: int | None = None) -> tuple[Engine, Any]:
+    """A consumer given one request of one item, and its scheduler's receiver."""
+    eng = consumer(bootstrap)
+    eng.add(request(request_id, [(mm_hash, ITEMS[mm_hash] if tokens is None else tokens)]))
+    return eng, eng.scheduler.receiver  # type: ignore[attr-defined]
+
+
 def run(eng: Engine, until: float = 60.0) -> None:
     deadline = time.monotonic() + until
     while eng.pending():
@@ -130,9 +137,7 @@ def step_until_resumed(eng: Any, receiver: Any, mm_hash: str) -> None:
 def test_an_abort_mid_transfer_is_acknowledged_by_the_producer_before_its_blocks_return(
     producer: Producer, bootstrap: str
 ) -> None:
-    eng = consumer(bootstrap)
-    receiver = eng.scheduler.receiver  # type: ignore[attr-defined]
-    eng.add(request("gone", [("mc-aborted", ITEMS["mc-aborted"])]))
+    eng, receiver = receiving(bootstrap, "gone", "mc-aborted")
     step_until_resumed(eng, receiver, "mc-aborted")
     eng.abort("gone")
     began = time.monotonic()
@@ -146,9 +151,7 @@ def test_a_write_the_consumer_refuses_stops_the_producer_which_serves_the_next_i
 ) -> None:
     """The consumer's pool is unregistered mid-transfer (what a consumer's death looks like to the producer's
     engine): the next write is refused, the producer ends the room, and it goes on serving others."""
-    eng = consumer(bootstrap)
-    receiver = eng.scheduler.receiver  # type: ignore[attr-defined]
-    eng.add(request("left", [("mc-orphaned", ITEMS["mc-orphaned"])]))
+    eng, receiver = receiving(bootstrap, "left", "mc-orphaned")
     step_until_resumed(eng, receiver, "mc-orphaned")
     refused = producer.stats()["failed_writes"]
     pool = receiver_for(receiver.buffers, {})
@@ -166,9 +169,7 @@ def test_a_write_the_consumer_refuses_stops_the_producer_which_serves_the_next_i
 def test_garbled_frames_are_dropped_and_counted_on_both_sides_and_the_item_still_arrives(
     producer: Producer, bootstrap: str
 ) -> None:
-    eng = consumer(bootstrap)
-    receiver = eng.scheduler.receiver  # type: ignore[attr-defined]
-    eng.add(request("noisy", [("mc-garbled", ITEMS["mc-garbled"])]))
+    eng, receiver = receiving(bootstrap, "noisy", "mc-garbled")
     eng.step()
     pool = receiver_for(receiver.buffers, {})
     before = sum(producer.stats()["dropped"].values())
@@ -192,9 +193,7 @@ def test_a_producer_that_dies_mid_transfer_fails_the_request_and_fences_until_th
     own = BootstrapServer()  # the module's producer stays registered with the shared one
     victim = Producer(own.address, {"mc-victim": 20 * B * BLOCKS})
     try:
-        eng = consumer(own.address)
-        receiver = eng.scheduler.receiver  # type: ignore[attr-defined]
-        eng.add(request("orphan", [("mc-victim", 20 * B * BLOCKS)]))
+        eng, receiver = receiving(own.address, "orphan", "mc-victim", 20 * B * BLOCKS)
         deadline = time.monotonic() + 30
         while (r := receiver.queue.get(room_of("mc-victim"))) is None or r.resumes < 2:
             assert time.monotonic() < deadline
