@@ -22,15 +22,13 @@ from collections.abc import Callable
 from typing import Any
 
 from epd_receiver.adapters.ports.buffers import TorchBlockBuffers
-from epd_receiver.adapters.ports.mooncake.link import Engine, Geometry, MooncakeMissing
+from epd_receiver.adapters.ports.mooncake.link import Batch, Engine, Geometry, MooncakeMissing
 from epd_receiver.adapters.tools.bench_config import BenchConfig
 from epd_receiver.adapters.tools.bench_timing import interleaved
 from epd_receiver.adapters.tools.encode.write import Staging
 
 _BLOCK_SIZE = 128
 _RANKS = 2
-
-Batch = tuple[str, list[int], list[int], list[int]]
 
 
 def mooncake_writes(config: BenchConfig) -> dict[str, Any]:

@@ -13,9 +13,9 @@ Only embeddings and the aux row are written: a vLLM item has no token ids or M-R
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,7 +26,7 @@ from epd_receiver.adapters.integrations.vllm.scheduler import room_of
 from epd_receiver.adapters.ports.buffers import AUX_INTS
 from epd_receiver.adapters.ports.mooncake.bootstrap import register_encode
 from epd_receiver.adapters.ports.mooncake.desk import KV_BOOTSTRAPPING, KV_WAITING, EncodeDesk, RoomPlan, Write
-from epd_receiver.adapters.ports.mooncake.link import HOST, Engine, coalesce, peer_address
+from epd_receiver.adapters.ports.mooncake.link import HOST, Batch, Engine, WriteStats, coalesce, peer_address
 from epd_receiver.adapters.ports.mooncake.pushes import Pushes, flush_outbox
 
 __all__ = ["ItemProducer"]
@@ -54,9 +54,7 @@ class ItemProducer:
         self.engine.register([self._aux])
         self._items: dict[int, torch.Tensor] = {}
         self._lock = threading.Lock()
-        self.bytes_written = 0
-        self.write_seconds = 0.0
-        self.failed_writes = 0
+        self.writes = WriteStats()
         self._running = True
         register_encode(str(extra["bootstrap"]), rank_ip=HOST, rank_port=port)
         self._thread = threading.Thread(target=self._serve, name="epd-producer", daemon=True)
@@ -123,18 +121,14 @@ class ItemProducer:
             return self.desk.fail(room, writes)
         item = self._items[room]
         batches = [self._batch(item, write) for write in writes]
-        began = time.perf_counter()
-        codes = self.engine.write_together(batches)  # every consumer rank's share at once
-        self.write_seconds += time.perf_counter() - began
-        self.failed_writes += sum(rc != 0 for rc in codes)
-        self.bytes_written += sum(sum(batch[3]) for batch, rc in zip(batches, codes, strict=True) if rc == 0)
+        codes = self.writes.write_together(self.engine, batches)  # every consumer rank's share at once
         for write, rc in zip(writes, codes, strict=True):
             if rc != 0:
                 return self.desk.fail(room, f"transfer failed: the transfer engine returned {rc}")
             self.desk.landed(room, write.session, write.tokens)
         self.desk.finish_chunk(room, any(write.partial for write in writes))
 
-    def _batch(self, item: torch.Tensor, write: Write) -> tuple[str, list[int], list[int], list[int]]:
+    def _batch(self, item: torch.Tensor, write: Write) -> Batch:
         """One rank's share: the aux row first, then the embeddings of each granted block from the item's own
         memory, blocks that follow each other on both sides in one entry."""
         b, row = self.block_size, self.hidden_size * item.element_size()
@@ -153,9 +147,4 @@ class ItemProducer:
         """Bytes written, seconds in the engine's writes, writes refused, and frames dropped by cause."""
         with self._lock:
             dropped = dict(self.desk.dropped)
-        return {
-            "bytes": self.bytes_written,
-            "seconds": self.write_seconds,
-            "failed_writes": self.failed_writes,
-            "dropped": dropped,
-        }
+        return dataclasses.asdict(self.writes) | {"dropped": dropped}

@@ -98,13 +98,41 @@ class Engine:
         """One synchronous batch of writes into ``session``'s memory: 0 when all landed, -1 otherwise."""
         return int(self._engine.batch_transfer_sync_write(session, sources, targets, lengths))
 
-    def write_together(self, batches: Sequence[tuple[str, list[int], list[int], list[int]]]) -> list[int]:
+    def write_together(self, batches: Sequence[Batch]) -> list[int]:
         """Batches of writes into several peers' memory, all submitted before any is waited for, so that the
         peers receive at the same time instead of one after the other; a return code per batch, as ``write``."""
         if len(batches) == 1:
             return [self.write(*batches[0])]
         ids = [int(self._engine.batch_transfer_async_write(*batch)) for batch in batches]
         return [-1 if id_ == 0 else int(self._engine.get_batch_transfer_status([id_])) for id_ in ids]
+
+
+Batch = tuple[str, list[int], list[int], list[int]]  # (peer session, sources, targets, lengths)
+
+
+@dataclass(slots=True)
+class WriteStats:
+    """What a writing side's engine calls did, as both Encode-side writers report it."""
+
+    bytes: int = 0  # landed: the batches that returned 0
+    seconds: float = 0.0  # inside the engine's calls
+    chunks: int = 0  # batches, one per destination rank of a chunk
+    entries: int = 0
+    failed_writes: int = 0
+
+    def write_together(self, engine: Engine, batches: Sequence[Batch]) -> list[int]:
+        """``engine.write_together(batches)``, timed and counted here."""
+        began = time.perf_counter()
+        codes = engine.write_together(batches)
+        self.seconds += time.perf_counter() - began
+        for (_, _, _, lengths), rc in zip(batches, codes, strict=True):
+            self.chunks += 1
+            self.entries += len(lengths)
+            if rc == 0:
+                self.bytes += sum(lengths)
+            else:
+                self.failed_writes += 1
+        return codes
 
 
 def coalesce(entries: Iterable[tuple[int, int, int]]) -> tuple[list[int], list[int], list[int]]:

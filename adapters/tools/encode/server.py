@@ -30,7 +30,7 @@ import zmq
 
 from epd_receiver.adapters.ports.mooncake.bootstrap import BootstrapUnavailable, register_encode
 from epd_receiver.adapters.ports.mooncake.desk import TRANSFER_ERROR_ON_RESUME, EncodeDesk, RoomPlan, Write, same_rows
-from epd_receiver.adapters.ports.mooncake.link import HOST, Engine, Geometry, peer_address
+from epd_receiver.adapters.ports.mooncake.link import HOST, Engine, Geometry, WriteStats, peer_address
 from epd_receiver.adapters.ports.mooncake.pushes import Pushes, flush_outbox
 from epd_receiver.adapters.ports.mooncake.wire import MALFORMED, DropLog
 from epd_receiver.adapters.ports.sender import InProcessSender
@@ -42,12 +42,9 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
-class Stats:
-    bytes: int = 0
-    seconds: float = 0.0
-    chunks: int = 0
-    entries: int = 0
-    failed_writes: int = 0
+class Stats(WriteStats):
+    """The chunks' writes, and the raw writes that mirrored them."""
+
     raw_bytes: int = 0  # raw writes that mirrored the chunks, into the raw target
     raw_seconds: float = 0.0
 
@@ -172,16 +169,7 @@ class EncodeServer:
             if broken:  # a destination address outside the registered pool: the engine itself refuses it
                 targets = [t + (1 << 40) for t in targets]
             batches.append((write.session, sources, targets, lengths))
-        began = time.perf_counter()
-        codes = self.engine.write_together(batches)
-        self.stats.seconds += time.perf_counter() - began
-        for (_, _, _, lengths), rc in zip(batches, codes, strict=True):
-            self.stats.chunks += 1
-            self.stats.entries += len(lengths)
-            if rc == 0:
-                self.stats.bytes += sum(lengths)
-            else:
-                self.stats.failed_writes += 1
+        codes = self.stats.write_together(self.engine, batches)
         if self._raw is not None and not any(codes):
             self._mirror(staging, self._raw, sum(sum(lengths) for *_, lengths in batches))
         return codes
