@@ -66,10 +66,13 @@ class Members:
         self._by_id[id(model)] = (self._next, model)
         self._next += 1
 
-    def remove(self, model: Any) -> None:
-        if model not in self:
+    def remove(self, model: Any) -> int:
+        """Forget ``model``; its arrival number."""
+        arrival = self.arrival(model)
+        if arrival is None:
             raise ValueError(f"{model!r} is not a model of this machine")
         del self._by_id[id(model)]
+        return arrival
 
     def arrival(self, model: Any) -> int | None:
         """The model's arrival number, None when it is not a member."""
@@ -141,9 +144,7 @@ class SpecMachine(Machine):
     def remove_model(self, model: Any) -> None:
         models = listify(model)
         for mod in models:
-            arrival = self.models.arrival(mod)
-            self.models.remove(mod)
-            assert arrival is not None
+            arrival = self.models.remove(mod)
             self._in_state[getattr(mod, self.model_attribute)].pop(arrival, None)
             self._settled.pop(arrival, None)
         if self._transition_queue:  # transitions' own rule: drop the removed models' queued events

@@ -218,7 +218,7 @@ class ReceiverQueue(Generic[PayloadT]):
             yield from self._machine.in_state(state)
 
     def _collect(self) -> list[ReceiverRequest[PayloadT]]:
-        settled: list[ReceiverRequest[PayloadT]] = self._machine.take_settled() if self._machine.has_settled else []
+        settled: list[ReceiverRequest[PayloadT]] = self._machine.take_settled()
         finished = [r for r in settled if self._live.get(r.room) is r]
         metrics = self._wiring.metrics
         for request in finished:
