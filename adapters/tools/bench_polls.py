@@ -86,7 +86,7 @@ def resumed_queue(requests: int) -> Resumed:
 
 
 @dataclass(slots=True)
-class OriginalEntry:
+class _OriginalEntry:
     """What the original transfer queue keeps per request (the fields its Transferring branch looks at)."""
 
     receiver: Any
@@ -95,17 +95,17 @@ class OriginalEntry:
     embedding_indices: list[int] = field(default_factory=list)
 
 
-class OriginalTransferQueue:
+class _OriginalTransferQueue:
     """The original's pop_transferred as a hand-written if/elif loop, single rank (no collective)."""
 
-    def __init__(self, entries: list[OriginalEntry]) -> None:
+    def __init__(self, entries: list[_OriginalEntry]) -> None:
         self.queue = entries
 
-    def pop_transferred(self) -> list[OriginalEntry]:
+    def pop_transferred(self) -> list[_OriginalEntry]:
         if not self.queue:
             return []
         polls = [int(entry.receiver.poll()) for entry in self.queue]
-        transferred: list[OriginalEntry] = []
+        transferred: list[_OriginalEntry] = []
         remove: set[int] = set()
         for i, (entry, poll) in enumerate(zip(self.queue, polls, strict=True)):
             if poll == KVPoll.Failed:
@@ -125,28 +125,34 @@ class OriginalTransferQueue:
         return transferred
 
 
-def poll_overhead(config: BenchConfig) -> dict[str, float]:
-    """Microseconds per scheduler iteration over ``in_flight`` quiet requests: ours, the original's, ratio."""
-    ours = resumed_queue(config.in_flight)
-    original = OriginalTransferQueue([OriginalEntry(link, partial_input_embeds=True) for link in ours.links])
+def quiet_seconds(ours: Resumed, iterations: int, repeats: int) -> tuple[float, float]:
+    """Seconds of one quiet iteration over ``ours``'s requests, and of the original's loop over the same links,
+    timed in turns; a quiet poll that changed anything is an error."""
+    queue = ours.queue
+    original = _OriginalTransferQueue([_OriginalEntry(link, partial_input_embeds=True) for link in ours.links])
 
     def ours_iterations() -> None:
-        for _ in range(config.poll_iterations):
-            ours.queue.step()
+        for _ in range(iterations):
+            queue.step()
 
     def original_iterations() -> None:
-        for _ in range(config.poll_iterations):
+        for _ in range(iterations):
             original.pop_transferred()
 
-    medians = interleaved({"ours": ours_iterations, "original": original_iterations}, config.repeats)
-    if any(r.state is not State.RESUMING for r in ours.queue) or len(original.queue) != config.in_flight:
+    queue.step()  # a first quiet iteration builds what the quiet ones reuse
+    best = interleaved({"ours": ours_iterations, "original": original_iterations}, repeats)
+    if any(r.state is not State.RESUMING for r in queue) or len(original.queue) != len(ours.links):
         raise RuntimeError("a quiet poll changed something")
-    ours_us = medians["ours"] / config.poll_iterations * 1e6
-    original_us = medians["original"] / config.poll_iterations * 1e6
+    return best["ours"] / iterations, best["original"] / iterations
+
+
+def poll_overhead(config: BenchConfig) -> dict[str, float]:
+    """Microseconds per scheduler iteration over ``in_flight`` quiet requests: ours, the original's, ratio."""
+    ours_s, original_s = quiet_seconds(resumed_queue(config.in_flight), config.poll_iterations, config.repeats)
     return {
-        "poll_iteration_us": round(ours_us, 2),
-        "poll_iteration_original_us": round(original_us, 2),
-        "poll_overhead_ratio": round(ours_us / original_us, 3),
+        "poll_iteration_us": round(ours_s * 1e6, 2),
+        "poll_iteration_original_us": round(original_s * 1e6, 2),
+        "poll_overhead_ratio": round(ours_s / original_s, 3),
     }
 
 

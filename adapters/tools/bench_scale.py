@@ -11,17 +11,11 @@ from __future__ import annotations
 import gc
 import time
 import tracemalloc
-from collections.abc import Callable
 from typing import Any
 
 from epd_receiver.adapters.tools.bench_config import BenchConfig
-from epd_receiver.adapters.tools.bench_polls import (
-    OriginalEntry,
-    OriginalTransferQueue,
-    ScriptedLink,
-    resumed_queue,
-)
-from epd_receiver.adapters.tools.bench_timing import interleaved
+from epd_receiver.adapters.tools.bench_polls import ScriptedLink, quiet_seconds, resumed_queue
+from epd_receiver.adapters.tools.bench_timing import seconds
 from epd_receiver.fsm import KVPoll, State
 
 # Requests changed, admitted and released per repeat at each size: at least this many, and one in fifty
@@ -50,24 +44,9 @@ def _at_size(n: int, config: BenchConfig) -> dict[str, Any]:
     gc.collect()  # the last size's requests go now, not during this one's timing
     ours = resumed_queue(n)
     queue = ours.queue
-    original = OriginalTransferQueue([OriginalEntry(link, partial_input_embeds=True) for link in ours.links])
     # As many polls per repeat at every size (at least one iteration), so the sizes take alike long.
     iterations = max(1, config.poll_iterations * config.in_flight // n)
-
-    def ours_iterations() -> None:
-        for _ in range(iterations):
-            queue.step()
-
-    def original_iterations() -> None:
-        for _ in range(iterations):
-            original.pop_transferred()
-
-    queue.step()  # a first quiet iteration builds what the quiet ones reuse
-    best = interleaved({"ours": ours_iterations, "original": original_iterations}, config.repeats)
-    quiet_s = best["ours"] / iterations
-    original_s = best["original"] / iterations
-    if any(r.state is not State.RESUMING for r in queue) or len(original.queue) != n:
-        raise RuntimeError("a quiet poll changed something")
+    quiet_s, original_s = quiet_seconds(ours, iterations, config.repeats)
 
     batch = max(1, min(max(BATCH, n // 50), n // (2 * config.repeats)))
     change, add, release = [], [], []
@@ -79,7 +58,7 @@ def _at_size(n: int, config: BenchConfig) -> dict[str, Any]:
         # The step that changes them and the next, whose extra work (if any) the change also caused; less
         # their polls, and less the copies of their payloads, which their size decides, not the controller.
         copied = ours.buffers.gather_seconds
-        steps = _seconds(queue.step) + _seconds(queue.step)
+        steps = seconds(queue.step) + seconds(queue.step)
         change.append(steps - 2 * quiet_s - (ours.buffers.gather_seconds - copied))
         done = [r.room for r in queue if r.state is State.SUCCESS]
         if len(done) != batch:
@@ -103,12 +82,6 @@ def _at_size(n: int, config: BenchConfig) -> dict[str, Any]:
         "release_us": round(min(release) / batch * 1e6, 2),
         "state_change_us": round(max(0.0, min(change)) / batch * 1e6, 2),
     }
-
-
-def _seconds(action: Callable[[], object]) -> float:
-    started = time.perf_counter()
-    action()
-    return time.perf_counter() - started
 
 
 def bytes_per_request(requests: int) -> int:

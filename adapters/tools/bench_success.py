@@ -22,7 +22,7 @@ from epd_receiver.adapters.ports.buffers import TorchBlockBuffers
 from epd_receiver.adapters.ports.payload import EmbeddingPayload
 from epd_receiver.adapters.tools.bench_assembly import random_pool
 from epd_receiver.adapters.tools.bench_config import BenchConfig
-from epd_receiver.adapters.tools.bench_timing import best_in_turns, seconds
+from epd_receiver.adapters.tools.bench_timing import best_in_turns, seconds, timed
 from epd_receiver.fsm import ChecksumAlgorithm, KVPoll, ReceiverConfig, ReceiverQueue, State
 from epd_receiver.fsm.assembly import digest_halves
 
@@ -94,11 +94,10 @@ def success_path(config: BenchConfig) -> dict[str, Any]:
         f"{a.name.lower()}_ms": (lambda a=a: reference.digest(a)) for a in ChecksumAlgorithm
     }
     actions |= {"gather_ms": gather, "memcpy_ms": lambda: dst.copy_(src)}
-    timed: dict[str, Callable[[], float]] = {name: (lambda a=action: seconds(a)) for name, action in actions.items()}
     steps = [_SuccessStep(pool, total, a, reference.digest(a)) for a in ChecksumAlgorithm]
-    timed |= {f"success_{step.algorithm.name.lower()}_ms": step for step in steps}
+    measures = timed(actions) | {f"success_{step.algorithm.name.lower()}_ms": step for step in steps}
     # in turns with the memcpy it is measured against, and more often: the figure sits near its goal
-    figures = {name: 1e3 * best for name, best in best_in_turns(timed, 2 * config.repeats).items()}
+    figures = {name: 1e3 * best for name, best in best_in_turns(measures, 2 * config.repeats).items()}
     pool.recycle(reference)
     memcpy = figures["memcpy_ms"]
     return {

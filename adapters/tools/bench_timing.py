@@ -17,7 +17,12 @@ def interleaved(actions: dict[str, Callable[[], object]], repeats: int) -> dict[
 
     The best of several runs, not the median: on a shared machine the slower runs measure the neighbours.
     """
-    return best_in_turns({name: (lambda a=action: seconds(a)) for name, action in actions.items()}, repeats)
+    return best_in_turns(timed(actions), repeats)
+
+
+def timed(actions: dict[str, Callable[[], object]]) -> dict[str, Callable[[], float]]:
+    """Each action as a call that answers its own seconds, for ``best_in_turns``."""
+    return {name: (lambda a=action: seconds(a)) for name, action in actions.items()}
 
 
 def best_in_turns(timed: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
