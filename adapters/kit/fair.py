@@ -116,7 +116,8 @@ class FairSchedule(Recording):
 
     def wait_out_dead_senders(self) -> bool:
         """Move the clock past every deadline when a silent sender is what holds a request up: a dead one,
-        or one that never heard of an abort and waits, idle, for a resume that will not come."""
+        one that never heard of an abort and waits, idle, for a resume that will not come, or one whose
+        fault (a misstated total) left it waiting for a resume the receiver has no reason to send."""
         if not self.held_up_by_silence():
             return False
         self.wait_out_deadlines()
@@ -145,6 +146,9 @@ class FairSchedule(Recording):
         room = request.room
         if self.sender_dead(room):
             return True
+        if request.state in (State.TRANSFERRING, State.RESUMING):
+            # the receiver waits for the sender's news; a room the judge lets time out, with nothing more to land
+            return room in self.judge.silenced and room in self.sender.rooms() and self.sender.pending(room) is None
         if request.state is not State.FAILED or not request.fenced:
             return False
         if self.sender.is_broken(room):

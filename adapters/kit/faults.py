@@ -158,15 +158,21 @@ class Faults(Recording):
 
         Only with a value the receiver can tell is wrong: impossible, fitting A0 though the sender said
         Transferring, exceeding A0 though it said Success, or any other T when a checksum covers the payload.
+        The checksum tells only at Success: below the truth, the sender may have more to write than the
+        receiver's resume allows, and then waits for another resume, which the receiver (that believes the
+        payload asked for) never sends, while the receiver waits for that Success: its deadline ends it.
         """
         self._log({"corrupt": {"room": room, "field": "total_tokens", "value": value}})
         self.faulted.add(room)
         if not self.first_chunk_unread(room) or self.sender.misreport_pending(room):
             return False  # with a wrong answer pending the receiver will not see the status the total must fit
-        if not self._total_is_caught(room, value):
+        caught = self._total_caught_by(room, value)
+        if caught is None:
             return False
         self.pool.aux[self.sender.room_messages(room)[0].blocks[0], 0] = value
         self.judge.expect_failure.add(room)
+        if caught == "checksum" and value < self.outcomes[room].total_tokens:
+            self.judge.silenced.add(room)
         return True
 
     def first_chunk_unread(self, room: Room) -> bool:
@@ -238,14 +244,16 @@ class Faults(Recording):
             and self.sender.pending(room) is None
         )
 
-    def _total_is_caught(self, room: Room, value: int) -> bool:
+    def _total_caught_by(self, room: Room, value: int) -> str | None:
+        """How the receiver can tell ``value`` is not T: by reading it against the status ("read"), by the
+        checksum at Success ("checksum"), or not at all (None)."""
         first = self.sender.room_messages(room)[0]
         allocated = len(first.blocks) * self.config.block_size
         if not 0 < value <= self.config.max_total_tokens:
-            return True
+            return "read"
         if value == self.outcomes[room].total_tokens:
-            return False
-        if self.sender.source(room).checksum is not None:
-            return True
+            return None
         transferring = self.sender.status(room) is KVPoll.Transferring
-        return value <= allocated if transferring else value > allocated
+        if value <= allocated if transferring else value > allocated:
+            return "read"
+        return "checksum" if self.sender.source(room).checksum is not None else None
