@@ -34,8 +34,10 @@ spec/node_modules/.bin/quint: spec/package.json spec/package-lock.json
 model: $(READY) spec/node_modules/.bin/quint
 	$(VENV)/bin/epd-receiver spec check
 
+# The fuzzer's derandomized `ci` profile, as CI runs it, unless HYPOTHESIS_PROFILE names another: the suite's
+# budgets (every bug variant caught, the states judged) are the ci profile's. A bare `pytest` runs `dev`.
 test: lint model
-	EPD_REQUIRE_QUINT=1 $(PY) -m pytest -q $(ARGS)
+	EPD_REQUIRE_QUINT=1 HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} $(PY) -m pytest -q $(ARGS)
 
 # The random walk takes a new seed each day (WALK_SEED=N repeats a night's walk; it prints its seed):
 # a million judged steps on one rank, then runs of one to three ranks.
